@@ -1,0 +1,3 @@
+from gptft.cli import main
+
+raise SystemExit(main())

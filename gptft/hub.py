@@ -1,0 +1,63 @@
+"""Finding GPT-2 checkpoints: local Hugging Face folders or the Hugging Face hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from gptft.errors import GPTFTError
+from gptft.io import read_json
+
+HUB_REPOS = {
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+HINT = ("pass a local folder holding config.json and model.safetensors instead "
+        "(model.checkpoint=DIR, or GPT.from_pretrained('DIR'))")
+
+
+def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
+    """Return a local folder for `name_or_path`, downloading a hub model into the HF cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    repo = HUB_REPOS.get(name, name if name in HUB_REPOS.values() else None)
+    if repo is None:
+        raise GPTFTError(
+            f"{name!r} is not a folder and not a known model "
+            f"({', '.join(HUB_REPOS)}, or openai-community/gpt2*); {HINT}"
+        )
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+    try:
+        hf_hub_download(repo, "config.json")
+        weights = hf_hub_download(repo, "model.safetensors")
+    except Exception as e:  # network, offline mode, missing cache, auth: all end the same way
+        where = "HF_HUB_OFFLINE is set and it is not in" if HF_HUB_OFFLINE else "tried"
+        raise GPTFTError(
+            f"could not get model {name!r} (hub repo {repo}; {where} the cache {HF_HUB_CACHE}): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; {HINT}"
+        ) from None
+    return Path(weights).parent
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face model folder (single file or sharded)."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        return [folder / s for s in shards]
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise GPTFTError(
+            f"{folder}: only pickle weights (*.bin / *.pt) found; gptft reads safetensors only. "
+            "Convert once with transformers: "
+            "GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
+        )
+    raise GPTFTError(f"{folder}: no model.safetensors; {HINT}")

@@ -1,0 +1,88 @@
+"""File helpers: atomic writes (temporary name, then rename) and checked safetensors reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gptft.errors import GPTFTError
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the body succeeds.
+
+    A crash or kill while writing leaves the previous file (if any) untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """Call `write(tmp_path)` and atomically move the result to `path`."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text atomically (UTF-8)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically, indented, UTF-8 (non-ASCII kept readable)."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
+) -> None:
+    """Save contiguous, unshared CPU copies of `tensors` atomically as safetensors."""
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta = {"format": "pt", **(metadata or {})}
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=meta))
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file onto the CPU, turning missing or broken files into one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise GPTFTError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GPTFTError(
+            f"{path}: not a readable safetensors file (truncated or corrupted?): {e}"
+        ) from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file with an error that names the file and the line on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise GPTFTError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise GPTFTError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise GPTFTError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
