@@ -1,0 +1,74 @@
+"""Run folders: the files that let a fine-tuned model be rebuilt without the training config.
+
+A run folder (``output_dir``) holds ``model.safetensors`` (the task model's weights under their
+module names; the tied ``lm_head.weight`` is stored once as ``wte.weight``) and ``gptft.json``
+(the task, the GPT config, the tokenizer name, and the task's extras: label names, prompt style).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from gptft.errors import GPTFTError
+from gptft.io import load_safetensors, read_json, save_safetensors, write_json
+from gptft.model import GPT, GPTConfig
+
+META_FILE = "gptft.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state dict without tied duplicates (safetensors refuses shared tensors)."""
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("lm_head.weight")}
+
+
+def save_model(run_dir: str | os.PathLike, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` and ``gptft.json`` (both atomically)."""
+    run_dir = Path(run_dir)
+    save_safetensors(model_state(model), run_dir / WEIGHTS_FILE, {"task": meta["task"]})
+    write_json(run_dir / META_FILE, meta)
+
+
+def load_meta(run_dir: str | os.PathLike, task: str | None = None) -> dict[str, Any]:
+    """Read ``gptft.json``; check the run is of `task` when given."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise GPTFTError(f"{run_dir}: run folder not found")
+    if not (run_dir / META_FILE).is_file():
+        raise GPTFTError(f"{run_dir}: not a finished gptft run (no {META_FILE}; did training end?)")
+    meta = read_json(run_dir / META_FILE)
+    if task is not None and meta.get("task") != task:
+        raise GPTFTError(f"{run_dir}: this is a {meta.get('task')} run, not a {task} run")
+    return meta
+
+
+def load_state_into(model: nn.Module, run_dir: str | os.PathLike) -> None:
+    """Load ``model.safetensors`` of `run_dir` into `model`, reporting mismatches clearly."""
+    path = Path(run_dir) / WEIGHTS_FILE
+    state = load_safetensors(path)
+    missing, unexpected = [], list(state.keys() - model.state_dict().keys())
+    own = model.state_dict()
+    for k, v in own.items():
+        if k.endswith("lm_head.weight"):
+            continue
+        if k not in state:
+            missing.append(k)
+        elif state[k].shape != v.shape:
+            missing.append(f"{k} (shape {tuple(state[k].shape)}, expected {tuple(v.shape)})")
+    if missing or unexpected:
+        raise GPTFTError(f"{path}: weights do not match {META_FILE}: "
+                         f"missing/mismatched {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
+def load_gpt(run_dir: str | os.PathLike) -> tuple[GPT, dict[str, Any]]:
+    """The GPT of an instruction run, in eval mode on the CPU, with its metadata."""
+    meta = load_meta(run_dir, task="instruction")
+    model = GPT(GPTConfig(**meta["model"]))
+    load_state_into(model, run_dir)
+    return model.eval(), meta
