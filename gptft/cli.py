@@ -9,7 +9,12 @@ import sys
 from gptft.errors import GPTFTError
 
 # sub-command -> module defining `add_arguments(parser)` and `run(args) -> int`
-COMMANDS = {}
+COMMANDS = {
+    "finetune": "gptft.finetune",
+    "classify": "gptft.classifier",
+    "generate": "gptft.generate",
+    "judge": "gptft.judge",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gptft.errors import GPTFTError
 from gptft.io import load_safetensors, read_json, save_safetensors, write_json
@@ -320,9 +321,44 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size); arguments as in ``hidden_states``."""
-        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache))
+        """Logits (B, T, vocab_size); arguments as in ``hidden_states``.
+
+        With ``labels`` (B, T) (target ids, -100 where no loss is wanted) it returns instead the
+        summed cross-entropy of each row (B,), computing the vocabulary projection only at the
+        labelled positions and in chunks (see ``selective_cross_entropy``).
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
+        if labels is None:
+            return self.logits(hidden)
+        return self.selective_cross_entropy(hidden, labels)
+
+    def selective_cross_entropy(
+        self, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
+    ) -> torch.Tensor:
+        """Summed cross-entropy per row (B,) over the positions whose label is not -100.
+
+        Logits exist only for labelled positions, ``chunk_size`` rows at a time; in training each
+        chunk's logits are recomputed in the backward pass instead of being stored, so memory
+        stays at one chunk of (chunk_size, vocab) whatever the batch.
+        """
+        rows, cols = (labels != -100).nonzero(as_tuple=True)
+        if len(rows) == 0:  # nothing to predict: zero, still connected to the graph
+            return hidden[:, 0, 0] * 0.0
+        h, y = hidden[rows, cols], labels[rows, cols]
+        losses = []
+        for start in range(0, len(y), chunk_size):
+            hc, yc = h[start : start + chunk_size], y[start : start + chunk_size]
+            if torch.is_grad_enabled() and hc.requires_grad:
+                losses.append(checkpoint(self._chunk_loss, hc, yc, use_reentrant=False))
+            else:
+                losses.append(self._chunk_loss(hc, yc))
+        per_token = torch.cat(losses) if losses else hidden.new_zeros(0)
+        return hidden.new_zeros(labels.size(0), dtype=per_token.dtype).index_add(0, rows, per_token)
+
+    def _chunk_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(h).float(), y, reduction="none")
 
     # ---- Hugging Face GPT-2 checkpoints --------------------------------------------------------
 

@@ -22,15 +22,13 @@ META_FILE = "gptft.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A module's state dict without tied duplicates (safetensors refuses shared tensors)."""
-    return {k: v for k, v in model.state_dict().items() if not k.endswith("lm_head.weight")}
-
-
-def save_model(run_dir: str | os.PathLike, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Write ``model.safetensors`` and ``gptft.json`` (both atomically)."""
+def save_model(run_dir: str | os.PathLike, model: nn.Module | dict[str, torch.Tensor],
+               meta: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` (from a module or its state dict) and ``gptft.json``, atomically."""
     run_dir = Path(run_dir)
-    save_safetensors(model_state(model), run_dir / WEIGHTS_FILE, {"task": meta["task"]})
+    state = model if isinstance(model, dict) else model.state_dict()
+    state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+    save_safetensors(state, run_dir / WEIGHTS_FILE, {"task": meta["task"]})
     write_json(run_dir / META_FILE, meta)
 
 

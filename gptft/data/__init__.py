@@ -1,0 +1,1 @@
+"""Data: reading, splitting, tokenizing and batching the datasets gptft fine-tunes on."""

@@ -1,0 +1,468 @@
+"""Text classification data: labelled files in, balanced seeded splits and padded batches out.
+
+Files are read as UTF-8 (a leading byte-order mark is ignored). Every problem in a file is one
+``GPTFTError`` naming the file and the 1-based line (a header row is line 1), e.g.
+``data.csv:12: unknown label 'sapm'``; records of a JSON array are named by number instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from gptft.config import ClassificationData
+from gptft.download import download
+from gptft.errors import GPTFTError
+from gptft.tokenizer import Tokenizer
+
+SMS_URLS: list[str] = [
+    "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+    "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",
+]
+"""The UCI SMS Spam Collection zip, then the book's mirror of the same zip."""
+SMS_FILENAME = "sms_spam_collection.zip"
+SMS_MEMBER = "SMSSpamCollection"
+
+_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_TSV_SUFFIXES = (".tsv", ".txt", "")
+
+
+@dataclass
+class TextExamples:
+    """Texts and their class indices, in the same order."""
+
+    texts: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class ClassificationSplits:
+    """The train / validation / test examples and the class names (index -> name)."""
+
+    train: TextExamples
+    val: TextExamples
+    test: TextExamples
+    label_names: list[str]
+
+
+@dataclass
+class _Rows:
+    """Labelled rows of one file, with where each came from (for error messages)."""
+
+    name: str
+    texts: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+
+    def add(self, text: str, label: str, where: str) -> None:
+        if not text.strip():
+            raise GPTFTError(f"{where}: empty text")
+        if not label:
+            raise GPTFTError(f"{where}: empty label")
+        self.texts.append(text)
+        self.labels.append(label)
+        self.where.append(where)
+
+
+# ---- public API ----------------------------------------------------------------------------------
+
+
+def load_classification_data(cfg: ClassificationData) -> ClassificationSplits:
+    """Read the labelled data that ``cfg`` describes and return its three splits.
+
+    With ``train_path`` (and then ``val_path`` and ``test_path`` too) the three files are used as
+    given: no balancing, no shuffling. Otherwise the single file ``path`` (unset: the SMS Spam
+    Collection, downloaded once into the cache) is balanced if ``balance`` (every class undersampled
+    to the smallest class's size), shuffled with ``seed`` and cut by the ``split`` fractions as the
+    book does: ``train = int(n * f_train)``, ``val = int(n * f_val)``, test = the rest (a split
+    whose fraction is 0 stays empty; one with a positive fraction must not come out empty).
+
+    Labels are indexed in the order of ``cfg.labels``; unset, in sorted order of the names found in
+    the (training) data, numerically when all are integers (SMS: ham -> 0, spam -> 1).
+
+    Raises:
+        GPTFTError: a missing, unreadable or malformed file, an unknown label, fewer than two
+            classes, or a split that comes out empty; the message names the file and line.
+    """
+    if cfg.train_path or cfg.val_path or cfg.test_path:
+        return _ready_made_splits(cfg)
+    rows = _read_labelled(Path(cfg.path), cfg) if cfg.path else _read_sms_download(cfg)
+    names = _label_names(cfg, rows)
+    frame = pd.DataFrame({"text": rows.texts, "label": _label_indices(rows, names, cfg)})
+    _check_classes(frame["label"].nunique(), rows.name)
+    if cfg.balance:
+        frame = _balance(frame, cfg.seed)
+    train, val, test = _split(frame, cfg.split, cfg.seed, rows.name)
+    return ClassificationSplits(_examples(train), _examples(val), _examples(test), names)
+
+
+class ClassificationDataset(Dataset):
+    """Tokenized texts (first ``max_length`` tokens kept) with their labels.
+
+    Items are ``{"input_ids": list[int], "label": int}``; ``lengths`` holds each item's token count
+    for length-grouped batching.
+    """
+
+    def __init__(self, examples: TextExamples, tokenizer: Tokenizer, max_length: int):
+        if max_length < 1:
+            raise GPTFTError(f"data.max_length: must be > 0 (got {max_length})")
+        self.input_ids = [ids[:max_length] for ids in tokenizer.encode_batch(list(examples.texts))]
+        self.labels = list(examples.labels)
+        self.lengths = [len(ids) for ids in self.input_ids]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[index], "label": self.labels[index]}
+
+
+def longest_length(examples: TextExamples, tokenizer: Tokenizer) -> int:
+    """Token count of the longest text (0 for no texts)."""
+    return max((len(ids) for ids in tokenizer.encode_batch(list(examples.texts))), default=0)
+
+
+def classification_collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of dataset items to its longest item.
+
+    Use ``functools.partial(classification_collate, pad_id=...)`` as a DataLoader's ``collate_fn``.
+
+    Returns:
+        ``input_ids`` (B, T), ``attention_mask`` (B, T) of 1 (token) / 0 (padding), ``lengths`` (B,)
+        real-token counts and ``labels`` (B,), all ``torch.long`` on the CPU.
+    """
+    lengths = torch.tensor([len(item["input_ids"]) for item in items], dtype=torch.long)
+    width = int(lengths.max())
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    for row, item in enumerate(items):
+        input_ids[row, : len(item["input_ids"])] = torch.tensor(item["input_ids"], dtype=torch.long)
+    attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    labels = torch.tensor([item["label"] for item in items], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "lengths": lengths, "labels": labels}
+
+
+def read_texts_file(path: str | Path) -> list[str]:
+    """Texts to classify from a file, in file order.
+
+    ``.csv`` / ``.tsv`` (with a header) and ``.jsonl`` / ``.json``: the ``text`` column or key, or
+    the only one there is (a JSON line may also be a plain string); any other file: one text per
+    line. Blank lines are skipped.
+
+    Raises:
+        GPTFTError: a missing, empty, non-UTF-8 or malformed file, or no ``text`` column.
+    """
+    path = Path(path)
+    text, name, suffix = _read_text(path), str(path), path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        texts = _table_texts(text, name, "," if suffix == ".csv" else "\t")
+    elif suffix in _JSON_SUFFIXES:
+        texts = [_json_text(obj, where) for where, obj in _json_records(text, name)]
+    else:
+        texts = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
+    if not texts:
+        raise GPTFTError(f"{name}: no texts (only a header)")
+    return texts
+
+
+# ---- reading files -------------------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise GPTFTError(f"{path}: data file not found")
+    return _decode(path.read_bytes(), str(path))
+
+
+def _decode(data: bytes, name: str) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise GPTFTError(f"{name}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at byte offset "
+                         f"{e.start}); save the file as UTF-8") from None
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise GPTFTError(f"{name}: empty file")
+    return text
+
+
+def _read_labelled(path: Path, cfg: ClassificationData) -> _Rows:
+    text = _read_text(path)
+    return _parse_labelled(text, str(path), _file_format(path, text, cfg), cfg)
+
+
+def _file_format(path: Path, text: str, cfg: ClassificationData) -> str:
+    """csv, tsv (with a header), sms (``label<TAB>text``, no header) or jsonl."""
+    if cfg.format != "auto":
+        return cfg.format
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix in _JSON_SUFFIXES:
+        return "jsonl"
+    if suffix in _TSV_SUFFIXES:
+        first = next((line for line in text.split("\n") if line.strip()), "")
+        fields = {f.strip().strip('"') for f in first.split("\t")}
+        return "tsv" if fields & {cfg.text_column, cfg.label_column} else "sms"
+    raise GPTFTError(f"{path}: cannot tell the format from the extension {suffix!r}; "
+                     "set data.format to csv, tsv, jsonl or sms")
+
+
+def _parse_labelled(text: str, name: str, fmt: str, cfg: ClassificationData) -> _Rows:
+    if fmt == "sms":
+        rows = _sms_rows(text, name)
+    elif fmt == "jsonl":
+        rows = _json_rows(text, name, cfg.text_column, cfg.label_column)
+    else:
+        rows = _table_rows(text, name, "," if fmt == "csv" else "\t", cfg.text_column, cfg.label_column)
+    if not rows.texts:
+        raise GPTFTError(f"{name}: no data rows")
+    return rows
+
+
+def _sms_rows(text: str, name: str) -> _Rows:
+    """The SMS Spam Collection layout: ``label<TAB>text`` lines, no header, no quoting."""
+    rows = _Rows(name)
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        label, tab, body = line.partition("\t")
+        if not tab:
+            raise GPTFTError(f"{name}:{number}: expected 'label<TAB>text' (headerless SMS layout), found "
+                             "no tab; for a file with a header set data.format and data.text_column/"
+                             "label_column")
+        rows.add(body, label.strip(), f"{name}:{number}")
+    return rows
+
+
+def _parse_table(text: str, name: str, delimiter: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the ``(line, fields)`` of each data row of a CSV/TSV text; blank lines skipped."""
+    kind = "CSV" if delimiter == "," else "TSV"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    records: list[tuple[int, list[str]]] = []
+    start = 1
+    try:
+        for fields in reader:
+            if fields and not (len(fields) == 1 and not fields[0].strip()):
+                if header is None:
+                    header = [f.strip() for f in fields]
+                elif len(fields) != len(header):
+                    raise GPTFTError(f"{name}:{start}: {len(fields)} fields, but the header has "
+                                     f"{len(header)}; {_QUOTING_HINT}")
+                else:
+                    records.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise GPTFTError(f"{name}:{start}: malformed {kind} row ({e}); {_QUOTING_HINT}") from None
+    return header or [], records
+
+
+_QUOTING_HINT = ("quote a field that holds the delimiter, a quote or a line break, "
+                 "and double the quotes inside it")
+
+
+def _column(header: list[str], column: str, name: str, what: str) -> int:
+    if column not in header:
+        raise GPTFTError(f"{name}:1: no column {column!r} (columns found: {', '.join(map(repr, header))}); "
+                         f"set {what}")
+    return header.index(column)
+
+
+def _table_rows(text: str, name: str, delimiter: str, text_column: str, label_column: str) -> _Rows:
+    header, records = _parse_table(text, name, delimiter)
+    t = _column(header, text_column, name, "data.text_column")
+    la = _column(header, label_column, name, "data.label_column")
+    rows = _Rows(name)
+    for line, fields in records:
+        rows.add(fields[t], fields[la].strip(), f"{name}:{line}")
+    return rows
+
+
+def _table_texts(text: str, name: str, delimiter: str) -> list[str]:
+    header, records = _parse_table(text, name, delimiter)
+    if "text" not in header and len(header) != 1:
+        raise GPTFTError(f"{name}:1: no 'text' column (columns found: {', '.join(map(repr, header))})")
+    t = header.index("text") if "text" in header else 0
+    for line, fields in records:
+        if not fields[t].strip():
+            raise GPTFTError(f"{name}:{line}: empty text")
+    return [fields[t] for _, fields in records]
+
+
+def _json_records(text: str, name: str) -> list[tuple[str, Any]]:
+    """``(where, value)`` of each JSON line, or of each element when the text is one JSON array."""
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GPTFTError(f"{name}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(data, list):
+            raise GPTFTError(f"{name}: expected a JSON array of objects")
+        return [(f"{name}: record {i}", value) for i, value in enumerate(data, 1)]
+    records = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                records.append((f"{name}:{number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise GPTFTError(f"{name}:{number}: invalid JSON ({e.msg}, column {e.colno}); "
+                                 "expected one JSON object per line") from None
+    return records
+
+
+def _json_rows(text: str, name: str, text_column: str, label_column: str) -> _Rows:
+    rows = _Rows(name)
+    for where, obj in _json_records(text, name):
+        if not isinstance(obj, dict):
+            raise GPTFTError(f"{where}: expected a JSON object with keys {text_column!r} and "
+                             f"{label_column!r}, found {type(obj).__name__}")
+        for key, setting in ((text_column, "data.text_column"), (label_column, "data.label_column")):
+            if key not in obj:
+                raise GPTFTError(f"{where}: no key {key!r} (keys found: {', '.join(map(repr, obj))}); "
+                                 f"set {setting}")
+        text_value, label = obj[text_column], obj[label_column]
+        if not isinstance(text_value, str):
+            raise GPTFTError(f"{where}: {text_column!r} must be a string, found {type(text_value).__name__}")
+        if isinstance(label, bool) or not isinstance(label, str | int):
+            raise GPTFTError(f"{where}: {label_column!r} must be a string or an integer, found {label!r}")
+        rows.add(text_value, str(label).strip(), where)
+    return rows
+
+
+def _json_text(obj: Any, where: str) -> str:
+    if isinstance(obj, dict):
+        if "text" not in obj and len(obj) != 1:
+            raise GPTFTError(f"{where}: no key 'text' (keys found: {', '.join(map(repr, obj))})")
+        obj = obj["text"] if "text" in obj else next(iter(obj.values()))
+    if not isinstance(obj, str):
+        raise GPTFTError(f"{where}: expected a text string, found {type(obj).__name__}")
+    if not obj.strip():
+        raise GPTFTError(f"{where}: empty text")
+    return obj
+
+
+def _read_sms_download(cfg: ClassificationData) -> _Rows:
+    """The SMS Spam Collection from the cache, downloading the zip (or raw file) on first use."""
+    path = download(SMS_URLS, SMS_FILENAME)
+    try:
+        name, text = _sms_source(path)
+        return _parse_labelled(text, name, "sms", cfg)
+    except GPTFTError as e:
+        raise GPTFTError(f"{e} (downloaded file: delete {path} to download it again, "
+                         "or set data.path to a local copy)") from None
+
+
+def _sms_source(path: Path) -> tuple[str, str]:
+    """``(name, text)`` of the ``SMSSpamCollection`` member of a zip, or of the file if not a zip."""
+    data = path.read_bytes()
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        if data.startswith(b"PK"):
+            raise GPTFTError(f"{path}: damaged zip archive")
+        return str(path), _decode(data, str(path))
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.namelist()
+            member = next((m for m in members if PurePosixPath(m).name == SMS_MEMBER), None)
+            if member is None:
+                raise GPTFTError(f"{path}: no {SMS_MEMBER} in the zip archive (found: {', '.join(members)})")
+            content = archive.read(member)
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+        raise GPTFTError(f"{path}: damaged zip archive ({e})") from None
+    return f"{path}/{member}", _decode(content, f"{path}/{member}")
+
+
+# ---- labels, balancing, splitting ----------------------------------------------------------------
+
+
+def _label_names(cfg: ClassificationData, rows: _Rows) -> list[str]:
+    """``cfg.labels``, or the sorted names in ``rows`` (numerically when all are integers)."""
+    if cfg.labels is not None:
+        duplicates = sorted({n for n in cfg.labels if cfg.labels.count(n) > 1})
+        if duplicates:
+            raise GPTFTError(f"data.labels: duplicate names {', '.join(duplicates)}")
+        return list(cfg.labels)
+    found = set(rows.labels)
+    if all(_is_int(n) for n in found):
+        return sorted(found, key=int)
+    return sorted(found)
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _label_indices(rows: _Rows, names: list[str], cfg: ClassificationData) -> list[int]:
+    index = {n: i for i, n in enumerate(names)}
+    known = f"data.labels: {', '.join(names)}" if cfg.labels is not None else (
+        f"labels of the training data: {', '.join(names)}")
+    out = []
+    for label, where in zip(rows.labels, rows.where, strict=True):
+        if label not in index:
+            raise GPTFTError(f"{where}: unknown label {label!r} ({known})")
+        out.append(index[label])
+    return out
+
+
+def _check_classes(count: int, name: str) -> None:
+    if count < 2:
+        raise GPTFTError(f"{name}: {count} class found; classification needs at least 2 "
+                         "(check data.label_column)")
+
+
+def _balance(frame: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Undersample every class to the smallest class's size, as the book (classes in index order)."""
+    smallest = int(frame["label"].value_counts().min())
+    parts = [group if len(group) == smallest else group.sample(smallest, random_state=seed)
+             for _, group in frame.groupby("label", sort=True)]
+    return pd.concat(parts)
+
+
+def _split(frame: pd.DataFrame, fractions: list[float], seed: int,
+           name: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Shuffle with ``seed`` and cut as the book: int(n * train), int(n * val), the rest."""
+    frame = frame.sample(frac=1, random_state=seed).reset_index(drop=True)
+    n = len(frame)
+    train_end = int(n * fractions[0])
+    val_end = n if fractions[2] == 0 else train_end + int(n * fractions[1])
+    parts = frame[:train_end], frame[train_end:val_end], frame[val_end:]
+    for split, part, fraction in zip(("train", "val", "test"), parts, fractions, strict=True):
+        if part.empty and fraction > 0:
+            raise GPTFTError(f"{name}: data.split {fractions} of {n} rows leaves the {split} split empty; "
+                             "use more data or larger fractions")
+    return parts
+
+
+def _examples(frame: pd.DataFrame) -> TextExamples:
+    return TextExamples([str(t) for t in frame["text"]], [int(y) for y in frame["label"]])
+
+
+def _ready_made_splits(cfg: ClassificationData) -> ClassificationSplits:
+    keys = ("train_path", "val_path", "test_path")
+    missing = [f"data.{k}" for k in keys if not getattr(cfg, k)]
+    if missing:
+        raise GPTFTError(f"ready-made splits need data.train_path, data.val_path and data.test_path "
+                         f"(missing: {', '.join(missing)})")
+    train, val, test = (_read_labelled(Path(getattr(cfg, k)), cfg) for k in keys)
+    names = _label_names(cfg, train)
+    splits = [TextExamples(rows.texts, _label_indices(rows, names, cfg)) for rows in (train, val, test)]
+    _check_classes(len(set(splits[0].labels)), train.name)
+    return ClassificationSplits(*splits, label_names=names)

@@ -1,0 +1,233 @@
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import gptft.io
+from gptft.cli import main
+from gptft.errors import GPTFTError
+from gptft.judge import format_input, judge_file, judge_prompt, parse_score
+
+KEY = "sk-test-0123456789-SECRET"
+FAST = ["--retry-delay", "0.001", "--timeout", "5"]
+
+RECORDS = [
+    {"instruction": "Rewrite the sentence.", "input": "The cat sat.", "output": "A cat sat.",
+     "model_response": "good"},
+    {"instruction": "Name a primary color.", "input": "", "output": "Red.", "model_response": "great"},
+    {"instruction": "Say nothing.", "input": "", "output": "", "model_response": "  "},
+    {"instruction": "Spell 'cat'.", "input": "", "output": "C-A-T", "model_response": "meh"},
+]
+REPLIES = {"good": "85", "great": "Score: 100\n", "meh": "I would say it is fine", "bad": "12"}
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Ollama's /api/chat (JSON lines) and OpenAI's /v1/chat/completions, scripted by the test."""
+
+    def do_POST(self):
+        server = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        status = server.statuses.pop(0) if server.statuses else 200
+        response = body["messages"][0]["content"].split("score the model response `")[1].split("`")[0]
+        if response == "leak":  # an error that echoes the credentials, as some servers do
+            status = 401
+        if response == "slow":
+            time.sleep(0.5)
+        if status != 200:
+            detail = {"error": f"status {status}; got Authorization: {self.headers.get('Authorization')}"}
+            return self._send(status, json.dumps(detail).encode())
+        reply = REPLIES[response]
+        if self.path == "/api/chat":
+            lines = [{"model": body["model"], "message": {"role": "assistant", "content": c}, "done": False}
+                     for c in reply]
+            lines.append({"model": body["model"], "message": {"role": "assistant", "content": ""},
+                          "done": True})
+            return self._send(200, b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+        if self.path == "/v1/chat/completions":
+            answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}
+            return self._send(200, json.dumps(answer).encode())
+        return self._send(404, b'{"error": "not found"}')
+
+    def _send(self, status: int, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.requests, httpd.statuses = [], []
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def responses(tmp_path):
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps(RECORDS, indent=1), encoding="utf-8")
+    return path
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_format_input_and_prompt_are_the_books():
+    assert format_input(RECORDS[1]) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n### Instruction:\nName a primary color.")
+    assert format_input(RECORDS[0]).endswith("### Instruction:\nRewrite the sentence.\n\n### Input:\nThe cat sat.")
+    assert judge_prompt(RECORDS[0]) == (
+        f"Given the input `{format_input(RECORDS[0])}` and correct output `A cat sat.`, score the model "
+        "response `good` on a scale from 0 to 100, where 100 is the best score. "
+        "Respond with the integer number only.")
+
+
+@pytest.mark.parametrize("reply, score", [
+    ("85", 85), ("85\n", 85), (" Score: 85", 85), ("0", 0), ("100.", 100), ("I give it 7", 7),
+    ("101", None), ("-5", None), ("85.5", None), ("85/100", None), ("great", None), ("", None),
+])
+def test_parse_score(reply, score):
+    assert parse_score(reply) == score
+
+
+def test_ollama_scores_are_written_back(server, responses, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # not sent to Ollama
+    assert main(["judge", str(responses), "--url", server.url + "/", "--model", "llama3", *FAST]) == 0
+    out, err = capsys.readouterr()
+    assert out == "Number of scores: 3 of 4\nAverage score: 61.67\n"
+    assert err == "record 3: reply is not an integer score: 'I would say it is fine'\n"
+    scored = json.loads(responses.read_text())
+    assert [r["score"] for r in scored] == [85, 100, 0, None]
+    assert [{k: v for k, v in r.items() if k != "score"} for r in scored] == RECORDS
+    assert len(server.requests) == 3  # the empty response was not sent
+    request = server.requests[0]
+    assert request["path"] == "/api/chat" and "Authorization" not in request["headers"]
+    assert request["body"] == {
+        "model": "llama3", "messages": [{"role": "user", "content": judge_prompt(RECORDS[0])}],
+        "options": {"seed": 123, "temperature": 0, "num_ctx": 2048},
+    }
+
+
+def test_openai_api_sends_the_key_and_never_shows_it(server, responses, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", KEY)
+    records = RECORDS[:2] + [{**RECORDS[3], "model_response": "leak"}]
+    responses.write_text(json.dumps(records), encoding="utf-8")
+    before = responses.read_bytes()
+    out_file = tmp_path / "scored.json"
+    args = ["judge", str(responses), "--url", server.url, "--model", "gpt-4o", "--api", "openai",
+            "--api-key-env", "JUDGE_KEY", "--output", str(out_file), *FAST]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "Number of scores: 2 of 3\nAverage score: 92.50" in out
+    assert "record 2: HTTP 401" in err and "Authorization: Bearer ***" in err
+    assert KEY not in out + err + out_file.read_text()
+    assert responses.read_bytes() == before
+    assert [r["score"] for r in json.loads(out_file.read_text())] == [85, 100, None]
+    request = server.requests[0]
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["Authorization"] == f"Bearer {KEY}"
+    assert request["body"] == {"model": "gpt-4o", "messages": [{"role": "user",
+                                                                "content": judge_prompt(RECORDS[0])}],
+                               "temperature": 0, "seed": 123}
+    assert len(server.requests) == 3  # a 401 is not retried
+
+
+def test_openai_without_key_sends_no_header(server, responses, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    scores = judge_file(responses, server.url, "m", "openai", retry_delay=0, warn=lambda line: None)
+    assert scores == [85, 100, 0, None]
+    assert all("Authorization" not in r["headers"] for r in server.requests)
+
+
+@pytest.mark.parametrize("statuses", [[500], [503, 429]])
+def test_server_errors_are_retried(server, responses, statuses):
+    server.statuses = list(statuses)
+    assert judge_file(responses, server.url, "llama3", retry_delay=0.001) == [85, 100, 0, None]
+    assert len(server.requests) == 3 + len(statuses)
+
+
+def test_persistent_server_error_fails_the_record_only(server, responses):
+    server.statuses = [500, 500, 500]
+    lines = []
+    scores = judge_file(responses, server.url, "llama3", retries=2, retry_delay=0.001, warn=lines.append)
+    assert scores == [None, 100, 0, None]
+    assert lines[0].startswith("record 0: HTTP 500 from") and "(after 3 attempts)" in lines[0]
+
+
+def test_client_error_is_not_retried(server, responses):
+    server.statuses = [404]
+    lines = []
+    assert judge_file(responses, server.url, "llama3", retry_delay=0.001, warn=lines.append)[0] is None
+    assert len(server.requests) == 3 and lines[0].startswith("record 0: HTTP 404")
+
+
+def test_timeout_is_retried_then_reported(server, responses):
+    responses.write_text(json.dumps([{**RECORDS[0], "model_response": "slow"}]), encoding="utf-8")
+    lines = []
+    scores = judge_file(responses, server.url, "llama3", timeout=0.1, retries=1, retry_delay=0.001,
+                        warn=lines.append)
+    assert scores == [None] and len(server.requests) == 2
+    assert "no reply from" in lines[0] and "(after 2 attempts)" in lines[0]
+
+
+def test_unreachable_server_is_one_clear_error(responses, capsys):
+    before = responses.read_bytes()
+    start = time.monotonic()
+    url = closed_port_url()
+    assert main(["judge", str(responses), "--url", url, "--retries", "2", "--retry-delay", "0.001"]) == 2
+    assert time.monotonic() - start < 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and url in err
+    assert "ollama serve" in err and "ollama pull llama3" in err
+    assert responses.read_bytes() == before
+
+
+@pytest.mark.parametrize("content, message", [
+    ([{"instruction": "a", "output": "b"}], "record 0: 'model_response' is missing"),
+    ([RECORDS[0], {**RECORDS[1], "output": 3}], "record 1: 'output' is not a string"),
+    ([RECORDS[0], "text"], "record 1: not a JSON object"),
+    ({"records": []}, "expected a JSON array"),
+])
+def test_bad_records_name_file_and_index(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(content), encoding="utf-8")
+    with pytest.raises(GPTFTError, match="bad.json") as e:
+        judge_file(path, closed_port_url(), "llama3")
+    assert message in str(e.value)
+
+
+def test_other_response_key(server, tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([{**RECORDS[0], "model_response": "x", "mine": "bad"}]), encoding="utf-8")
+    assert judge_file(path, server.url, "llama3", key="mine") == [12]
+
+
+def test_failed_write_leaves_the_file_intact(server, responses, monkeypatch):
+    before = responses.read_bytes()
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gptft.io.os, "replace", fail)
+    with pytest.raises(GPTFTError, match="cannot write the scores: disk full"):
+        judge_file(responses, server.url, "llama3", warn=lambda line: None)
+    assert responses.read_bytes() == before
+    assert [p.name for p in responses.parent.iterdir()] == [responses.name]  # no temporary file left
