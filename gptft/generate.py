@@ -230,15 +230,10 @@ def run(args: argparse.Namespace) -> int:
     missing = [k for k in ("tokenizer", "prompt_style") if k not in meta]
     if missing:
         raise GPTFTError(f"{args.run_dir}: gptft.json lacks {', '.join(missing)}")
-    tokenizer = Tokenizer(meta["tokenizer"])
     from gptft.data.instruction import format_prompt
 
-    record = {"instruction": args.instruction, "input": args.input}
-    try:
-        prompt = format_prompt(record, meta["prompt_style"])
-    except KeyError as e:
-        raise GPTFTError(f"{args.run_dir}: unknown prompt style {e}") from None
+    prompt = format_prompt({"instruction": args.instruction, "input": args.input}, meta["prompt_style"])
     if torch.cuda.is_available():
         model.to("cuda")
-    print(generate_texts(model, tokenizer, [prompt], cfg)[0])
+    print(generate_texts(model, Tokenizer(meta["tokenizer"]), [prompt], cfg)[0])
     return 0

@@ -164,7 +164,7 @@ class Judge:
         try:
             return str(reply["choices"][0]["message"]["content"])
         except (KeyError, IndexError, TypeError):
-            raise RecordError(f"unexpected reply: {json.dumps(reply)[:200]}") from None
+            raise RecordError(f"unexpected reply: {json.dumps(reply)}") from None
 
 
 class _Transient(Exception):
@@ -179,9 +179,9 @@ def _loads(raw: bytes) -> dict:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RecordError(f"reply is not JSON: {raw[:200]!r}") from None
+        raise RecordError(f"reply is not JSON: {raw!r}") from None
     if not isinstance(data, dict):
-        raise RecordError(f"reply is not a JSON object: {str(data)[:200]}")
+        raise RecordError(f"reply is not a JSON object: {data}")
     return data
 
 
@@ -190,7 +190,7 @@ def _snippet(error: urllib.error.HTTPError) -> str:
         body = error.read().decode("utf-8", "replace").strip()
     except OSError:
         body = ""
-    return body[:200] or str(error.reason)
+    return body or str(error.reason)
 
 
 def load_records(path: str | os.PathLike, key: str = "model_response") -> list[dict]:
@@ -216,11 +216,12 @@ def load_records(path: str | os.PathLike, key: str = "model_response") -> list[d
 
 
 def score_records(records: list[dict], judge: Judge, key: str = "model_response",
-                  warn: Callable[[str], None] = print) -> list[int | None]:
+                  warn: Callable[[str], None] | None = None) -> list[int | None]:
     """Scores of `records` (None where the judge gave no usable reply, each reported to `warn`).
 
-    An empty response scores 0 without asking the judge.
+    An empty response scores 0 without asking the judge. `warn` defaults to printing to stderr.
     """
+    warn = warn or _print_err
     scores: list[int | None] = []
     for i, record in enumerate(records):
         if not record[key].strip():
@@ -229,16 +230,25 @@ def score_records(records: list[dict], judge: Judge, key: str = "model_response"
         try:
             reply = judge.ask(judge_prompt(record, key))
         except RecordError as e:
-            warn(judge.redact(f"record {i}: {e}"))
+            warn(_clip(judge.redact(f"record {i}: {e}")))
             scores.append(None)
             continue
         except UnreachableError as e:
             raise GPTFTError(judge.redact(_unreachable_message(judge, str(e)))) from None
         score = parse_score(reply)
         if score is None:
-            warn(f"record {i}: reply is not an integer score: {judge.redact(reply.strip())[:200]!r}")
+            warn(f"record {i}: reply is not an integer score: {_clip(judge.redact(reply.strip()))!r}")
         scores.append(score)
     return scores
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    """`text` cut to `limit` characters (after redaction, so no partial key survives)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _print_err(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _unreachable_message(judge: Judge, detail: str) -> str:
@@ -288,7 +298,7 @@ def judge_file(
     records = load_records(path, key)
     api_key = os.environ.get(api_key_env) if api == "openai" and api_key_env else None
     judge = Judge(url, model, api, api_key or None, timeout, retries, retry_delay)
-    scores = score_records(records, judge, key, warn or (lambda line: print(line, file=sys.stderr)))
+    scores = score_records(records, judge, key, warn)
     for record, score in zip(records, scores, strict=True):
         record["score"] = score
     target = Path(output) if output is not None else Path(path)

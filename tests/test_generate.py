@@ -132,7 +132,7 @@ def test_top_k_samples_among_the_k_most_likely(model):
     prompt = prompts_of(6)
     logits = model(torch.tensor(prompt))[0, -1]
     allowed = set(torch.topk(logits, 3).indices.tolist())
-    drawn = {generate(model, prompt, 1, temperature=5.0, top_k=3, seed=s)[0][0] for s in range(30)}
+    drawn = {generate(model, prompt, 1, temperature=5.0, top_k=3, seed=s)[0][0] for s in range(12)}
     assert drawn <= allowed and len(drawn) > 1
 
 

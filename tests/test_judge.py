@@ -38,7 +38,9 @@ class Handler(BaseHTTPRequestHandler):
         if response == "slow":
             time.sleep(0.5)
         if status != 200:
-            detail = {"error": f"status {status}; got Authorization: {self.headers.get('Authorization')}"}
+            padding = "." * 150 if response == "leak" else ""  # a long message, cut by the client
+            echo = self.headers.get("Authorization")
+            detail = {"error": f"status {status}; {padding}got Authorization: {echo}"}
             return self._send(status, json.dumps(detail).encode())
         reply = REPLIES[response]
         if self.path == "/api/chat":
@@ -63,13 +65,21 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    """Talk to 127.0.0.1 directly even where a proxy is configured."""
+    for name in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     httpd.requests, httpd.statuses = [], []
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     yield httpd
     httpd.shutdown()
@@ -93,7 +103,8 @@ def test_format_input_and_prompt_are_the_books():
     assert format_input(RECORDS[1]) == (
         "Below is an instruction that describes a task. Write a response that appropriately completes "
         "the request.\n\n### Instruction:\nName a primary color.")
-    assert format_input(RECORDS[0]).endswith("### Instruction:\nRewrite the sentence.\n\n### Input:\nThe cat sat.")
+    assert format_input(RECORDS[0]).endswith(
+        "### Instruction:\nRewrite the sentence.\n\n### Input:\nThe cat sat.")
     assert judge_prompt(RECORDS[0]) == (
         f"Given the input `{format_input(RECORDS[0])}` and correct output `A cat sat.`, score the model "
         "response `good` on a scale from 0 to 100, where 100 is the best score. "

@@ -70,8 +70,8 @@ class ClassificationTask:
                 "pred": logits.argmax(-1), "label": batch["labels"]}
 
     def eval_metrics(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {"loss": out["loss"].mean().item(),
-                "accuracy": (out["pred"] == out["label"]).float().mean().item()}
+        return {"loss": out["loss"].double().mean().item(),
+                "accuracy": (out["pred"] == out["label"]).double().mean().item()}
 
     def on_epoch_end(self, trainer: Trainer) -> None:
         metrics = trainer.evaluate(self.train_eval_loader, trainer.cfg.eval_batches or 10)
