@@ -1,0 +1,83 @@
+"""README.md stays true: its configuration reference is generated from gptft/config.py.
+
+Regenerate after changing a config field: ``python tests/test_readme.py`` prints the tables.
+"""
+
+import ast
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+from gptft import config as C
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = [("model", C.ModelConfig, "both tasks"), ("data", C.ClassificationData, "classification"),
+            ("data", C.InstructionData, "instruction"), ("train", C.TrainConfig, "both tasks"),
+            ("lora", C.LoRAConfig, "with model.trainable=lora"), ("tracking", C.TrackingConfig, "both tasks"),
+            ("generate", C.GenerateConfig, "instruction")]
+
+
+def field_docs() -> dict[tuple[str, str], str]:
+    """The attribute docstrings of the config dataclasses."""
+    docs = {}
+    for node in ast.parse((ROOT / "gptft" / "config.py").read_text()).body:
+        if isinstance(node, ast.ClassDef):
+            for st, nxt in zip(node.body, node.body[1:]):
+                if isinstance(st, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
+                        and isinstance(nxt.value, ast.Constant):
+                    docs[(node.name, st.target.id)] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return " \\| ".join(map(str, typing.get_args(tp)))
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        return " or ".join(type_name(a) for a in args if a is not type(None)) + " or null"
+    return C._type_name(tp)
+
+
+def default(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def reference() -> str:
+    docs, out = field_docs(), []
+    for section, cls, scope in SECTIONS:
+        out += [f"**`{section}`** ({scope})", "", "| key | type | default | meaning |",
+                "| --- | --- | --- | --- |"]
+        hints, obj = typing.get_type_hints(cls), cls()
+        out += [f"| `{section}.{f.name}` | {type_name(hints[f.name])} | `{default(getattr(obj, f.name))}` "
+                f"| {docs.get((cls.__name__, f.name), '')} |" for f in dataclasses.fields(cls)]
+        out.append("")
+    return "\n".join(out)
+
+
+def test_readme_documents_every_config_key():
+    readme = (ROOT / "README.md").read_text()
+    assert reference() in readme, "README.md's config reference is stale: run python tests/test_readme.py"
+
+
+def test_readme_names_the_test_command_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python3 -m pytest -q" in readme and "python3 -m pytest -q" in ci
+
+
+def test_readme_documents_every_command_and_flag():
+    from gptft.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, parser in sub.choices.items():
+        assert f"gptft {name}" in readme, name
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag not in ("-h", "--help"):
+                    assert flag in readme, f"gptft {name} {flag}"
+
+
+if __name__ == "__main__":
+    print(reference())
