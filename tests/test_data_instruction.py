@@ -315,7 +315,7 @@ def test_reads_arrays_and_jsonl_by_content(tmp_path):
     ('"just a string"', r"bad\.json: not a list of records"),
     ('{\n  "instruction": "a",\n  "output": "b"\n}\n', r"bad\.json: not a list of records \(found a single"),
     ('{"records": []}', r"bad\.json: .*record 0 \(line 1\): missing key 'instruction'"),
-    (b'[{"instruction": "caf\xe9", "output": "b"}]', r"bad\.json: not UTF-8 text \(byte 21\)"),
+    (b'[{"instruction": "caf\xe9", "output": "b"}]', r"bad\.json:1: not UTF-8 text \(byte 0xe9"),
     ("", r"bad\.json: empty file"),
     ("  \n", r"bad\.json: empty file"),
     ("[]", r"bad\.json: no records"),
@@ -333,7 +333,7 @@ def test_many_bad_records_are_reported_at_once(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(GPTFTError, match="nope.json: file not found"):
+    with pytest.raises(GPTFTError, match="nope.json: data file not found"):
         load_instruction_data(InstructionData(path=str(tmp_path / "nope.json")))
 
 

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gptft.config import ClassificationData
+from gptft.data.files import decode, read_text
 from gptft.download import download
 from gptft.errors import GPTFTError
 from gptft.tokenizer import Tokenizer
@@ -165,7 +166,7 @@ def read_texts_file(path: str | Path) -> list[str]:
         GPTFTError: a missing, empty, non-UTF-8 or malformed file, or no ``text`` column.
     """
     path = Path(path)
-    text, name, suffix = _read_text(path), str(path), path.suffix.lower()
+    text, name, suffix = read_text(path), str(path), path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         texts = _table_texts(text, name, "," if suffix == ".csv" else "\t")
     elif suffix in _JSON_SUFFIXES:
@@ -180,27 +181,8 @@ def read_texts_file(path: str | Path) -> list[str]:
 # ---- reading files -------------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise GPTFTError(f"{path}: data file not found")
-    return _decode(path.read_bytes(), str(path))
-
-
-def _decode(data: bytes, name: str) -> str:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise GPTFTError(f"{name}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at byte offset "
-                         f"{e.start}); save the file as UTF-8") from None
-    text = text.removeprefix("\ufeff")
-    if not text.strip():
-        raise GPTFTError(f"{name}: empty file")
-    return text
-
-
 def _read_labelled(path: Path, cfg: ClassificationData) -> _Rows:
-    text = _read_text(path)
+    text = read_text(path)
     return _parse_labelled(text, str(path), _file_format(path, text, cfg), cfg)
 
 
@@ -373,7 +355,7 @@ def _sms_source(path: Path) -> tuple[str, str]:
     if not zipfile.is_zipfile(io.BytesIO(data)):
         if data.startswith(b"PK"):
             raise GPTFTError(f"{path}: damaged zip archive")
-        return str(path), _decode(data, str(path))
+        return str(path), decode(data, str(path))
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             members = archive.namelist()
@@ -383,7 +365,7 @@ def _sms_source(path: Path) -> tuple[str, str]:
             content = archive.read(member)
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
         raise GPTFTError(f"{path}: damaged zip archive ({e})") from None
-    return f"{path}/{member}", _decode(content, f"{path}/{member}")
+    return f"{path}/{member}", decode(content, f"{path}/{member}")
 
 
 # ---- labels, balancing, splitting ----------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gptft.config import InstructionData
+from gptft.data.files import read_text
 from gptft.download import download
 from gptft.errors import GPTFTError
 from gptft.tokenizer import Tokenizer
@@ -149,10 +150,8 @@ def read_records(path: str | Path) -> list[dict]:
     and line where it applies.
     """
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     stripped = text.lstrip()
-    if not stripped:
-        raise GPTFTError(f"{path}: empty file (expected a JSON array of records or JSON Lines)")
     if stripped[0] == "[":
         records = _parse_array(path, text)
         lines = [None] * len(records)
@@ -164,15 +163,6 @@ def read_records(path: str | Path) -> list[dict]:
     if not records:
         raise GPTFTError(f"{path}: no records")
     return _validate(path, records, lines)
-
-
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise GPTFTError(f"{path}: file not found")
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise GPTFTError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def _parse_array(path: Path, text: str) -> list[Any]:
