@@ -341,7 +341,10 @@ class GPT(nn.Module):
 
         Logits exist only for labelled positions, ``chunk_size`` rows at a time; in training each
         chunk's logits are recomputed in the backward pass instead of being stored, so memory
-        stays at one chunk of (chunk_size, vocab) whatever the batch.
+        stays at one chunk of (chunk_size, vocab) whatever the batch. The last chunk is the
+        exception: the backward pass starts with it, so keeping it costs no more memory at the
+        peak than recomputing it would, and a batch of one chunk (the usual case) is never
+        recomputed.
         """
         rows, cols = (labels != -100).nonzero(as_tuple=True)
         if len(rows) == 0:  # nothing to predict: zero, still connected to the graph
@@ -350,7 +353,8 @@ class GPT(nn.Module):
         losses = []
         for start in range(0, len(y), chunk_size):
             hc, yc = h[start : start + chunk_size], y[start : start + chunk_size]
-            if torch.is_grad_enabled() and hc.requires_grad:
+            last = start + chunk_size >= len(y)
+            if torch.is_grad_enabled() and hc.requires_grad and not last:
                 losses.append(checkpoint(self._chunk_loss, hc, yc, use_reentrant=False))
             else:
                 losses.append(self._chunk_loss(hc, yc))
