@@ -35,9 +35,7 @@ class GPTClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Class logits (B, num_classes) for right-padded `input_ids` with real `lengths`."""
-        hidden = self.backbone.hidden_states(input_ids)  # (B, T, C)
-        pooled = hidden[torch.arange(len(input_ids), device=hidden.device), lengths - 1]
-        return self.head(pooled)
+        return self.head(self.backbone.pooled_hidden_states(input_ids, lengths - 1))
 
 
 def set_trainable(model: nn.Module, policy: str, lora=None) -> int:

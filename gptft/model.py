@@ -82,6 +82,19 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+    def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, C) at one position per row: keys/values from all positions up to it,
+        the query only there (right-padded rows: later positions are padding)."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q[torch.arange(B, device=x.device), positions].view(B, 1, self.n_heads, C // self.n_heads)
+        q, k, v = (t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        mask = (torch.arange(T, device=x.device) <= positions[:, None])[:, None, None, :]  # (B,1,1,T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.drop_rate if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.reshape(B, C)))
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -106,6 +119,12 @@ class Block(nn.Module):
 
     def forward(self, x, mask, is_causal, kv_cache=None, layer=0):
         x = x + self.attn(self.ln_1(x), mask, is_causal, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The block's output (B, C) at one position per row only (see ``GPT.pooled_hidden_states``)."""
+        attn = self.attn.forward_at(self.ln_1(x), positions)
+        x = x[torch.arange(len(x), device=x.device), positions] + attn
         return x + self.mlp(self.ln_2(x))
 
 
@@ -307,6 +326,18 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)
+
+    def pooled_hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, emb_dim) at one position per row of right-padded `input_ids`.
+
+        Equal to ``hidden_states(input_ids)[arange(B), positions]``, but the last block computes its
+        query, projection and MLP at those positions only (classification reads nothing else).
+        """
+        T = input_ids.size(1)
+        x = self.drop(self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device)))
+        for block in self.h[:-1]:
+            x = block(x, None, True)
+        return self.ln_f(self.h[-1].forward_at(x, positions))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states (..., emb_dim) to vocabulary logits (..., vocab_size)."""

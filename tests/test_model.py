@@ -177,3 +177,18 @@ def test_hub_name_offline_and_not_cached(tmp_path, monkeypatch):
     with pytest.raises(GPTFTError, match=r"could not get model 'gpt2-small' \(hub repo "
                                           r"openai-community/gpt2.*local folder"):
         GPT.from_pretrained("gpt2-small")
+
+
+def test_pooled_hidden_states_equal_the_full_pass(tiny_config):
+    model = GPT(tiny_config)
+    ids = torch.randint(0, 50257, (3, 10))
+    positions = torch.tensor([9, 4, 0])
+    full = model.hidden_states(ids)[torch.arange(3), positions]
+    full.sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    pooled = model.pooled_hidden_states(ids, positions)
+    pooled.sum().backward()
+    assert_close(pooled, full, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        assert_close(p.grad, expected[n], atol=1e-5, rtol=1e-5, msg=n)
