@@ -471,9 +471,8 @@ def build_gptft(opts: argparse.Namespace, variant: set[str], cfg: GPTConfig, dat
         loss_fn = gptft_loss_instruct
     set_trainable(model, opts.trainable)
     model.to(opts.device).train()
-    # As Trainer builds it: decay on matrices only, fused AdamW on CUDA.
-    fused = torch.device(opts.device).type == "cuda" or "fused_adamw" in variant
-    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, fused=fused or None)
+    # As Trainer builds it: decay on matrices only, fused AdamW (CUDA and CPU).
+    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, fused=True)
     step = train_step_fn(maybe_compile(model, opts), optimizer, loss_fn, opts, clip=True)
     return Runner("gptft", step, batches, count_trainable(model), opts.trainable == "all")
 
