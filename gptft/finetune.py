@@ -25,6 +25,11 @@ def finetune(job: Job) -> dict:
 
     accelerator = make_accelerator(job)
     set_seed(job.train.seed)
+    if job.task == "classification":
+        from gptft.tasks.classification import ClassificationTask as Task
+    else:
+        from gptft.tasks.instruction import InstructionTask as Task
+    task = Task(job, accelerator)  # reads the data and weights: bad input fails before output_dir is touched
     start_run_folder(job, accelerator)
     if job.tracking.wandb:
         from gptft.config import job_to_dict
@@ -32,12 +37,8 @@ def finetune(job: Job) -> dict:
         accelerator.init_trackers(job.tracking.project, config=job_to_dict(job), init_kwargs={
             "wandb": {"name": job.tracking.run_name or _run_name(job), "tags": job.tracking.tags,
                       "dir": job.output_dir}})
-    if job.task == "classification":
-        from gptft.tasks.classification import ClassificationTask as Task
-    else:
-        from gptft.tasks.instruction import InstructionTask as Task
     try:
-        return Task(job, accelerator).run()
+        return task.run()
     finally:
         accelerator.end_training()
 
