@@ -14,6 +14,7 @@ COMMANDS = {
     "classify": "gptft.classifier",
     "generate": "gptft.generate",
     "judge": "gptft.judge",
+    "export": "gptft.export",
 }
 
 

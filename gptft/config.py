@@ -85,7 +85,7 @@ class ClassificationData:
     max_length: int | None = None
     """Truncate texts to this many tokens; unset: the longest training text, capped by the context."""
     group_by_length: bool = True
-    """Batch texts of similar length together (less padding); every text still once per epoch."""
+    """Batch texts of similar length together (less padding), the batches in a random order."""
 
     def problems(self) -> list[str]:
         return _split_problems(self.split) + _positive(self, "max_length")
@@ -121,7 +121,7 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps (unset: run all epochs)."""
     batch_size: int = 8
-    """Examples per micro-batch on each process."""
+    """Examples per micro-batch on each process; a step takes batch_size x processes x grad_accum_steps."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step; the loss is normalised over all of them."""
     lr: float = 5e-5

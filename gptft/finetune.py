@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def finetune(job: Job) -> dict:
     """Run a job to the end and return its final metrics."""
     from gptft.tasks.common import start_run_folder
+    from gptft.trainer import resume_checkpoint
 
+    resume_checkpoint(job)  # a resumption that cannot be (no checkpoint, changed config) fails first
     accelerator = make_accelerator(job)
     set_seed(job.train.seed)
     if job.task == "classification":

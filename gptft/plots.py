@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gptft.io import atomic_write
+
 
 def plot_run(run_dir: Path, metrics: list[str]) -> list[Path]:
     """Write ``<metric>.png`` for each metric: train/val values from ``log.jsonl`` against examples seen."""
@@ -28,7 +30,7 @@ def plot_run(run_dir: Path, metrics: list[str]) -> list[Path]:
         ax.legend()
         fig.tight_layout()
         path = run_dir / f"{metric}.png"
-        fig.savefig(path, dpi=100)
+        atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
         written.append(path)
     return written

@@ -41,7 +41,8 @@ def load_meta(run_dir: str | os.PathLike, task: str | None = None) -> dict[str, 
         raise GPTFTError(f"{run_dir}: not a finished gptft run (no {META_FILE}; did training end?)")
     meta = read_json(run_dir / META_FILE)
     if task is not None and meta.get("task") != task:
-        raise GPTFTError(f"{run_dir}: this is a {meta.get('task')} run, not a {task} run")
+        found = meta.get("task")
+        raise GPTFTError(f"{run_dir}: this is {_a(found)} {found} run, not {_a(task)} {task} run")
     return meta
 
 
@@ -70,3 +71,7 @@ def load_gpt(run_dir: str | os.PathLike) -> tuple[GPT, dict[str, Any]]:
     model = GPT(GPTConfig(**meta["model"]))
     load_state_into(model, run_dir)
     return model.eval(), meta
+
+
+def _a(word: object) -> str:
+    return "an" if str(word)[:1] in tuple("aeiou") else "a"

@@ -27,13 +27,19 @@ from tqdm.auto import tqdm
 
 from gptft.config import Job, job_to_dict, job_to_yaml
 from gptft.errors import GPTFTError
-from gptft.io import load_safetensors, save_safetensors, write_text
+from gptft.io import load_safetensors, read_json, save_safetensors, write_json, write_text
 
 CHECKPOINTS = "checkpoints"
-# Keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("train.resume", "train.epochs", "train.max_steps", "train.eval_every",
-                     "train.eval_batches", "train.log_every", "train.checkpoint_every",
-                     "train.keep_last", "tracking.")
+TRAINER_STATE = "trainer_state.json"  # in each checkpoint: TrainState and the LR schedule
+# Keys that may change between a run and its resumption (prefixes): what to resume, where the run
+# folder is, how long to train (a cosine schedule then follows the new length), how often to
+# evaluate, log and checkpoint, whether to skip non-finite steps from now on, tracking and the
+# sample generations. Every other change (lr, model shape, data, seed...) would not continue the
+# same run, so it stops the resumption.
+RESUMABLE_CHANGES = ("train.resume", "output_dir", "train.epochs", "train.max_steps",
+                     "train.eval_every", "train.eval_batches", "train.log_every",
+                     "train.checkpoint_every", "train.keep_last", "train.skip_nonfinite",
+                     "tracking.", "generate.")
 
 
 class Task(Protocol):
@@ -69,6 +75,7 @@ class TrainState:
     best_value: float | None = None
     best_step: int = -1
     skipped_steps: int = 0
+    log_lines: int = 0  # lines in log.jsonl: a resumed run drops those written after the checkpoint
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,7 +143,8 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, self.total_steps, self.cfg.warmup_steps, self.cfg.schedule, self.cfg.min_lr_ratio))
-        accelerator.register_for_checkpointing(self.scheduler, self.state)
+        # The schedule and the counters go in the checkpoint as JSON (trainer_state.json), not
+        # through register_for_checkpointing, whose files Accelerate unpickles (weights_only=False).
         self.best: dict[str, torch.Tensor] | None = None
 
     def _total_steps(self) -> int:
@@ -149,19 +157,21 @@ class Trainer:
     def fit(self) -> None:
         """Train for ``epochs`` (or ``max_steps``), resuming first if ``train.resume`` says so."""
         if self.cfg.resume:
-            self.resume(self.cfg.resume)
+            self.resume()
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train",
                    disable=not self.accelerator.is_local_main_process, dynamic_ncols=True)
-        while self.state.epoch < self.cfg.epochs and not self._done():
-            for micro_batches in self._epoch_batches():
-                loss = self.train_step(micro_batches)
-                bar.update(1)
-                self._after_step(loss, bar)
-                if self._done():
-                    break
-            else:
-                self._end_epoch()
-        bar.close()
+        try:
+            while self.state.epoch < self.cfg.epochs and not self._done():
+                for micro_batches in self._epoch_batches():
+                    loss = self.train_step(micro_batches)
+                    bar.update(1)
+                    self._after_step(loss, bar)
+                    if self._done():
+                        break
+                else:
+                    self._end_epoch()
+        finally:
+            bar.close()  # also on an error: its message then starts a line of its own
         self._restore_best()
 
     def _done(self) -> bool:
@@ -196,7 +206,7 @@ class Trainer:
         if self.cfg.max_grad_norm:
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         step_loss = acc.reduce(loss_sum, reduction="sum") / total.clamp(min=1)
-        if not self._finite(step_loss, grad_norm):
+        if not self._finite(step_loss, grad_norm, len(micro_batches)):
             return step_loss
         self.optimizer.step()
         self.scheduler.step()
@@ -206,21 +216,23 @@ class Trainer:
         self.state.examples_seen += sum(len(b["input_ids"]) for b in micro_batches) * acc.num_processes
         return step_loss
 
-    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, n_batches: int) -> bool:
         """False (and the step skipped) for a non-finite loss or gradient when allowed; else stop."""
         check = loss if grad_norm is None else loss + grad_norm
         if torch.isfinite(check).item():
             return True
         step = self.state.step + 1
         if not self.cfg.skip_nonfinite:
+            last = latest_checkpoint(self.output_dir)
             raise GPTFTError(
-                f"non-finite loss or gradient at step {step} (loss {loss.item()}); the last good "
-                f"checkpoint is in {self.output_dir / CHECKPOINTS}. Lower train.lr, use "
-                "mixed_precision=bf16 instead of fp16, or set train.skip_nonfinite=true")
+                f"non-finite loss or gradient at step {step} (loss {loss.item()}); "
+                + (f"the last good checkpoint is {last}" if last else "no checkpoint saved yet")
+                + ". Lower train.lr, use mixed_precision=bf16 instead of fp16, or set "
+                "train.skip_nonfinite=true")
         self.optimizer.zero_grad(set_to_none=True)
         self.state.skipped_steps += 1
         self.state.step += 1
-        self.state.batches_in_epoch += self.cfg.grad_accum_steps
+        self.state.batches_in_epoch += n_batches
         self.log({"train/skipped_steps": self.state.skipped_steps})
         return False
 
@@ -295,8 +307,10 @@ class Trainer:
         """Log to the trackers (W&B) and append a line to ``log.jsonl`` on the main process."""
         step, seen = self.state.step, self.state.examples_seen
         self.accelerator.log({**metrics, "examples_seen": seen}, step=step)
+        self.state.log_lines += 1  # on every process: the count is saved in each one's checkpoint
         if self.accelerator.is_main_process:
-            line = {"step": step, "epoch": self.state.epoch, "examples_seen": seen, **metrics}
+            line = {"step": step, "epoch": self.state.epoch, "examples_seen": seen,
+                    **{k: _json_number(v) for k, v in metrics.items()}}
             with open(self.output_dir / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
 
@@ -315,59 +329,116 @@ class Trainer:
             save_safetensors(self.best, tmp / f"best_{acc.process_index}.safetensors")
         acc.wait_for_everyone()
         if acc.is_main_process:
-            write_text(tmp / "config.yaml", job_to_yaml(self.job))
+            write_json(tmp / TRAINER_STATE, {"progress": self.state.state_dict(),
+                                             "scheduler": self.scheduler.state_dict(),
+                                             "num_processes": acc.num_processes})
+            write_text(tmp / "config.yaml", job_to_yaml(self.job))  # last: marks it complete
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            self._prune(root, keep=final)
+            prune_checkpoints(root, self.cfg.keep_last)
         acc.wait_for_everyone()
         return final
 
-    def _prune(self, root: Path, keep: Path) -> None:
-        done = sorted(complete_checkpoints(root))
-        for old in done[: max(0, len(done) - self.cfg.keep_last)]:
-            if old != keep:
-                shutil.rmtree(old, ignore_errors=True)
-
-    def resume(self, resume: bool | str) -> None:
-        """Load a checkpoint (the latest when `resume` is true), after checking the config matches."""
-        path = latest_checkpoint(self.output_dir) if resume is True else Path(resume)
-        if path is None:
-            raise GPTFTError(f"train.resume: no checkpoint to resume in {self.output_dir / CHECKPOINTS}")
-        if not (path / "config.yaml").is_file():
-            raise GPTFTError(f"train.resume: {path} is not a complete gptft checkpoint")
-        check_resumable(path / "config.yaml", self.job)
+    def resume(self) -> None:
+        """Load the checkpoint ``train.resume`` names (the latest when true), after checking the
+        config matches; drop the lines the interrupted run logged after it."""
+        path = resume_checkpoint(self.job)
+        saved = read_json(path / TRAINER_STATE)
+        if saved["num_processes"] != self.accelerator.num_processes:  # each process's data and RNG
+            raise GPTFTError(f"cannot resume from {path}: it was saved by {saved['num_processes']} "
+                             f"process(es), this run has {self.accelerator.num_processes}; launch "
+                             "with the same --num_processes")
         self.accelerator.load_state(str(path))
+        self.state.load_state_dict(saved["progress"])
+        self.scheduler.load_state_dict(saved["scheduler"])
         best = path / f"best_{self.accelerator.process_index}.safetensors"
         self.best = load_safetensors(best) if best.is_file() else None
+        if self.accelerator.is_main_process and self.state.log_lines:  # 0: an older checkpoint
+            _truncate_lines(self.output_dir / "log.jsonl", self.state.log_lines)
+        self.accelerator.wait_for_everyone()
         self.accelerator.print(f"resumed from {path} (step {self.state.step}, epoch "
                                f"{self.state.epoch}, batch {self.state.batches_in_epoch})")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Finished checkpoint folders (``step-N`` with their config written last), oldest first."""
+    """Finished checkpoint folders (``step-N`` with their config written last), oldest first.
+
+    A ``.tmp-step-N`` folder (a save cut short) or a ``step-N`` without ``config.yaml`` is not one.
+    """
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir()
                   if re.fullmatch(r"step-\d+", p.name) and (p / "config.yaml").is_file())
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
     done = complete_checkpoints(Path(output_dir) / CHECKPOINTS)
     return done[-1] if done else None
 
 
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` (≥ 1) complete checkpoints, and leftover temporary
+    folders of saves cut short. Called right after a save completes, so the checkpoint a run
+    resumed from goes only once a newer one is complete."""
+    done = complete_checkpoints(root)
+    for old in done[: max(0, len(done) - max(1, keep_last))]:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in root.glob(".tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resume_checkpoint(job: Job) -> Path | None:
+    """The checkpoint ``train.resume`` names (None when not resuming), checked against `job`.
+
+    ``finetune`` calls it before touching the run folder, so a bad resumption changes nothing.
+    """
+    resume = job.train.resume
+    if resume is False:
+        return None
+    path = latest_checkpoint(job.output_dir) if resume is True else Path(resume)
+    if path is None:
+        raise GPTFTError(f"train.resume: no complete checkpoint in {Path(job.output_dir) / CHECKPOINTS}")
+    if not (path / "config.yaml").is_file():
+        raise GPTFTError(f"train.resume: {path} is not a complete gptft checkpoint (no config.yaml)")
+    check_resumable(path / "config.yaml", job)
+    return path
+
+
 def check_resumable(saved_config: Path, job: Job) -> None:
-    """Raise one error listing every setting that differs from the checkpoint's (bar a few)."""
+    """Raise one error, on one line, naming every setting that differs from the checkpoint's
+    (old → new), bar the ``RESUMABLE_CHANGES``."""
     import yaml
 
     saved = _flatten(yaml.safe_load(saved_config.read_text(encoding="utf-8")))
     now = _flatten(job_to_dict(job))
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+    missing = object()
+    diffs = [f"{k} {_show(saved.get(k, missing))} → {_show(now.get(k, missing))}"
              for k in sorted(saved.keys() | now.keys())
-             if saved.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+             if saved.get(k, missing) != now.get(k, missing) and not k.startswith(RESUMABLE_CHANGES)]
     if diffs:
-        raise GPTFTError(f"cannot resume from {saved_config.parent}: the configuration differs:\n  "
-                         + "\n  ".join(diffs))
+        raise GPTFTError(f"cannot resume from {saved_config.parent}: the configuration differs from "
+                         f"the checkpoint's: {'; '.join(diffs)} (only "
+                         f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUMABLE_CHANGES)} "
+                         "may change)")
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (str, int, float, bool, list, type(None))) else "(unset)"
+
+
+def _json_number(value: Any) -> Any:
+    """Non-finite floats as null: strict JSON readers reject NaN and Infinity."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _truncate_lines(path: Path, n: int) -> None:
+    """Keep the first `n` lines of `path` (the lines a resumed run had written at its checkpoint)."""
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    if len(lines) > n:
+        write_text(path, b"".join(lines[:n]).decode("utf-8"))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -220,13 +220,13 @@ def case_classify_corrupted_weights(tmp, out):
 
 def case_classify_instruction_run(tmp, out):
     run = _instruction_run(out)
-    return ["classify", str(run), "hello"], [str(run), "instruction run, not a classification run"]
+    return ["classify", str(run), "hello"], [str(run), "an instruction run, not a classification run"]
 
 
 def case_generate_classification_run(tmp, out):
     run = _classification_run(out)
     return (["generate", str(run), "--instruction", "hi", "--max-new-tokens", "2"],
-            [str(run), "classification run, not a instruction run"])
+            [str(run), "a classification run, not an instruction run"])
 
 
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}

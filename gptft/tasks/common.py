@@ -32,11 +32,21 @@ def build_gpt(cfg: ModelConfig, vocab_size: int) -> GPT:
 
 def make_loader(dataset: Dataset, collate: Callable, batch_size: int, seed: int, *,
                 shuffle: bool, group_by_length: bool, accelerator: Accelerator) -> DataLoader:
-    """A DataLoader over an ``EpochBatchSampler`` (seeded order per epoch, optional grouping)."""
+    """A DataLoader over an ``EpochBatchSampler`` (seeded order per epoch, optional grouping).
+
+    Batches are cut from global batches of ``batch_size * num_processes`` examples, so N
+    processes see per step what one process with N times the batch sees. A training loader
+    (``shuffle``) drops the incomplete last global batch, as the book's ``drop_last=True``
+    (unless the split is smaller than one global batch: then that is the only batch).
+    """
     sampler = EpochBatchSampler(dataset.lengths, batch_size, seed=seed, shuffle=shuffle,
-                                group_by_length=group_by_length)
+                                group_by_length=group_by_length,
+                                num_processes=accelerator.num_processes, drop_last=shuffle)
+    # Its own generator: each new iterator draws a seed from it, not from the global RNG that
+    # dropout uses, so a run resumed mid-epoch (a new iterator) keeps the uninterrupted RNG stream.
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                      pin_memory=accelerator.device.type == "cuda")
+                      pin_memory=accelerator.device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def start_run_folder(job: Job, accelerator: Accelerator) -> None:
