@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from gptft.errors import GPTFTError
+from gptft.io import usual_mode
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -40,6 +41,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite
     target = out_dir.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, usual_mode(folder=True))  # mkdtemp makes it owner-only
     try:
         model.save_pretrained(tmp)
         _replace_dir(tmp, target)

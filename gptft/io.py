@@ -31,10 +31,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, usual_mode())  # mkstemp (and safetensors) make it owner-only: open()'s mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def usual_mode(folder: bool = False) -> int:
+    """The permissions ``open()`` / ``mkdir()`` would give a new file / folder (0666 / 0777 less the
+    umask), for temporary files and folders that ``tempfile`` creates owner-only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:

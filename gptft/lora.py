@@ -200,14 +200,42 @@ def save_adapter(
     """
     if not lora_modules(model):
         raise GPTFTError("the model has no LoRA layers: call apply_lora first")
+    write_adapter(adapter_tensors(model), folder, cfg, extra)
+
+
+def write_adapter(
+    tensors: dict[str, torch.Tensor], folder: str | os.PathLike, cfg: LoRAConfig,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write the adapter `tensors` (see ``adapter_tensors``) and the config, as ``save_adapter``."""
     clash = set(extra or {}) & set(_CONFIG_KEYS)
     if clash:
         raise GPTFTError(f"save_adapter: extra may not redefine {', '.join(sorted(clash))}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors(adapter_tensors(model), folder / ADAPTER_WEIGHTS)
+    save_safetensors(tensors, folder / ADAPTER_WEIGHTS)
     config = {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "targets": list(cfg.targets)}
     write_json(folder / ADAPTER_CONFIG, {**config, **(extra or {})})
+
+
+def split_state_dict(
+    state: dict[str, torch.Tensor], trainable: set[str], cfg: LoRAConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """From the full state dict of a LoRA model: (adapter tensors, merged plain state dict).
+
+    The adapter holds the LoRA tensors and the other `trainable` entries (e.g. the head); the
+    merged state dict has each adapted weight replaced by W + (alpha / rank) * B @ A (in float32,
+    back in W's dtype) and no LoRA tensors. Working on a state dict rather than on modules, it
+    serves a sharded (FSDP) model too, whose full weights exist only as the gathered state dict.
+    """
+    adapter = {k: v for k, v in state.items() if _is_lora_name(k) or k in trainable}
+    merged = {k: v for k, v in state.items() if not _is_lora_name(k)}
+    scaling = cfg.alpha / cfg.rank
+    for key in (k for k in state if k.endswith(".lora_A")):
+        base = key[: -len(".lora_A")]
+        w, a, b = state[f"{base}.weight"], state[key], state[f"{base}.lora_B"]
+        merged[f"{base}.weight"] = (w.float() + (b.float() @ a.float()) * scaling).to(w.dtype)
+    return adapter, merged
 
 
 def read_adapter_config(folder: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Any]]:

@@ -447,9 +447,11 @@ class GPT(nn.Module):
                 problems.append(f"{k} has shape {tuple(t.shape)}, the config needs {tuple(want)}")
             else:
                 state[k] = t
-        if problems:
+        if problems:  # embeddings and final norm first (they show the width), then the blocks
+            problems.sort(key=lambda p: (p.startswith("h.") or " h." in p, p))
+            more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
             raise GPTFTError(f"{source}: weights do not match the model config: "
-                             + "; ".join(sorted(problems)))
+                             + "; ".join(problems[:4]) + more)
         with torch.no_grad():
             for k, v in own.items():
                 v[: state[k].shape[0]].copy_(state[k])

@@ -55,3 +55,43 @@ def test_bench_rejects_unknown_impl():
     bench = load_bench()
     with pytest.raises(SystemExit):
         bench.parse_args(["--impl", "gptft:flash"])
+
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sms_lm_corpus_leaves_out_evaluation_texts(tmp_path):
+    from gptft.config import load_job
+    from gptft.data.classification import load_classification_data
+
+    data = f"data.path={shared_path('data', 'sms_spam_collection', 'SMSSpamCollection.tsv')}"
+    config = str(BENCH.parents[1] / "configs" / "spam-tiny.yaml")
+    records = _script("sms_lm_corpus").main([str(tmp_path / "corpus.json"), "--config", config, data])
+    splits = load_classification_data(load_job(config, [data]).data)
+    held_out = set(splits.val.texts) | set(splits.test.texts)
+    texts = {r["output"] for r in records}
+    assert len(held_out) == 434 and len(records) == 5028 and not texts & held_out
+    assert set(splits.train.texts) - held_out <= texts  # (the collection repeats some texts)
+
+
+def test_frozen_embeddings_control_run(tmp_path, monkeypatch):
+    import json
+
+    import gptft.tasks.classification as classification
+
+    script = _script("frozen_embeddings")
+    monkeypatch.setattr(classification, "set_trainable", script.set_trainable_frozen_embeddings)
+    from gptft.cli import main
+
+    data = f"data.path={shared_path('data', 'sms_spam_collection', 'SMSSpamCollection.tsv')}"
+    assert main(["finetune", "--config", str(BENCH.parents[1] / "configs" / "spam-tiny.yaml"), data,
+                 "model.n_layers=1", "model.emb_dim=32", "model.n_heads=2", "train.max_steps=1",
+                 "train.eval_every=0", "train.eval_batches=1", f"output_dir={tmp_path}"]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    embeddings = 50257 * 32 + 256 * 32  # wte + wpe
+    assert m["trainable_parameters"] == m["total_parameters"] - embeddings

@@ -15,6 +15,7 @@ from gptft.lora import (
     merge_lora,
     read_adapter_config,
     save_adapter,
+    split_state_dict,
 )
 
 ALL = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
@@ -87,6 +88,23 @@ def test_merged_equals_unmerged(tiny_config):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
     assert not any("lora" in k for k in model.state_dict())
+
+
+def test_split_state_dict_equals_merging_the_modules(tiny_config):
+    """The state-dict merge (what a sharded model is saved through) equals merging the modules."""
+    from gptft.classifier import GPTClassifier, set_trainable
+
+    cfg = LoRAConfig(rank=4, alpha=8, targets=ALL)
+    model = GPTClassifier(GPT(tiny_config), 2)
+    set_trainable(model, "lora", cfg)
+    perturb(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapter, merged = split_state_dict(model.state_dict(), trainable, cfg)
+    assert adapter.keys() == lora_state_dict(model).keys() | {"head.weight", "head.bias"}
+    expected = merge_lora(model).state_dict()
+    assert merged.keys() == expected.keys()
+    for k in expected:
+        assert_close(merged[k], expected[k], atol=0, rtol=0)
 
 
 def test_only_lora_parameters_get_gradients(tiny_config):

@@ -240,6 +240,10 @@ def test_final_files_are_renamed_into_place(reference):
         assert name in renamed, f"{name} was not written under a temporary name and renamed"
     assert "best_0.safetensors" in renamed
     assert not [p for p in ref.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (*FINAL_FILES, "loss.png"):  # temporary files get a plain file's permissions
+        assert (ref / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     _assert_no_secret(ref)
 
 

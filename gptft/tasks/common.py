@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,21 +63,29 @@ def start_run_folder(job: Job, accelerator: Accelerator) -> None:
 
 def save_final(accelerator: Accelerator, model: torch.nn.Module, job: Job, meta: dict,
                metrics: dict) -> None:
-    """Write the final weights, ``gptft.json`` and ``metrics.json`` (main process, atomically)."""
-    if job.model.trainable == "lora":  # keep the small adapter, then save a plain merged model
-        from gptft.lora import merge_lora, save_adapter
+    """Write the final weights, ``gptft.json`` and ``metrics.json`` (main process, atomically).
 
-        inner = accelerator.unwrap_model(model)
-        if accelerator.is_main_process:
-            save_adapter(inner, Path(job.output_dir) / "adapter", job.lora,
-                         extra={"base_model": job.model.checkpoint or job.model.name, **meta})
-        merge_lora(inner)
+    A LoRA run also keeps its adapter (``adapter/``) and saves the merged plain model. Both come
+    from the gathered state dict, which every process helps build (a collective under FSDP).
+    """
     state = accelerator.get_state_dict(model)  # the full weights on the main process (FSDP too)
     if accelerator.is_main_process:
         out = Path(job.output_dir)
+        if job.model.trainable == "lora":
+            from gptft.lora import split_state_dict, write_adapter
+
+            adapter, state = split_state_dict(state, _trainable_names(accelerator, model), job.lora)
+            write_adapter(adapter, out / "adapter", job.lora,
+                          extra={"base_model": job.model.checkpoint or job.model.name, **meta})
         save_model(out, state, meta)
         write_json(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
+
+
+def _trainable_names(accelerator: Accelerator, model: torch.nn.Module) -> set[str]:
+    """State-dict names of the parameters that train (wrapper prefixes of FSDP and compile removed)."""
+    names = (n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad)
+    return {re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.", "", n) for n in names}
 
 
 def trainable_summary(accelerator: Accelerator, model: torch.nn.Module, policy: str) -> dict:
