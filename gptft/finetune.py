@@ -24,8 +24,9 @@ def finetune(job: Job) -> dict:
     from gptft.tasks.common import start_run_folder
     from gptft.trainer import resume_checkpoint
 
-    resume_checkpoint(job)  # a resumption that cannot be (no checkpoint, changed config) fails first
     accelerator = make_accelerator(job)
+    # A resumption that cannot be (no checkpoint, changed config, other process count) fails first.
+    resume_checkpoint(job, accelerator.num_processes)
     set_seed(job.train.seed)
     if job.task == "classification":
         from gptft.tasks.classification import ClassificationTask as Task

@@ -38,12 +38,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def _read_umask() -> int:
+    umask = os.umask(0o022)  # the only way to read it; done once, at import, before any thread
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def usual_mode(folder: bool = False) -> int:
     """The permissions ``open()`` / ``mkdir()`` would give a new file / folder (0666 / 0777 less the
     umask), for temporary files and folders that ``tempfile`` creates owner-only."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if folder else 0o666) & ~umask
+    return (0o777 if folder else 0o666) & ~_UMASK
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:

@@ -244,8 +244,9 @@ class Trainer:
             self.log({"train/loss": value, "train/lr": self.scheduler.get_last_lr()[0]})
         if self.cfg.eval_every and step % self.cfg.eval_every == 0:
             self.evaluate_and_track()
-        if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0:
-            self.save_checkpoint()
+        epoch_ends = self.state.batches_in_epoch >= len(self.train_loader) and not self._done()
+        if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0 and not epoch_ends:
+            self.save_checkpoint()  # (at an epoch's last step, _end_epoch saves it once, complete)
 
     def _end_epoch(self) -> None:
         self.state.epoch += 1
@@ -335,25 +336,26 @@ class Trainer:
             write_text(tmp / "config.yaml", job_to_yaml(self.job))  # last: marks it complete
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            prune_checkpoints(root, self.cfg.keep_last)
+            prune_checkpoints(root, self.cfg.keep_last, keep=final)
         acc.wait_for_everyone()
         return final
 
     def resume(self) -> None:
         """Load the checkpoint ``train.resume`` names (the latest when true), after checking the
         config matches; drop the lines the interrupted run logged after it."""
-        path = resume_checkpoint(self.job)
+        path = resume_checkpoint(self.job, self.accelerator.num_processes)
         saved = read_json(path / TRAINER_STATE)
-        if saved["num_processes"] != self.accelerator.num_processes:  # each process's data and RNG
-            raise GPTFTError(f"cannot resume from {path}: it was saved by {saved['num_processes']} "
-                             f"process(es), this run has {self.accelerator.num_processes}; launch "
-                             "with the same --num_processes")
+        if self.accelerator.is_main_process:  # later checkpoints here belong to the abandoned run
+            for later in complete_checkpoints(self.output_dir / CHECKPOINTS):
+                if _step_of(later) > _step_of(path):
+                    shutil.rmtree(later, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         self.accelerator.load_state(str(path))
         self.state.load_state_dict(saved["progress"])
         self.scheduler.load_state_dict(saved["scheduler"])
         best = path / f"best_{self.accelerator.process_index}.safetensors"
         self.best = load_safetensors(best) if best.is_file() else None
-        if self.accelerator.is_main_process and self.state.log_lines:  # 0: an older checkpoint
+        if self.accelerator.is_main_process:
             _truncate_lines(self.output_dir / "log.jsonl", self.state.log_lines)
         self.accelerator.wait_for_everyone()
         self.accelerator.print(f"resumed from {path} (step {self.state.step}, epoch "
@@ -376,19 +378,21 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def prune_checkpoints(root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` (≥ 1) complete checkpoints, and leftover temporary
-    folders of saves cut short. Called right after a save completes, so the checkpoint a run
-    resumed from goes only once a newer one is complete."""
+def prune_checkpoints(root: Path, keep_last: int, keep: Path | None = None) -> None:
+    """Delete all but the newest `keep_last` (≥ 1) complete checkpoints, never `keep` (the one
+    just saved), and leftover temporary folders of saves cut short. Called right after a save
+    completes, so the checkpoint a run resumed from goes only once a newer one is complete."""
     done = complete_checkpoints(root)
     for old in done[: max(0, len(done) - max(1, keep_last))]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
     for tmp in root.glob(".tmp-step-*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resume_checkpoint(job: Job) -> Path | None:
-    """The checkpoint ``train.resume`` names (None when not resuming), checked against `job`.
+def resume_checkpoint(job: Job, num_processes: int) -> Path | None:
+    """The checkpoint ``train.resume`` names (None when not resuming), checked against `job` and
+    the number of processes (each one's data position and RNG are in it).
 
     ``finetune`` calls it before touching the run folder, so a bad resumption changes nothing.
     """
@@ -401,7 +405,16 @@ def resume_checkpoint(job: Job) -> Path | None:
     if not (path / "config.yaml").is_file():
         raise GPTFTError(f"train.resume: {path} is not a complete gptft checkpoint (no config.yaml)")
     check_resumable(path / "config.yaml", job)
+    saved = read_json(path / TRAINER_STATE)
+    if saved.get("num_processes") != num_processes:
+        raise GPTFTError(f"cannot resume from {path}: it was saved by {saved.get('num_processes')} "
+                         f"process(es), this run has {num_processes}; launch with the same "
+                         "--num_processes")
     return path
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
 
 
 def check_resumable(saved_config: Path, job: Job) -> None:

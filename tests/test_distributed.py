@@ -214,6 +214,18 @@ def test_process_batches_make_up_the_single_process_batch(drop_last, group_by_le
     assert len(seen) == (101 // (4 * n_processes) * 4 * n_processes if drop_last else 101)
 
 
+def test_accelerate_shards_without_dropping():
+    """Accelerate reads a batch sampler's ``drop_last``; the sampler's own dropping must not show
+    through, or a split smaller than one global batch would give the processes nothing."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    sampler = EpochBatchSampler([5] * 7, 4, seed=0, num_processes=2, drop_last=True)
+    assert getattr(sampler, "drop_last", False) is False
+    shards = [list(BatchSamplerShard(sampler, num_processes=2, process_index=i)) for i in (0, 1)]
+    assert all(len(shard) == 1 for shard in shards)
+    assert sorted(set(shards[0][0] + shards[1][0])) == list(range(7))
+
+
 def test_a_split_smaller_than_one_global_batch_is_one_batch():
     many = _batches([3, 1, 4, 1, 5], 2, 4, drop_last=True)
     assert [len(b) for b in many] == [4, 1] and sorted(sum(many, [])) == list(range(5))
@@ -275,3 +287,4 @@ def test_resuming_with_another_process_count_is_refused(spam_runs, spam_splits, 
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("gptft finetune: error: cannot resume from") and "2 process(es)" in err, err
+    assert not (tmp_path / "resumed").exists()  # refused before the run folder is touched

@@ -260,6 +260,36 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step-00000012", "step-00000016"]
     prune_checkpoints(root, keep_last=1)  # the only good one stays
     assert latest_checkpoint(tmp_path) == root / "step-00000012"
+    (root / "step-00000006").mkdir()
+    (root / "step-00000006" / "config.yaml").write_text("task: classification\n")
+    prune_checkpoints(root, keep_last=1, keep=root / "step-00000006")  # the one just saved stays
+    assert [p.name for p in complete_checkpoints(root)] == ["step-00000006", "step-00000012"]
+
+
+def test_resuming_an_earlier_checkpoint_drops_the_abandoned_later_ones(reference, data, tmp_path):
+    """Resuming step 16 of a folder that also holds a later checkpoint (an abandoned run's): the
+    later one goes, so that ``train.resume=true`` afterwards never picks it."""
+    import shutil
+
+    ref, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    shutil.copytree(out / "checkpoints" / "step-00000020", out / "checkpoints" / "step-00000099")
+    checkpoint = out / "checkpoints" / "step-00000016"
+    assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.keep_last=100",
+                     f"train.resume={checkpoint}") == 0
+    assert not (out / "checkpoints" / "step-00000099").exists()
+    assert latest_checkpoint(out) == out / "checkpoints" / "step-00000020"
+    assert_same_weights(ref, out)
+
+
+def test_a_new_run_starts_without_an_earlier_runs_checkpoints(data, tmp_path):
+    out = tmp_path / "run"
+    old = out / "checkpoints" / "step-00000500"
+    old.mkdir(parents=True)
+    (old / "config.yaml").write_text("task: classification\n")
+    assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.max_steps=4") == 0
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000004"]
 
 
 # ---- a loss that is not finite -------------------------------------------------------------------

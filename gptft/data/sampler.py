@@ -34,7 +34,7 @@ class EpochBatchSampler:
         self.group_by_length = group_by_length
         self.window = window
         self.num_processes = num_processes
-        self.drop_last = drop_last
+        self.drop_incomplete = drop_last  # not `drop_last`: Accelerate reads that name
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -42,13 +42,14 @@ class EpochBatchSampler:
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.lengths), self.batch_size * self.num_processes)
-        tail = 0 if self.drop_last and full else (rest + self.batch_size - 1) // self.batch_size
+        tail = 0 if self.drop_incomplete and full else (rest + self.batch_size - 1) // self.batch_size
         return full * self.num_processes + tail
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._global_batches()
+        full = self.batch_size * self.num_processes
         for batch in batches:
-            if self.drop_last and len(batches) > 1 and len(batch) < self.batch_size * self.num_processes:
+            if self.drop_incomplete and len(batches) > 1 and len(batch) < full:
                 continue  # only ever the last one
             yield from (batch[i : i + self.batch_size] for i in range(0, len(batch), self.batch_size))
 

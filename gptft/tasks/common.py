@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,8 +56,9 @@ def start_run_folder(job: Job, accelerator: Accelerator) -> None:
     out = Path(job.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not job.train.resume:
+        if not job.train.resume:  # a new run: an earlier run's log and checkpoints go
             (out / "log.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
         write_text(out / "config.yaml", job_to_yaml(job, CONFIG_HEADER.format(path=out / "config.yaml")))
     accelerator.wait_for_everyone()
 
@@ -69,6 +71,7 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, job: Job, meta:
     from the gathered state dict, which every process helps build (a collective under FSDP).
     """
     state = accelerator.get_state_dict(model)  # the full weights on the main process (FSDP too)
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # torch.compile's wrapper
     if accelerator.is_main_process:
         out = Path(job.output_dir)
         if job.model.trainable == "lora":
