@@ -20,8 +20,12 @@ def plot_run(run_dir: Path, metrics: list[str]) -> list[Path]:
     for metric in metrics:
         fig, ax = plt.subplots(figsize=(5, 3))
         for split in ("train", "val"):
+            # The training loss: the logged steps' (rows with the learning rate), not the
+            # evaluations of the training split that share its key (epoch ends, the final metrics).
+            step_rows = split == "train" and metric == "loss"
             points = [(r["examples_seen"], r[f"{split}/{metric}"]) for r in rows
-                      if isinstance(r.get(f"{split}/{metric}"), (int, float))]
+                      if isinstance(r.get(f"{split}/{metric}"), (int, float))
+                      and (not step_rows or "train/lr" in r)]
             if points:
                 ax.plot(*zip(*points), label=f"{split} {metric}",
                         linestyle="-" if split == "train" else "-.")
