@@ -109,6 +109,9 @@ class InstructionData:
     """Truncate examples to this many tokens; unset: the model's context length."""
     packing: bool = False
     """Pack several examples into each row (attention and positions kept per example)."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding), the batches in a random order;
+    false: random batches, as the book."""
 
     def problems(self) -> list[str]:
         return _split_problems(self.split) + _positive(self, "max_length")

@@ -63,7 +63,8 @@ class InstructionTask:
                               mask_prompt=data.mask_prompt, max_length=self.max_length,
                               pad_to_multiple=multiple)
         return make_loader(dataset, collate, cfg.batch_size, cfg.seed, shuffle=train,
-                           group_by_length=not train or data.packing, accelerator=self.accelerator)
+                           group_by_length=not train or data.packing or data.group_by_length,
+                           accelerator=self.accelerator)
 
     # ---- what the trainer calls ----------------------------------------------------------------
 
