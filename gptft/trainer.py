@@ -343,8 +343,7 @@ class Trainer:
     def resume(self) -> None:
         """Load the checkpoint ``train.resume`` names (the latest when true), after checking the
         config matches; drop the lines the interrupted run logged after it."""
-        path = resume_checkpoint(self.job, self.accelerator.num_processes)
-        saved = read_json(path / TRAINER_STATE)
+        path, saved = resume_checkpoint(self.job, self.accelerator.num_processes)
         if self.accelerator.is_main_process:  # later checkpoints here belong to the abandoned run
             for later in complete_checkpoints(self.output_dir / CHECKPOINTS):
                 if _step_of(later) > _step_of(path):
@@ -390,9 +389,10 @@ def prune_checkpoints(root: Path, keep_last: int, keep: Path | None = None) -> N
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resume_checkpoint(job: Job, num_processes: int) -> Path | None:
-    """The checkpoint ``train.resume`` names (None when not resuming), checked against `job` and
-    the number of processes (each one's data position and RNG are in it).
+def resume_checkpoint(job: Job, num_processes: int) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint ``train.resume`` names and its ``trainer_state.json`` (None when not
+    resuming), checked against `job` and the number of processes (each one's data position and
+    RNG are in it).
 
     ``finetune`` calls it before touching the run folder, so a bad resumption changes nothing.
     """
@@ -410,7 +410,7 @@ def resume_checkpoint(job: Job, num_processes: int) -> Path | None:
         raise GPTFTError(f"cannot resume from {path}: it was saved by {saved.get('num_processes')} "
                          f"process(es), this run has {num_processes}; launch with the same "
                          "--num_processes")
-    return path
+    return path, saved
 
 
 def _step_of(checkpoint: Path) -> int:

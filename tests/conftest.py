@@ -1,4 +1,6 @@
 import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,23 @@ def shared_path(*parts: str) -> Path:
             pytest.fail(f"{path} missing: CI must run with ../shared beside the checkout")
         pytest.skip(f"{path} not available")
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_launch_env() -> dict[str, str]:
+    """The environment for ``accelerate launch --multi_gpu`` to start gloo processes on the CPU."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def launcher(*args: str) -> list[str]:
+    """``accelerate launch --multi_gpu ARGS launch/finetune.py`` (job arguments go after it)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", *args,
+            str(Path(__file__).resolve().parents[1] / "launch" / "finetune.py")]

@@ -15,15 +15,12 @@ gradient accumulation, so the per-step losses (``log.jsonl``), the final weights
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_path
+from conftest import cpu_launch_env, free_port, launcher, shared_path
 from safetensors.torch import load_file
 
 from gptft.cli import main
@@ -40,24 +37,6 @@ COMMON = ["model.n_layers=2", "model.emb_dim=32", "model.n_heads=2", "model.cont
 N_TRAIN, N_VAL, N_TEST = 53, 9, 23
 # 75 records split 70/10/20: 52 train (3 steps of 16, 4 left over), 8 validation, 15 test.
 N_RECORDS, N_RECORDS_TEST = 75, 15
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
-def _launcher(*args: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", *args,
-            str(ROOT / "launch" / "finetune.py")]
 
 
 def _wait(procs: list[subprocess.Popen], logs: list[Path]) -> None:
@@ -88,9 +67,9 @@ def run_two_processes(config: str, out: Path, overrides: list[str]) -> Path:
            f"output_dir={out}"]
     log = out.parent / f"{out.name}.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(_launcher("--num_processes", "2", "--main_process_port",
-                                          str(_free_port())) + job,
-                                cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(launcher("--num_processes", "2", "--main_process_port",
+                                          str(free_port())) + job,
+                                cwd=ROOT, env=cpu_launch_env(), stdout=f, stderr=subprocess.STDOUT)
     _wait([proc], [log])
     return out
 
@@ -99,15 +78,15 @@ def run_two_machines(config: str, out: Path, overrides: list[str]) -> Path:
     """Two launchers, one process each, meeting at 127.0.0.1 as machines 0 and 1 of one job."""
     job = ["--config", str(CONFIGS / config), *COMMON, *overrides, f"train.batch_size={B}",
            f"output_dir={out}"]
-    port = str(_free_port())
+    port = str(free_port())
     procs, logs = [], []
     for rank in (0, 1):
         logs.append(out.parent / f"{out.name}-machine{rank}.log")
         with open(logs[-1], "w") as f:
             procs.append(subprocess.Popen(
-                _launcher("--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+                launcher("--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
                           "--main_process_ip", "127.0.0.1", "--main_process_port", port) + job,
-                cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT))
+                cwd=ROOT, env=cpu_launch_env(), stdout=f, stderr=subprocess.STDOUT))
     _wait(procs, logs)
     return out
 

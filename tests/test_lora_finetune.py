@@ -4,14 +4,12 @@ line, rebuild the model from base + adapter, export the merged model, run on 2 p
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_launch_env, free_port, launcher
 from torch.testing import assert_close
 
 from gptft.classifier import GPTClassifier, load_classifier
@@ -192,23 +190,13 @@ def test_export_errors(tmp_path, capsys):
     assert (tmp_path / "empty" / "config.json").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_lora_two_process_cpu_run(tmp_path, base):
     out = tmp_path / "run"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(ROOT / "launch" / "finetune.py"),
+    cmd = [*launcher("--num_processes", "2", "--main_process_port", str(free_port())),
            "--config", str(CONFIGS / "spam-lora.yaml"), f"model.checkpoint={base}", *SHAPE_NULL,
            f"data.path={_spam_csv(tmp_path / 'sms.csv')}", *SHORT, "train.max_steps=2",
            f"output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "adapter" / ADAPTER_WEIGHTS).is_file() and (out / "model.safetensors").is_file()
     metrics = json.loads((out / "metrics.json").read_text())

@@ -71,7 +71,7 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, job: Job, meta:
     from the gathered state dict, which every process helps build (a collective under FSDP).
     """
     state = accelerator.get_state_dict(model)  # the full weights on the main process (FSDP too)
-    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # torch.compile's wrapper
+    state = {_state_name(k): v for k, v in state.items()}
     if accelerator.is_main_process:
         out = Path(job.output_dir)
         if job.model.trainable == "lora":
@@ -86,9 +86,15 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, job: Job, meta:
 
 
 def _trainable_names(accelerator: Accelerator, model: torch.nn.Module) -> set[str]:
-    """State-dict names of the parameters that train (wrapper prefixes of FSDP and compile removed)."""
-    names = (n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad)
-    return {re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.", "", n) for n in names}
+    """State-dict names of the parameters that train."""
+    return {_state_name(n) for n, p in accelerator.unwrap_model(model).named_parameters()
+            if p.requires_grad}
+
+
+def _state_name(name: str) -> str:
+    """A parameter's name in the plain model: without the wrappers' parts (FSDP, checkpointing,
+    torch.compile's ``_orig_mod``, which Accelerate's ``get_state_dict`` keeps)."""
+    return re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.", "", name)
 
 
 def trainable_summary(accelerator: Accelerator, model: torch.nn.Module, policy: str) -> dict:
