@@ -368,3 +368,26 @@ def test_download_once_then_cache(tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "instruction-data.json").is_file()
     assert first == second
     assert (len(first.train), len(first.val), len(first.test)) == (17, 1, 2)
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_training_batches_grouped_by_length_on_request(tmp_path, group):
+    """``data.group_by_length`` reaches the training loader: grouped batches pad less."""
+    from pathlib import Path
+
+    from accelerate import Accelerator
+
+    from gptft.config import load_job
+    from gptft.tasks.instruction import InstructionTask
+
+    records = [{"instruction": "Repeat." + " word" * (i % 17), "input": "", "output": "ok"}
+               for i in range(96)]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(records))
+    config = Path(__file__).resolve().parents[1] / "configs" / "instruct-tiny.yaml"
+    job = load_job(config, [f"data.path={path}", f"data.group_by_length={str(group).lower()}",
+                            "model.n_layers=1", "model.emb_dim=32", "model.n_heads=2"])
+    loader = InstructionTask(job, Accelerator(cpu=True)).loader("train", train=True)
+    assert loader.batch_sampler.group_by_length is group
+    padding = sum(int((b["attention_mask"] == 0).sum()) for b in loader)
+    assert (padding < 100) is group  # random batches of lengths spread over 17 values pad a lot
