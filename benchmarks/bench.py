@@ -57,25 +57,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptft.classifier import GPTClassifier, set_trainable
-from gptft.config import ClassificationData, InstructionData
+from gptft.classifier import GPTClassifier
 from gptft.data.classification import (
     ClassificationDataset,
     TextExamples,
-    classification_collate,
     load_classification_data,
     longest_length,
 )
-from gptft.data.instruction import (
-    IGNORE_INDEX,
-    InstructionDataset,
-    instruction_collate,
-    load_instruction_data,
-    packed_collate,
-)
+from gptft.data.collate import classification_collate, instruction_collate, length_buckets, packed_collate
+from gptft.data.instruction import InstructionDataset, load_instruction_data
 from gptft.data.sampler import EpochBatchSampler
-from gptft.model import GPT, PRESETS, GPTConfig
+from gptft.model import GPT, IGNORE_INDEX, PRESETS, GPTConfig
+from gptft.tasks.classification.config import ClassificationData
+from gptft.tasks.instruction.config import InstructionData
 from gptft.tokenizer import Tokenizer
+from gptft.trainable import set_trainable
 from gptft.trainer import param_groups
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -243,6 +239,8 @@ def spam_dynamic_batches(dataset: ClassificationDataset, order: list[list[int]])
     out = []
     for idx in order:
         t = classification_collate([dataset[i] for i in idx], PAD_ID)
+        width = t["input_ids"].size(1)  # transformers reads a mask; gptft's classifier the lengths
+        t["attention_mask"] = (torch.arange(width)[None, :] < t["lengths"][:, None]).long()
         out.append(spam_batch(t, t["lengths"].tolist()))
     return out
 
@@ -278,13 +276,12 @@ def instruct_gptft_batches(dataset: InstructionDataset, opts: argparse.Namespace
         collate = partial(packed_collate, pad_id=PAD_ID, mask_prompt=mask_prompt, max_length=context)
     else:
         collate = partial(instruction_collate, pad_id=PAD_ID, mask_prompt=mask_prompt, max_length=context,
-                          pad_to_multiple=64 if opts.compile else 1)
+                          buckets=length_buckets([n - 1 for n in dataset.lengths], context)
+                          if opts.compile else None)
     out = []
     for idx in order:
         items = [dataset[i] for i in idx]
-        t = collate(items)
-        if not packing:
-            del t["attention_mask"]  # right padding: causal attention suffices (InstructionTask)
+        t = collate(items)  # right padding needs no mask (causal attention); packed rows bring one
         out.append(instruct_batch(t, items))
     return out
 
@@ -295,6 +292,9 @@ def instruct_padded_batches(dataset: InstructionDataset, batch_size: int, mask_p
     for idx in chunks(list(range(len(dataset))), batch_size):
         items = [dataset[i] for i in idx]
         t = instruction_collate(items, PAD_ID, mask_prompt=mask_prompt)
+        width = t["input_ids"].size(1)  # a real input: an item's tokens (its end-of-text too)
+        real = torch.tensor([min(len(item["input_ids"]), width) for item in items])
+        t["attention_mask"] = (torch.arange(width)[None, :] < real[:, None]).long()
         out.append(instruct_batch(t, items))
     return out
 

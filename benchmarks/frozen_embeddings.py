@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import sys
 
-import gptft.tasks.classification as classification
-from gptft.classifier import set_trainable
+import gptft.tasks.classification.task as classification
 from gptft.cli import main
+from gptft.trainable import set_trainable
 
 
 def set_trainable_frozen_embeddings(model, policy, lora=None) -> int:

@@ -1,20 +1,14 @@
-"""Label texts with a fine-tuned model: ``gptft classify RUN_DIR "text" ...``.
-
-Also the classifier module itself (GPT backbone + linear head on the last real token) and the
-trainable-parameter policies shared by both tasks.
-"""
+"""The classifier: a GPT backbone with a linear head on the last real token, and the API that
+labels texts with a finished run (``load_classifier(RUN).predict([...])``)."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from gptft.errors import GPTFTError
 from gptft.model import GPT, GPTConfig
 from gptft.runs import load_meta, load_state_into
 from gptft.tokenizer import Tokenizer
@@ -36,34 +30,6 @@ class GPTClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Class logits (B, num_classes) for right-padded `input_ids` with real `lengths`."""
         return self.head(self.backbone.pooled_hidden_states(input_ids, lengths - 1))
-
-
-def set_trainable(model: nn.Module, policy: str, lora=None) -> int:
-    """Freeze all but what `policy` trains; return the number of trainable parameters.
-
-    Policies: ``head`` (classification head only), ``last_block`` (+ last block and final
-    LayerNorm, the book's choice), ``last_two_blocks``, ``all``, ``lora`` (LoRA adapters from
-    `lora`, a ``LoRAConfig``, plus the head). For a plain GPT (instruction tuning) the same
-    policies apply without a head.
-    """
-    gpt = model.backbone if isinstance(model, GPTClassifier) else model
-    head = model.head if isinstance(model, GPTClassifier) else None
-    if policy == "lora":
-        from gptft.lora import apply_lora
-
-        apply_lora(model, lora)
-    else:
-        model.requires_grad_(policy == "all")
-    if policy in ("last_block", "last_two_blocks"):
-        for block in gpt.h[-1 if policy == "last_block" else -2 :]:
-            block.requires_grad_(True)
-        gpt.ln_f.requires_grad_(True)
-    if head is not None:
-        head.requires_grad_(True)
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if n == 0:
-        raise GPTFTError(f"model.trainable={policy}: leaves no parameter to train for this task")
-    return n
 
 
 @dataclass
@@ -99,29 +65,7 @@ class Classifier:
 
 def load_classifier(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
     """Rebuild the classifier saved in a run folder: ``load_classifier(RUN).predict([...])``."""
-    meta = load_meta(run_dir, task="classification")
+    meta = load_meta(run_dir, produces="classifier")
     model = GPTClassifier(GPT(GPTConfig(**meta["model"])), len(meta["labels"]))
     load_state_into(model, run_dir)
     return Classifier(model, meta["labels"], meta["max_length"], Tokenizer(meta["tokenizer"]), device)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="run folder of a classification fine-tune")
-    parser.add_argument("texts", nargs="*", help="texts to label")
-    parser.add_argument("--file", help="texts to label: one per line, or a CSV/TSV/JSONL with a "
-                        "'text' column")
-    parser.add_argument("--batch-size", type=int, default=32)
-
-
-def run(args: argparse.Namespace) -> int:
-    texts = list(args.texts)
-    if args.file:
-        from gptft.data.classification import read_texts_file
-
-        texts += read_texts_file(args.file)
-    if not texts:
-        raise GPTFTError("no text to classify: give texts as arguments or --file")
-    for text, pred in zip(texts, load_classifier(args.run_dir).predict(texts, args.batch_size)):
-        short = text if len(text) <= 60 else text[:57] + "..."
-        sys.stdout.write(f"{pred.label}\t{pred.probability:.4f}\t{short}\n")
-    return 0

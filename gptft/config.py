@@ -1,15 +1,16 @@
 """Job configuration: typed dataclasses; a YAML file is only their serialized form.
 
-``load_job(path, overrides)`` reads a YAML file, applies dotted ``key=value`` overrides, checks
-every key, type and range, and reports all problems at once in one ``GPTFTError`` that names the
-file, line and field of each.
+This module holds the sections every task shares (``model``, ``train``, ``lora``, ``tracking``,
+``generate``) and ``JobConfig``, the base of each task's job class (a task adds its ``data``
+section, see ``gptft.tasks``). ``load_job(path, overrides)`` reads a YAML file, applies dotted
+``key=value`` overrides, finds the job class of its ``task`` in the task registry and checks every
+key, type and range with ``gptft.validation``, reporting all problems at once in one
+``GPTFTError`` that names the file, line and field of each.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from gptft.errors import GPTFTError
+from gptft.validation import build, non_negative, positive
 
 
 @dataclass
@@ -53,68 +55,8 @@ class ModelConfig:
                            "(pretrained weights fix the shape)")
         if not 0 <= self.drop_rate < 1:
             out.append(f"drop_rate: must be in [0, 1) (got {self.drop_rate})")
-        return out + _positive(self, "n_layers", "emb_dim", "n_heads", "context_length",
+        return out + positive(self, "n_layers", "emb_dim", "n_heads", "context_length",
                                "pad_vocab_multiple")
-
-
-@dataclass
-class ClassificationData:
-    path: str | None = None
-    """Local data file (CSV/TSV/JSONL). Unset: download the SMS Spam Collection into the cache."""
-    format: Literal["auto", "csv", "tsv", "jsonl", "sms"] = "auto"
-    """File format; auto: by extension (SMSSpamCollection / .tsv without header: sms)."""
-    text_column: str = "text"
-    """Column (or JSON key) holding the text."""
-    label_column: str = "label"
-    """Column (or JSON key) holding the label."""
-    labels: list[str] | None = None
-    """Label names in class-index order; unset: sorted names found in the training data
-    (the SMS set maps ham → 0, spam → 1)."""
-    train_path: str | None = None
-    """Ready-made training split (then val_path and test_path are needed too; path is unused)."""
-    val_path: str | None = None
-    """Ready-made validation split."""
-    test_path: str | None = None
-    """Ready-made test split."""
-    balance: bool = True
-    """Undersample every class to the size of the smallest (the book: 747 ham, 747 spam)."""
-    split: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
-    """Train / validation / test fractions of a single file, after shuffling with ``seed``."""
-    seed: int = 123
-    """Seed of the balancing and the split."""
-    max_length: int | None = None
-    """Truncate texts to this many tokens; unset: the longest training text, capped by the context."""
-    group_by_length: bool = True
-    """Batch texts of similar length together (less padding), the batches in a random order."""
-
-    def problems(self) -> list[str]:
-        return _split_problems(self.split) + _positive(self, "max_length")
-
-
-@dataclass
-class InstructionData:
-    path: str | None = None
-    """Local JSON array or JSONL of {instruction, input?, output}; unset: download the book's set."""
-    split: list[float] = field(default_factory=lambda: [0.85, 0.05, 0.10])
-    """Train / validation / test fractions (the book: 85% train, 10% test, 5% validation)."""
-    shuffle: bool = False
-    """Shuffle with ``seed`` before splitting; false: file order, as the book."""
-    seed: int = 123
-    """Seed of the shuffle."""
-    prompt_style: Literal["alpaca", "phi3"] = "alpaca"
-    """Prompt template (gptft.data.instruction.PROMPT_STYLES)."""
-    mask_prompt: bool = False
-    """Train on the response only: the prompt's targets are ignored by the loss."""
-    max_length: int | None = None
-    """Truncate examples to this many tokens; unset: the model's context length."""
-    packing: bool = False
-    """Pack several examples into each row (attention and positions kept per example)."""
-    group_by_length: bool = False
-    """Batch examples of similar length together (less padding), the batches in a random order;
-    false: random batches, as the book."""
-
-    def problems(self) -> list[str]:
-        return _split_problems(self.split) + _positive(self, "max_length")
 
 
 @dataclass
@@ -145,12 +87,21 @@ class TrainConfig:
     """Evaluate on the validation split every this many steps (0: at epoch ends only)."""
     eval_batches: int | None = None
     """Evaluate on this many batches during training (unset: the whole split)."""
+    eval_batch_size: int | None = None
+    """Examples per evaluation batch on each process (no gradients: larger is faster); unset:
+    4 x batch_size."""
     log_every: int = 10
     """Log the training loss every this many steps."""
     checkpoint_every: int = 0
-    """Save a resumable checkpoint every this many steps (0: at epoch ends only)."""
-    keep_last: int = 2
-    """Checkpoints to keep (older ones are pruned)."""
+    """Save a resumable checkpoint every this many steps (0: not by step count)."""
+    checkpoint_minutes: float | None = 15.0
+    """Save a resumable checkpoint once this many minutes have passed since the start or the last
+    one (checked at logging steps); unset: not by time. A run shorter than this saves none unless
+    ``checkpoint_every`` or ``checkpoint_epochs`` asks."""
+    checkpoint_epochs: bool = False
+    """Also save a resumable checkpoint at the end of every epoch."""
+    keep_last: int = 1
+    """Checkpoints to keep (older ones are pruned once a newer one is complete)."""
     resume: bool | str = False
     """true: resume from the latest checkpoint in output_dir; a path: from that checkpoint."""
     seed: int = 123
@@ -159,15 +110,17 @@ class TrainConfig:
     """Autocast precision (Accelerate)."""
     device: Literal["auto", "cpu"] = "auto"
     """auto: the accelerator Accelerate finds (GPU if any); cpu: force the CPU."""
-    compile: bool = False
-    """Compile the model with torch.compile."""
+    compile: Literal["auto", True, False] = "auto"
+    """Compile the model with torch.compile; auto: on CUDA (batch shapes are bucketed, so few
+    recompilations), off on the CPU (compiling costs more than it saves there)."""
     skip_nonfinite: bool = False
     """Skip (and count) a step whose loss or gradients are not finite instead of stopping."""
 
     def problems(self) -> list[str]:
-        out = _positive(self, "epochs", "max_steps", "batch_size", "grad_accum_steps", "lr",
-                        "log_every", "keep_last", "max_grad_norm", "eval_batches")
-        out += _non_negative(self, "weight_decay", "warmup_steps", "eval_every", "checkpoint_every")
+        out = positive(self, "epochs", "max_steps", "batch_size", "grad_accum_steps", "lr",
+                        "log_every", "keep_last", "max_grad_norm", "eval_batches", "eval_batch_size",
+                        "checkpoint_minutes")
+        out += non_negative(self, "weight_decay", "warmup_steps", "eval_every", "checkpoint_every")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             out.append(f"betas: two numbers in [0, 1) (got {self.betas})")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -193,7 +146,7 @@ class LoRAConfig:
                for t in self.targets if t not in known]
         if not 0 <= self.dropout < 1:
             out.append(f"dropout: must be in [0, 1) (got {self.dropout})")
-        return out + _positive(self, "rank", "alpha")
+        return out + positive(self, "rank", "alpha")
 
 
 @dataclass
@@ -224,131 +177,30 @@ class GenerateConfig:
     """Seed for sampling."""
 
     def problems(self) -> list[str]:
-        out = _positive(self, "max_new_tokens", "top_k", "batch_size") + _non_negative(self, "temperature")
+        out = positive(self, "max_new_tokens", "top_k", "batch_size") + non_negative(self, "temperature")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             out.append(f"top_p: must be in (0, 1] (got {self.top_p})")
         return out
 
 
 @dataclass
-class ClassificationJob:
-    task: Literal["classification"] = "classification"
-    """Which job this is."""
-    output_dir: str = "runs/classification"
+class JobConfig:
+    """The sections every job has; each task's job class adds its ``data`` (and more)."""
+
+    task: str = ""
+    """Which job this is (a name in the task registry, gptft.tasks)."""
+    output_dir: str = "runs/job"
     """Run folder: config, weights, metrics, logs, plots, checkpoints."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: ClassificationData = field(default_factory=ClassificationData)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-@dataclass
-class InstructionJob:
-    task: Literal["instruction"] = "instruction"
-    """Which job this is."""
-    output_dir: str = "runs/instruction"
-    """Run folder: config, weights, metrics, logs, responses, checkpoints."""
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="gpt2-medium", trainable="all"))
-    data: InstructionData = field(default_factory=InstructionData)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2))
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
+Job = JobConfig
 
 
-Job = ClassificationJob | InstructionJob
-JOBS: dict[str, type] = {"classification": ClassificationJob, "instruction": InstructionJob}
-
-
-# ---- range checks ------------------------------------------------------------------------------
-
-def _positive(obj, *names: str) -> list[str]:
-    return [f"{n}: must be > 0 (got {getattr(obj, n)})" for n in names
-            if getattr(obj, n) is not None and getattr(obj, n) <= 0]
-
-
-def _non_negative(obj, *names: str) -> list[str]:
-    return [f"{n}: must be >= 0 (got {getattr(obj, n)})" for n in names
-            if getattr(obj, n) is not None and getattr(obj, n) < 0]
-
-
-def _split_problems(split: list[float]) -> list[str]:
-    if len(split) != 3 or any(f < 0 for f in split) or abs(sum(split) - 1) > 1e-6 or split[0] == 0:
-        return [f"split: three non-negative fractions (train, val, test) summing to 1 (got {split})"]
-    return []
-
-
-# ---- building dataclasses from plain data, with every problem collected -------------------------
-
-def _check_value(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
-    """Return `value` converted to type `tp`, or record an error for `key`."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            sub: list[str] = []
-            out = _check_value(value, arg, key, sub)
-            if not sub:
-                return out
-        errors.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return value
-    if origin is Literal:
-        if value not in args:
-            errors.append(f"{key}: must be one of {', '.join(map(str, args))} (got {value!r})")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            errors.append(f"{key}: expected a list of {_type_name(args[0])}, got {value!r}")
-            return value
-        return [_check_value(v, args[0], f"{key}[{i}]", errors) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, errors)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    ok = {bool: isinstance(value, bool),
-          int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool),
-          str: isinstance(value, str)}[tp]
-    if not ok:
-        errors.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    return float(value) if ok and tp is float else value
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if typing.get_origin(tp) is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        errors.append(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data.keys() - names:
-        errors.append(f"{prefix}{'.' if prefix else ''}{key}: unknown key "
-                      f"(known: {', '.join(sorted(names))})")
-    values = {}
-    for name in names & data.keys():
-        before = len(errors)
-        value = _check_value(data[name], hints[name], f"{prefix}{'.' if prefix else ''}{name}", errors)
-        if len(errors) == before:  # keep the default where the value is wrong
-            values[name] = value
-    obj = cls(**values)
-    if hasattr(obj, "problems"):
-        errors += [f"{prefix}.{p}" for p in obj.problems()]
-    return obj
-
+# ---- reading and writing jobs ----------------------------------------------------------------------
 
 def _key_lines(text: str) -> dict[str, int]:
     """Map dotted keys of a YAML document to their (1-based) line numbers."""
@@ -385,29 +237,48 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+def _apply_overrides(data: dict, overrides: dict[str, Any]) -> list[str]:
+    """Set each dotted key in `data` (copying the sections it changes); return the keys that
+    reach into a value instead of a section (``train.lr.x=5``)."""
+    bad = []
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = data
+        for i, p in enumerate(parents):
+            child = node.get(p, {})
+            if not isinstance(child, dict):
+                bad.append(f"{key}: {'.'.join(parents[: i + 1])} is a value, not a section")
+                break
+            node[p] = node = dict(child)
+        else:
+            node[leaf] = value
+    return bad
+
+
 def job_from_dict(data: dict, source: str = "config", overrides: dict[str, Any] | None = None,
                   lines: dict[str, int] | None = None) -> Job:
     """Build and validate a job from plain data plus dotted overrides; raise one error listing all."""
+    from gptft.tasks import DEFAULT_TASK, get_task
+
     if not isinstance(data, dict):
         raise GPTFTError(f"{source}: expected a mapping of sections (task, model, data, train, ...)")
-    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for key, value in (overrides or {}).items():
-        *parents, leaf = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else {}
-        node[leaf] = value
-    task = data.get("task", "classification")
-    if task not in JOBS:
-        raise GPTFTError(f"{source}: task: must be one of {', '.join(JOBS)} (got {task!r})")
-    errors: list[str] = []
-    job = _build(JOBS[task], data, "", errors)
+    data = dict(data)
+    overrides = overrides or {}
+    errors = _apply_overrides(data, overrides)
+    spec = get_task(data.get("task", DEFAULT_TASK), f"{source}: task")
+    job, more = build(spec.job_class(), data)
+    errors += more
     if errors:
         lines = lines or {}
-        where = [f"  {source}" + (f":{lines[e.split(':')[0]]}" if e.split(":")[0] in lines else "")
-                 + (" (override)" if e.split(":")[0] in (overrides or {}) else "") + f": {e}"
-                 for e in errors]
-        raise GPTFTError(f"{len(errors)} problem(s) in the configuration:\n" + "\n".join(where))
+
+        def where(e: str) -> str:
+            key = e.split(":")[0]
+            return (f"  {source}" + (f":{lines[key]}" if key in lines else "")
+                    + (" (override)" if any(o == key or o.startswith(key + ".") for o in overrides)
+                       else "") + f": {e}")
+
+        raise GPTFTError(f"{len(errors)} problem(s) in the configuration:\n"
+                         + "\n".join(map(where, errors)))
     return job
 
 

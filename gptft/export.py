@@ -1,6 +1,7 @@
-"""Export an instruction run as a Hugging Face GPT-2 folder: ``gptft export RUN_DIR OUT_DIR``.
+"""Export a language-model run (e.g. instruction tuning) as a Hugging Face GPT-2 folder.
 
-The run's final weights (for a LoRA run, the adapters are already merged into them) are written as
+``export_run`` (the ``gptft export`` command): the run's final weights (for a LoRA run, the
+adapters are already merged into them) are written as
 ``config.json`` + ``model.safetensors`` that ``transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR)``
 loads. No tokenizer files are written: gptft's text goes through tiktoken's GPT-2 BPE, GPT-2's own
 tokenizer (``transformers.AutoTokenizer.from_pretrained("gpt2")``).
@@ -11,7 +12,6 @@ failure never leaves a half-written folder, nor harms one already there.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -22,19 +22,23 @@ from gptft.io import usual_mode
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the GPT of the instruction run `run_dir` as a Hugging Face GPT-2 folder `out_dir`.
+    """Write the GPT of the language-model run `run_dir` as a Hugging Face GPT-2 folder `out_dir`.
 
     Raises:
-        GPTFTError: if `run_dir` is not a finished instruction run, or `out_dir` is a file, is (or
+        GPTFTError: if `run_dir` is not a finished language-model run, or `out_dir` is a file, is (or
             holds) the run folder, or is a non-empty folder and `overwrite` is false.
     """
     from gptft.runs import load_gpt, load_meta
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    from gptft.tasks import TASKS
+
     meta = load_meta(run_dir)
-    if meta.get("task") != "instruction":
+    spec = TASKS.get(meta.get("task"))
+    if spec is None or spec.produces != "lm":
+        lm = ", ".join(s.name for s in TASKS.values() if s.produces == "lm")
         raise GPTFTError(f"{run_dir}: a {meta.get('task')} run; export writes GPT-2 language-model "
-                         "folders from instruction runs only. Use a classification run with "
+                         f"folders from {lm} runs only. Use a classifier run with "
                          "`gptft classify` or gptft.load_classifier")
     _check_target(run_dir, out_dir, overwrite)
     model, _ = load_gpt(run_dir)
@@ -75,18 +79,3 @@ def _replace_dir(new: Path, target: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-# ---- command line ------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="folder of a finished instruction run")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (config.json, model.safetensors)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
-
-
-def run(args: argparse.Namespace) -> int:
-    out = export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
-    print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} "
-          "(tokenizer: GPT-2's BPE, e.g. transformers' AutoTokenizer 'gpt2')")
-    return 0

@@ -1,4 +1,4 @@
-"""Generate a response from an instruction run: ``gptft generate RUN_DIR --instruction "..."``.
+"""Generating text with a GPT: batched decoding with a KV cache (``gptft generate`` is its command).
 
 Batched decoding with a KV cache: the prompts of a batch are left-padded, prefilled at once, then
 extended one token per step. Greedy at temperature 0, else sampling with optional top-k / top-p.
@@ -8,7 +8,6 @@ tokens do not depend on which prompts share its batch.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 
 import torch
@@ -200,40 +199,3 @@ def generate_texts(model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: Ge
         batch_size=cfg.batch_size,
     )
     return [tokenizer.decode(t).strip() for t in tokens]
-
-
-# ---- command line ------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = GenerateConfig()
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="folder of a finished instruction run")
-    parser.add_argument("--instruction", required=True, help="the instruction")
-    parser.add_argument("--input", default="", help="optional input to the instruction")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
-                        help=f"longest response in tokens (default {defaults.max_new_tokens})")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature,
-                        help="0: greedy (default); > 0: sample")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
-    parser.add_argument("--seed", type=int, default=defaults.seed,
-                        help=f"sampling seed (default {defaults.seed})")
-
-
-def run(args: argparse.Namespace) -> int:
-    from gptft.runs import load_gpt
-
-    cfg = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, batch_size=1, seed=args.seed)
-    if cfg.problems():
-        raise GPTFTError("; ".join(cfg.problems()))
-    model, meta = load_gpt(args.run_dir)
-    missing = [k for k in ("tokenizer", "prompt_style") if k not in meta]
-    if missing:
-        raise GPTFTError(f"{args.run_dir}: gptft.json lacks {', '.join(missing)}")
-    from gptft.data.instruction import format_prompt
-
-    prompt = format_prompt({"instruction": args.instruction, "input": args.input}, meta["prompt_style"])
-    if torch.cuda.is_available():
-        model.to("cuda")
-    print(generate_texts(model, Tokenizer(meta["tokenizer"]), [prompt], cfg)[0])
-    return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -38,19 +39,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def _read_umask() -> int:
-    umask = os.umask(0o022)  # the only way to read it; done once, at import, before any thread
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _read_umask()
+@functools.cache
+def _umask() -> int:
+    """The process umask, read once (the first time a file is written), without changing it
+    for good: a probe file created with mode 0o777 gets exactly the permissions it allows."""
+    fd, probe = tempfile.mkstemp(prefix=".gptft-umask-")
+    try:
+        os.close(fd)
+        os.unlink(probe)
+        os.mkdir(probe, 0o777)
+        return 0o777 & ~os.stat(probe).st_mode
+    finally:
+        if os.path.isdir(probe):
+            os.rmdir(probe)
 
 
 def usual_mode(folder: bool = False) -> int:
     """The permissions ``open()`` / ``mkdir()`` would give a new file / folder (0666 / 0777 less the
     umask), for temporary files and folders that ``tempfile`` creates owner-only."""
-    return (0o777 if folder else 0o666) & ~_UMASK
+    return (0o777 if folder else 0o666) & ~_umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:

@@ -1,13 +1,12 @@
 """Score model responses with a judge LLM (Ollama or an OpenAI-compatible server), as the book's ch. 7.
 
-``gptft judge RESPONSES.json --model llama3`` asks the judge to score each record's response from 0
+``judge_file`` (the ``gptft judge`` command) asks the judge to score each record's response from 0
 to 100 against the correct output, writes the scores back into the file (key ``score``) and prints
 their average. Start a local judge first: ``ollama serve`` and ``ollama pull llama3``.
 """
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -19,23 +18,55 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from gptft.data.readers import read_json_records
 from gptft.errors import GPTFTError
-from gptft.io import read_json, write_json
+from gptft.io import write_json
+from gptft.prompts import format_prompt, get_style
+from gptft.validation import check, non_negative, positive
 
-APIS = ("ollama", "openai")
 SEED = 123  # the book's judge options
 NUM_CTX = 2048
 
 
+@dataclass
+class JudgeOptions:
+    """How to reach the judge and what to score (the ``gptft judge`` flags)."""
+
+    url: str = "http://localhost:11434"
+    """Server root, e.g. http://localhost:11434 (Ollama) or https://api.openai.com."""
+    model: str = "llama3"
+    """The judge model's name on that server."""
+    api: Literal["ollama", "openai"] = "ollama"
+    """ollama (/api/chat) or openai (/v1/chat/completions)."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Environment variable holding the API key (openai API only)."""
+    timeout: float = 60.0
+    """Seconds to wait for each reply."""
+    retries: int = 3
+    """Further attempts after a connection error, timeout, HTTP 429 or 5xx."""
+    retry_delay: float = 1.0
+    """First backoff delay in seconds; it doubles with each retry."""
+    key: str = "model_response"
+    """The record key holding the response to score."""
+
+    def problems(self) -> list[str]:
+        out = [] if self.url.startswith(("http://", "https://")) else [
+            f"url: must start with http:// or https:// (got {self.url!r})"]
+        return out + positive(self, "timeout") + non_negative(self, "retries", "retry_delay")
+
+
+DEFAULTS = JudgeOptions()
+APIS = ("ollama", "openai")
+
+
 def format_input(entry: dict) -> str:
     """The Alpaca instruction (and input) text of a record, without the response header."""
-    text = ("Below is an instruction that describes a task. Write a response that appropriately "
-            f"completes the request.\n\n### Instruction:\n{entry['instruction']}")
-    return text + (f"\n\n### Input:\n{entry['input']}" if entry.get("input") else "")
+    return format_prompt(entry, "alpaca").removesuffix(get_style("alpaca").response_header)
 
 
-def judge_prompt(entry: dict, key: str = "model_response") -> str:
+def judge_prompt(entry: dict, key: str = DEFAULTS.key) -> str:
     """The book's scoring prompt for one record."""
     return (f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, "
             f"score the model response `{entry[key]}` on a scale from 0 to 100, where 100 is the "
@@ -70,22 +101,16 @@ class Judge:
 
     url: str
     model: str
-    api: str = "ollama"
+    api: str = DEFAULTS.api
     api_key: str | None = field(default=None, repr=False)
-    timeout: float = 60.0
-    retries: int = 3
-    retry_delay: float = 1.0
+    timeout: float = DEFAULTS.timeout
+    retries: int = DEFAULTS.retries
+    retry_delay: float = DEFAULTS.retry_delay
 
     def __post_init__(self) -> None:
-        problems = [] if self.api in APIS else [f"api must be one of {', '.join(APIS)} (got {self.api!r})"]
-        if not self.url.startswith(("http://", "https://")):
-            problems.append(f"url must start with http:// or https:// (got {self.url!r})")
-        if self.timeout <= 0:
-            problems.append(f"timeout must be > 0 (got {self.timeout})")
-        if self.retries < 0 or self.retry_delay < 0:
-            problems.append(f"retries and retry_delay must be >= 0 (got {self.retries}, {self.retry_delay})")
-        if problems:
-            raise GPTFTError("; ".join(problems))
+        check(JudgeOptions, {"url": self.url, "model": self.model, "api": self.api,
+                             "timeout": self.timeout, "retries": self.retries,
+                             "retry_delay": self.retry_delay}, "judge")
         self.url = self.url.rstrip("/")
 
     @property
@@ -193,11 +218,9 @@ def _snippet(error: urllib.error.HTTPError) -> str:
     return body or str(error.reason)
 
 
-def load_records(path: str | os.PathLike, key: str = "model_response") -> list[dict]:
-    """Read a responses file and check every record; one error lists the problems found."""
-    records = read_json(path)
-    if not isinstance(records, list):
-        raise GPTFTError(f"{path}: expected a JSON array of records")
+def load_records(path: str | os.PathLike, key: str = DEFAULTS.key) -> list[dict]:
+    """Read a responses file (a JSON array) and check every record; one error lists the problems."""
+    records = [r.value for r in read_json_records(path, "json")]
     problems = []
     for i, record in enumerate(records):
         if not isinstance(record, dict):
@@ -215,7 +238,7 @@ def load_records(path: str | os.PathLike, key: str = "model_response") -> list[d
     return records
 
 
-def score_records(records: list[dict], judge: Judge, key: str = "model_response",
+def score_records(records: list[dict], judge: Judge, key: str = DEFAULTS.key,
                   warn: Callable[[str], None] | None = None) -> list[int | None]:
     """Scores of `records` (None where the judge gave no usable reply, each reported to `warn`).
 
@@ -261,15 +284,15 @@ def _unreachable_message(judge: Judge, detail: str) -> str:
 
 def judge_file(
     path: str | os.PathLike,
-    url: str,
-    model: str,
-    api: str = "ollama",
+    url: str = DEFAULTS.url,
+    model: str = DEFAULTS.model,
+    api: str = DEFAULTS.api,
     *,
-    api_key_env: str | None = "OPENAI_API_KEY",
-    timeout: float = 60.0,
-    retries: int = 3,
-    retry_delay: float = 1.0,
-    key: str = "model_response",
+    api_key_env: str | None = DEFAULTS.api_key_env,
+    timeout: float = DEFAULTS.timeout,
+    retries: int = DEFAULTS.retries,
+    retry_delay: float = DEFAULTS.retry_delay,
+    key: str = DEFAULTS.key,
     output: str | os.PathLike | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> list[int | None]:
@@ -314,30 +337,3 @@ def summary(scores: list[int | None]) -> str:
     got = [s for s in scores if s is not None]
     average = f"{sum(got) / len(got):.2f}" if got else "n/a"
     return f"Number of scores: {len(got)} of {len(scores)}\nAverage score: {average}"
-
-
-# ---- command line ------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("responses", metavar="RESPONSES.json",
-                        help="JSON array of records with instruction, input, output and a response")
-    parser.add_argument("--url", default="http://localhost:11434", help="judge server (default: %(default)s)")
-    parser.add_argument("--model", default="llama3", help="judge model (default: %(default)s)")
-    parser.add_argument("--api", choices=APIS, default="ollama", help="server API (default: %(default)s)")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                        help="environment variable holding the openai API key (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds to wait for each reply (default: %(default)s)")
-    parser.add_argument("--retries", type=int, default=3, help="retries per request (default: %(default)s)")
-    parser.add_argument("--retry-delay", type=float, default=1.0,
-                        help="first backoff delay in seconds, doubling per retry (default: %(default)s)")
-    parser.add_argument("--key", default="model_response", help="record key of the response to score")
-    parser.add_argument("--output", default=None, help="write the scored records here (default: in place)")
-
-
-def run(args: argparse.Namespace) -> int:
-    scores = judge_file(args.responses, args.url, args.model, args.api, api_key_env=args.api_key_env,
-                        timeout=args.timeout, retries=args.retries, retry_delay=args.retry_delay,
-                        key=args.key, output=args.output)
-    print(summary(scores))
-    return 0

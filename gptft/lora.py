@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from gptft.config import LoRAConfig
 from gptft.errors import GPTFTError
 from gptft.io import load_safetensors, read_json, save_safetensors, write_json
+from gptft.validation import check
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -247,17 +248,7 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[LoRAConfig, dict[str
     missing = [k for k in _CONFIG_KEYS if k not in data]
     if missing:
         raise GPTFTError(f"{path}: missing key(s) {', '.join(missing)}")
-    number = (int, float)
-    if (isinstance(data["rank"], bool) or not isinstance(data["rank"], int)
-            or not all(isinstance(data[k], number) and not isinstance(data[k], bool)
-                       for k in ("alpha", "dropout"))
-            or not isinstance(data["targets"], list)
-            or not all(isinstance(t, str) for t in data["targets"])):
-        raise GPTFTError(f"{path}: rank must be an integer, alpha and dropout numbers, "
-                         "targets a list of strings")
-    cfg = LoRAConfig(**{k: data[k] for k in _CONFIG_KEYS})
-    if problems := cfg.problems():
-        raise GPTFTError(f"{path}: " + "; ".join(problems))
+    cfg = check(LoRAConfig, {k: data[k] for k in _CONFIG_KEYS}, str(path))
     return cfg, {k: v for k, v in data.items() if k not in _CONFIG_KEYS}
 
 

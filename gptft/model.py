@@ -20,6 +20,11 @@ from torch.utils.checkpoint import checkpoint
 from gptft.errors import GPTFTError
 from gptft.io import load_safetensors, read_json, save_safetensors, write_json
 
+IGNORE_INDEX = -100
+"""A label that asks for no loss (PyTorch's and Hugging Face's convention)."""
+GPT2_EOT_ID = 50256
+"""GPT-2's end-of-text token: its BOS, EOS and (in gptft) padding."""
+
 
 class KVCache:
     """Keys and values of the positions seen so far, for incremental decoding.
@@ -215,7 +220,7 @@ class GPTConfig:
             "n_head": self.n_heads, "n_inner": None, "activation_function": "gelu_new",
             "resid_pdrop": self.drop_rate, "embd_pdrop": self.drop_rate,
             "attn_pdrop": self.drop_rate, "layer_norm_epsilon": self.layer_norm_eps,
-            "initializer_range": 0.02, "bos_token_id": 50256, "eos_token_id": 50256,
+            "initializer_range": 0.02, "bos_token_id": GPT2_EOT_ID, "eos_token_id": GPT2_EOT_ID,
             "tie_word_embeddings": True,
         }
 
@@ -356,7 +361,7 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size); arguments as in ``hidden_states``.
 
-        With ``labels`` (B, T) (target ids, -100 where no loss is wanted) it returns instead the
+        With ``labels`` (B, T) (target ids, ``IGNORE_INDEX`` where no loss is wanted) it returns instead the
         summed cross-entropy of each row (B,), computing the vocabulary projection only at the
         labelled positions and in chunks (see ``selective_cross_entropy``).
         """
@@ -368,7 +373,7 @@ class GPT(nn.Module):
     def selective_cross_entropy(
         self, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
     ) -> torch.Tensor:
-        """Summed cross-entropy per row (B,) over the positions whose label is not -100.
+        """Summed cross-entropy per row (B,) over the positions whose label is not ``IGNORE_INDEX``.
 
         Logits exist only for labelled positions, ``chunk_size`` rows at a time; in training each
         chunk's logits are recomputed in the backward pass instead of being stored, so memory
@@ -377,7 +382,7 @@ class GPT(nn.Module):
         peak than recomputing it would, and a batch of one chunk (the usual case) is never
         recomputed.
         """
-        rows, cols = (labels != -100).nonzero(as_tuple=True)
+        rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
         if len(rows) == 0:  # nothing to predict: zero, still connected to the graph
             return hidden[:, 0, 0] * 0.0
         h, y = hidden[rows, cols], labels[rows, cols]

@@ -32,18 +32,27 @@ def save_model(run_dir: str | os.PathLike, model: nn.Module | dict[str, torch.Te
     write_json(run_dir / META_FILE, meta)
 
 
-def load_meta(run_dir: str | os.PathLike, task: str | None = None) -> dict[str, Any]:
-    """Read ``gptft.json``; check the run is of `task` when given."""
+def load_meta(run_dir: str | os.PathLike, produces: str | None = None) -> dict[str, Any]:
+    """Read ``gptft.json``; when `produces` is given (``lm`` or ``classifier``, see
+    ``gptft.tasks.TaskSpec``), check the run's task makes such a model."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise GPTFTError(f"{run_dir}: run folder not found")
     if not (run_dir / META_FILE).is_file():
         raise GPTFTError(f"{run_dir}: not a finished gptft run (no {META_FILE}; did training end?)")
     meta = read_json(run_dir / META_FILE)
-    if task is not None and meta.get("task") != task:
-        found = meta.get("task")
-        raise GPTFTError(f"{run_dir}: this is {_a(found)} {found} run, not {_a(task)} {task} run")
+    if produces is not None:
+        _check_produces(run_dir, meta.get("task"), produces)
     return meta
+
+
+def _check_produces(run_dir: Path, task: object, produces: str) -> None:
+    from gptft.tasks import TASKS
+
+    if task in TASKS and TASKS[task].produces == produces:
+        return
+    wanted = " or ".join(spec.name for spec in TASKS.values() if spec.produces == produces)
+    raise GPTFTError(f"{run_dir}: this is {_a(task)} {task} run, not {_a(wanted)} {wanted} run")
 
 
 def load_state_into(model: nn.Module, run_dir: str | os.PathLike) -> None:
@@ -66,8 +75,9 @@ def load_state_into(model: nn.Module, run_dir: str | os.PathLike) -> None:
 
 
 def load_gpt(run_dir: str | os.PathLike) -> tuple[GPT, dict[str, Any]]:
-    """The GPT of an instruction run, in eval mode on the CPU, with its metadata."""
-    meta = load_meta(run_dir, task="instruction")
+    """The GPT language model of a run (e.g. instruction tuning), in eval mode on the CPU, with
+    its metadata."""
+    meta = load_meta(run_dir, produces="lm")
     model = GPT(GPTConfig(**meta["model"]))
     load_state_into(model, run_dir)
     return model.eval(), meta

@@ -5,17 +5,21 @@ micro-batch's summed loss and its number of loss units (examples or label tokens
 for evaluation and how to turn it into metrics. The loss of an optimizer step is the sum over all
 its micro-batches on all processes divided by their total number of units, so gradient
 accumulation and any number of processes give the same update as one big batch.
+
+A plain step never waits for the device: the finite check, the loss and the counters stay on it
+(a non-finite step is skipped on the device by the fused AdamW's ``found_inf``) and are read at
+logging steps only. Checkpoints (``gptft.checkpoints``) are saved by step count, by time and at
+epoch ends as configured.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
-import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,21 +29,31 @@ import torch.nn as nn
 from accelerate import Accelerator, DataLoaderConfiguration
 from tqdm.auto import tqdm
 
-from gptft.config import Job, job_to_dict, job_to_yaml
+from gptft import checkpoints
+from gptft.checkpoints import ResumePoint
+from gptft.config import Job
 from gptft.errors import GPTFTError
-from gptft.io import load_safetensors, read_json, save_safetensors, write_json, write_text
+from gptft.timing import Phases
 
-CHECKPOINTS = "checkpoints"
-TRAINER_STATE = "trainer_state.json"  # in each checkpoint: TrainState and the LR schedule
-# Keys that may change between a run and its resumption (prefixes): what to resume, where the run
-# folder is, how long to train (a cosine schedule then follows the new length), how often to
-# evaluate, log and checkpoint, whether to skip non-finite steps from now on, tracking and the
-# sample generations. Every other change (lr, model shape, data, seed...) would not continue the
-# same run, so it stops the resumption.
-RESUMABLE_CHANGES = ("train.resume", "output_dir", "train.epochs", "train.max_steps",
-                     "train.eval_every", "train.eval_batches", "train.log_every",
-                     "train.checkpoint_every", "train.keep_last", "train.skip_nonfinite",
-                     "tracking.", "generate.")
+
+@dataclass
+class EpochReport:
+    """What a task reports at an epoch's end: metrics to log and a line to print."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    text: str = ""
+
+
+@dataclass
+class EpochContext:
+    """What a task may use at an epoch's end (it does not get the trainer itself)."""
+
+    epoch: int
+    step: int
+    model: nn.Module  # unwrapped, in eval mode for the hook's duration
+    evaluate: Callable[..., dict[str, float]]  # evaluate(split, max_batches) -> metrics
+    val_metrics: dict[str, float]  # this epoch's validation metrics (val_ prefixed)
+    autocast: Callable[[], Any]
 
 
 class Task(Protocol):
@@ -49,7 +63,7 @@ class Task(Protocol):
     higher_is_better: bool
 
     def count(self, batch: dict) -> torch.Tensor:
-        """Number of loss units (examples, or label tokens) in a micro-batch on this process."""
+        """Number of loss units (examples, or label tokens) in a micro-batch, on its device."""
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """Summed loss of one micro-batch on this process (call `model` itself: DDP needs it)."""
@@ -60,8 +74,8 @@ class Task(Protocol):
     def eval_metrics(self, outputs: dict[str, torch.Tensor]) -> dict[str, float]:
         """Metrics (without split prefix) from the gathered outputs of a whole split."""
 
-    def on_epoch_end(self, trainer: Trainer) -> None:
-        """Optional hook (e.g. log a sample generation)."""
+    def on_epoch_end(self, ctx: EpochContext) -> EpochReport | None:
+        """Optional: metrics and text at an epoch's end (e.g. a sample generation)."""
 
 
 @dataclass
@@ -89,6 +103,9 @@ def make_accelerator(job: Job) -> Accelerator:
     """The Accelerator for a job: device, mixed precision and the W&B tracker."""
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and later (fp32 jobs)
     torch.backends.cudnn.allow_tf32 = True
+    # cuDNN's attention builds a plan for every new sequence length (~0.3 s each on an H200);
+    # the flash and memory-efficient kernels need none and are as fast at GPT-2's sizes.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     return Accelerator(
         cpu=job.train.device == "cpu",
         mixed_precision=job.train.mixed_precision,
@@ -96,6 +113,11 @@ def make_accelerator(job: Job) -> Accelerator:
         project_dir=job.output_dir,
         dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned memory on CUDA
     )
+
+
+def use_compile(setting: str | bool, device: torch.device) -> bool:
+    """``train.compile``: true / false, or auto (on for CUDA, off on the CPU)."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -125,27 +147,45 @@ class Trainer:
         model: the model to train, with ``requires_grad`` already set by the trainable policy.
         train_loader: a DataLoader whose ``batch_sampler`` has ``set_epoch`` (EpochBatchSampler).
         val_loader: validation DataLoader.
+        eval_loader: ``eval_loader(split)`` gives the (unprepared) evaluation loader of a split.
+        resume: the checked checkpoint to resume from (``checkpoints.resume_point``), if any.
+        phases: where the wall time goes (``gptft.timing``).
     """
 
     def __init__(self, job: Job, accelerator: Accelerator, task: Task, model: nn.Module,
-                 train_loader: torch.utils.data.DataLoader, val_loader: torch.utils.data.DataLoader):
+                 train_loader: torch.utils.data.DataLoader, val_loader: torch.utils.data.DataLoader,
+                 eval_loader: Callable[[str], torch.utils.data.DataLoader] | None = None,
+                 resume: ResumePoint | None = None, phases: Phases | None = None):
         self.job, self.cfg, self.accelerator, self.task = job, job.train, accelerator, task
         self.output_dir = Path(job.output_dir)
         self.sampler = train_loader.batch_sampler
         self.state = TrainState()
-        # Fused AdamW (one kernel for all parameters) runs on CUDA and CPU: 1.17x a CPU step.
+        self.resume_from = resume
+        self.phases = phases or Phases()
+        self._eval_loader, self._prepared = eval_loader, {}
+        # Fused AdamW (one kernel for all parameters) runs on CUDA and CPU: 1.17x a CPU step. It
+        # also skips a step on the device when told its gradients are not finite (found_inf).
         optimizer = torch.optim.AdamW(param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr,
                                       betas=tuple(self.cfg.betas), fused=True)
-        if self.cfg.compile:
+        if use_compile(self.cfg.compile, accelerator.device):
+            if self.cfg.compile == "auto":  # a model torch.compile cannot handle runs eagerly
+                torch._dynamo.config.suppress_errors = True
             model = torch.compile(model)
         self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(
             model, optimizer, train_loader, val_loader)
+        self._prepared["val"] = self.val_loader
         self.total_steps = self._total_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, self.total_steps, self.cfg.warmup_steps, self.cfg.schedule, self.cfg.min_lr_ratio))
         # The schedule and the counters go in the checkpoint as JSON (trainer_state.json), not
         # through register_for_checkpointing, whose files Accelerate unpickles (weights_only=False).
-        self.best: dict[str, torch.Tensor] | None = None
+        self.best: dict[str, torch.Tensor] | None = None  # on the device: no copy to the CPU
+        self._evaluated: tuple[int, dict[str, float]] | None = None  # (step, val metrics)
+        dev = accelerator.device
+        self._bad_steps = torch.zeros((), dtype=torch.long, device=dev)  # non-finite since last read
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=dev)
+        self._window = torch.zeros(2, device=dev)  # loss sum and steps since the last log
+        self._last_save = time.time()
 
     def _total_steps(self) -> int:
         per_epoch = math.ceil(len(self.train_loader) / self.cfg.grad_accum_steps)
@@ -155,24 +195,39 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
 
     def fit(self) -> None:
-        """Train for ``epochs`` (or ``max_steps``), resuming first if ``train.resume`` says so."""
-        if self.cfg.resume:
-            self.resume()
+        """Train for ``epochs`` (or ``max_steps``), resuming first if a resume point was given."""
+        if self.resume_from is not None:
+            self.resume(self.resume_from)
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train",
                    disable=not self.accelerator.is_local_main_process, dynamic_ncols=True)
+        self.phases.add("startup", self.phases.elapsed())
+        begin = time.perf_counter()
         try:
             while self.state.epoch < self.cfg.epochs and not self._done():
                 for micro_batches in self._epoch_batches():
-                    loss = self.train_step(micro_batches)
+                    with self.phases("train"):
+                        loss = self.train_step(micro_batches)
+                    if begin is not None:
+                        self._first_step(begin)
+                        begin = None
                     bar.update(1)
                     self._after_step(loss, bar)
                     if self._done():
                         break
                 else:
                     self._end_epoch()
+            self._check_finite()
         finally:
             bar.close()  # also on an error: its message then starts a line of its own
         self._restore_best()
+
+    def _first_step(self, begin: float) -> None:
+        seconds = time.perf_counter() - begin
+        self.phases.seconds["train"] -= seconds
+        self.phases.add("first_step", seconds)
+        self.accelerator.print(f"first step after {self.phases.elapsed():.1f} s "
+                               f"(start-up {self.phases.seconds['startup']:.1f} s, "
+                               f"first step {seconds:.1f} s)")
 
     def _done(self) -> bool:
         return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
@@ -189,71 +244,120 @@ class Trainer:
             yield micro_batches
 
     def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
-        """One optimizer step over `micro_batches`; returns the step's mean loss (all processes)."""
+        """One optimizer step over `micro_batches`; returns the step's mean loss (all processes),
+        on the device: nothing here waits for it."""
         self.model.train()
         acc = self.accelerator
-        counts = torch.stack([self.task.count(b) for b in micro_batches]).to(acc.device)
-        total = acc.reduce(counts.sum().float(), reduction="sum")
+        counts = torch.stack([self.task.count(b) for b in micro_batches])
+        total = acc.reduce(counts.sum().float(), reduction="sum").clamp(min=1)
         loss_sum = torch.zeros((), device=acc.device)
         for i, batch in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
             with acc.no_sync(self.model) if not sync else nullcontext(), acc.autocast():
                 batch_loss = self.task.loss(self.model, batch)
                 # DDP averages gradients over processes: scale so the result is sum / total.
-                acc.backward(batch_loss * acc.num_processes / total.clamp(min=1))
+                acc.backward(batch_loss * acc.num_processes / total)
             loss_sum += batch_loss.detach().float()
-        grad_norm = None
+        step_loss = acc.reduce(loss_sum, reduction="sum") / total
+        check = step_loss
         if self.cfg.max_grad_norm:
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        step_loss = acc.reduce(loss_sum, reduction="sum") / total.clamp(min=1)
-        if not self._finite(step_loss, grad_norm, len(micro_batches)):
-            return step_loss
+            check = check + acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        bad = ~torch.isfinite(check)
+        self._note_finite(bad, step_loss)
+        self.optimizer.optimizer.found_inf = bad.float()  # the fused AdamW skips a bad step
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.batches_in_epoch += len(micro_batches)
-        self.state.examples_seen += sum(len(b["input_ids"]) for b in micro_batches) * acc.num_processes
+        self.state.examples_seen += sum(map(_rows, micro_batches)) * acc.num_processes
         return step_loss
 
-    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, n_batches: int) -> bool:
-        """False (and the step skipped) for a non-finite loss or gradient when allowed; else stop."""
-        check = loss if grad_norm is None else loss + grad_norm
-        if torch.isfinite(check).item():
-            return True
-        step = self.state.step + 1
+    def _note_finite(self, bad: torch.Tensor, loss: torch.Tensor) -> None:
+        """Count a non-finite step and remember the first, on the device (read at logging)."""
+        self._bad_steps += bad.long()
+        unset = self._first_bad < 0
+        self._first_bad = torch.where(bad & unset, self.state.step + 1, self._first_bad)
+        good = (~bad).float()
+        self._window += torch.stack([torch.nan_to_num(loss) * good, good])
+
+    def _check_finite(self) -> None:
+        """Read the non-finite count (a host sync: at logging steps and before saving); stop, or
+        count the skipped steps with ``train.skip_nonfinite``."""
+        bad = int(self._bad_steps.item())
+        if not bad:
+            return
+        first = int(self._first_bad.item())
+        self._bad_steps.zero_()
+        self._first_bad.fill_(-1)
         if not self.cfg.skip_nonfinite:
-            last = latest_checkpoint(self.output_dir)
+            last = checkpoints.latest_checkpoint(self.output_dir)
             raise GPTFTError(
-                f"non-finite loss or gradient at step {step} (loss {loss.item()}); "
+                f"non-finite loss or gradient at step {first} (the step was skipped); "
                 + (f"the last good checkpoint is {last}" if last else "no checkpoint saved yet")
                 + ". Lower train.lr, use mixed_precision=bf16 instead of fp16, or set "
                 "train.skip_nonfinite=true")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.skipped_steps += 1
-        self.state.step += 1
-        self.state.batches_in_epoch += n_batches
+        self.state.skipped_steps += bad
         self.log({"train/skipped_steps": self.state.skipped_steps})
-        return False
 
     def _after_step(self, loss: torch.Tensor, bar: tqdm) -> None:
         step = self.state.step
-        if step % self.cfg.log_every == 0 or step == 1:
+        logging = step % self.cfg.log_every == 0 or step == 1
+        if logging:
+            self._check_finite()
+            total, n = self._window.tolist()
+            self._window.zero_()
             value = loss.item()
             bar.set_postfix(loss=f"{value:.4f}")
-            self.log({"train/loss": value, "train/lr": self.scheduler.get_last_lr()[0]})
+            self.log({"train/loss": value if math.isfinite(value) else float("nan"),
+                      "train/loss_mean": total / n if n else float("nan"),
+                      "train/lr": self.scheduler.get_last_lr()[0]})
         if self.cfg.eval_every and step % self.cfg.eval_every == 0:
             self.evaluate_and_track()
         epoch_ends = self.state.batches_in_epoch >= len(self.train_loader) and not self._done()
-        if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0 and not epoch_ends:
-            self.save_checkpoint()  # (at an epoch's last step, _end_epoch saves it once, complete)
+        if epoch_ends and self.cfg.checkpoint_epochs:
+            return  # _end_epoch saves it, complete
+        by_steps = self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0
+        if by_steps or (logging and self._time_to_save()):
+            self.save_checkpoint()
+
+    def _time_to_save(self) -> bool:
+        """Whether ``checkpoint_minutes`` have passed (the main process decides for all)."""
+        if self.cfg.checkpoint_minutes is None:
+            return False
+        due = [time.time() - self._last_save >= 60 * self.cfg.checkpoint_minutes]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(due)
+        return bool(due[0])
 
     def _end_epoch(self) -> None:
         self.state.epoch += 1
         self.state.batches_in_epoch = 0
-        self.evaluate_and_track()
-        self.task.on_epoch_end(self)
-        self.save_checkpoint()
+        val = self.evaluate_and_track()
+        with self.phases("epoch_end"):
+            report = self._epoch_report(val)
+        if report is not None:
+            if report.metrics:
+                self.log(report.metrics)
+            if report.text:
+                self.accelerator.print(report.text)
+        if self.cfg.checkpoint_epochs:
+            self.save_checkpoint()
+
+    def _epoch_report(self, val: dict[str, float]) -> EpochReport | None:
+        hook = getattr(self.task, "on_epoch_end", None)
+        if hook is None:
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            return hook(EpochContext(self.state.epoch, self.state.step, model, self.evaluate_split,
+                                     val, self.accelerator.autocast))
+        finally:
+            model.train(was_training)
 
     # ---- evaluation ----------------------------------------------------------------------------
 
@@ -269,25 +373,47 @@ class Trainer:
             with self.accelerator.autocast():
                 out = self.task.eval_outputs(model, batch)
             for k, v in self.accelerator.gather_for_metrics(out).items():
-                gathered.setdefault(k, []).append(v.cpu())
+                gathered.setdefault(k, []).append(v)
         model.train(was_training)
-        return {k: torch.cat(v) for k, v in gathered.items()}
+        return {k: torch.cat(v).cpu() for k, v in gathered.items()}
 
     def evaluate(self, loader, max_batches: int | None = None) -> dict[str, float]:
         """Task metrics over `loader` (or its first `max_batches`)."""
         return self.task.eval_metrics(self.gather(loader, max_batches))
 
+    def loader(self, split: str):
+        """The prepared evaluation loader of `split` (built once)."""
+        if split not in self._prepared:
+            self._prepared[split] = self.accelerator.prepare(self._eval_loader(split))
+        return self._prepared[split]
+
+    def evaluate_split(self, split: str, max_batches: int | None = None) -> dict[str, float]:
+        return self.evaluate(self.loader(split), max_batches)
+
     def evaluate_and_track(self) -> dict[str, float]:
-        """Evaluate on validation; keep the best weights by ``task.best_metric``."""
-        metrics = {f"val_{k}": v for k, v in
-                   self.evaluate(self.val_loader, self.cfg.eval_batches).items()}
+        """Evaluate on validation (once per step); keep the best weights by ``task.best_metric``."""
+        if self._evaluated is not None and self._evaluated[0] == self.state.step:
+            return self._evaluated[1]
+        self._check_finite()
+        with self.phases("validation"):
+            metrics = {f"val_{k}": v for k, v in
+                       self.evaluate(self.val_loader, self.cfg.eval_batches).items()}
+        self._evaluated = (self.state.step, metrics)
         self.log({f"val/{k[4:]}": v for k, v in metrics.items()})
         value = metrics[self.task.best_metric]
         best = self.state.best_value
         if best is None or (value > best if self.task.higher_is_better else value < best):
             self.state.best_value, self.state.best_step = value, self.state.step
-            self.best = {n: p.detach().cpu().clone() for n, p in self._trainable()}
+            self._keep_best()
         return metrics
+
+    @torch.no_grad()
+    def _keep_best(self) -> None:
+        """Copy the trainable weights into buffers on their own device (allocated once)."""
+        params = dict(self._trainable())
+        if self.best is None:
+            self.best = {n: torch.empty_like(p) for n, p in params.items()}
+        torch._foreach_copy_(list(self.best.values()), [params[n] for n in self.best])
 
     def _trainable(self) -> Iterator[tuple[str, torch.Tensor]]:
         return ((n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters()
@@ -318,125 +444,43 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """``save_state`` into ``checkpoints/step-N`` atomically (written under a temporary name)."""
-        acc = self.accelerator
-        root = self.output_dir / CHECKPOINTS
-        final, tmp = root / f"step-{self.state.step:08d}", root / f".tmp-step-{self.state.step:08d}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        if self.best is not None:
-            save_safetensors(self.best, tmp / f"best_{acc.process_index}.safetensors")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            write_json(tmp / TRAINER_STATE, {"progress": self.state.state_dict(),
-                                             "scheduler": self.scheduler.state_dict(),
-                                             "num_processes": acc.num_processes})
-            write_text(tmp / "config.yaml", job_to_yaml(self.job))  # last: marks it complete
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            prune_checkpoints(root, self.cfg.keep_last, keep=final)
-        acc.wait_for_everyone()
-        return final
+        """A resumable checkpoint of this step (``gptft.checkpoints``); its size and time printed
+        and logged."""
+        self._check_finite()  # never save the state of a run that has gone bad
+        begin = time.perf_counter()
+        state = {"progress": self.state.state_dict(), "scheduler": self.scheduler.state_dict()}
+        with self.phases("checkpoints"):
+            path = checkpoints.save_checkpoint(self.accelerator, self.job, self.state.step, state,
+                                               self.best)
+        seconds = time.perf_counter() - begin
+        self._last_save = time.time()
+        if self.accelerator.is_main_process:
+            size = checkpoints.folder_bytes(path)
+            self.accelerator.print(f"checkpoint {path.name}: {size / 2**20:.1f} MiB in {seconds:.1f} s")
+            # To the trackers only: log.jsonl holds what a resumed run reproduces exactly.
+            self.accelerator.log({"checkpoint/seconds": round(seconds, 3), "checkpoint/bytes": size},
+                                 step=self.state.step)
+        return path
 
-    def resume(self) -> None:
-        """Load the checkpoint ``train.resume`` names (the latest when true), after checking the
-        config matches; drop the lines the interrupted run logged after it."""
-        path, saved = resume_checkpoint(self.job, self.accelerator.num_processes)
-        if self.accelerator.is_main_process:  # later checkpoints here belong to the abandoned run
-            for later in complete_checkpoints(self.output_dir / CHECKPOINTS):
-                if _step_of(later) > _step_of(path):
-                    shutil.rmtree(later, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.load_state(str(path))
-        self.state.load_state_dict(saved["progress"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        best = path / f"best_{self.accelerator.process_index}.safetensors"
-        self.best = load_safetensors(best) if best.is_file() else None
+    def resume(self, point: ResumePoint) -> None:
+        """Load the checked checkpoint `point`; drop the lines the interrupted run logged after it."""
+        best = checkpoints.load_checkpoint(self.accelerator, point, self.output_dir)
+        self.state.load_state_dict(point.state["progress"])
+        self.scheduler.load_state_dict(point.state["scheduler"])
+        if best is not None:
+            self.best = {k: v.to(self.accelerator.device) for k, v in best.items()}
         if self.accelerator.is_main_process:
             _truncate_lines(self.output_dir / "log.jsonl", self.state.log_lines)
         self.accelerator.wait_for_everyone()
-        self.accelerator.print(f"resumed from {path} (step {self.state.step}, epoch "
+        self.accelerator.print(f"resumed from {point.path} (step {self.state.step}, epoch "
                                f"{self.state.epoch}, batch {self.state.batches_in_epoch})")
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Finished checkpoint folders (``step-N`` with their config written last), oldest first.
-
-    A ``.tmp-step-N`` folder (a save cut short) or a ``step-N`` without ``config.yaml`` is not one.
-    """
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir()
-                  if re.fullmatch(r"step-\d+", p.name) and (p / "config.yaml").is_file())
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    done = complete_checkpoints(Path(output_dir) / CHECKPOINTS)
-    return done[-1] if done else None
-
-
-def prune_checkpoints(root: Path, keep_last: int, keep: Path | None = None) -> None:
-    """Delete all but the newest `keep_last` (≥ 1) complete checkpoints, never `keep` (the one
-    just saved), and leftover temporary folders of saves cut short. Called right after a save
-    completes, so the checkpoint a run resumed from goes only once a newer one is complete."""
-    done = complete_checkpoints(root)
-    for old in done[: max(0, len(done) - max(1, keep_last))]:
-        if old != keep:
-            shutil.rmtree(old, ignore_errors=True)
-    for tmp in root.glob(".tmp-step-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def resume_checkpoint(job: Job, num_processes: int) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint ``train.resume`` names and its ``trainer_state.json`` (None when not
-    resuming), checked against `job` and the number of processes (each one's data position and
-    RNG are in it).
-
-    ``finetune`` calls it before touching the run folder, so a bad resumption changes nothing.
-    """
-    resume = job.train.resume
-    if resume is False:
-        return None
-    path = latest_checkpoint(job.output_dir) if resume is True else Path(resume)
-    if path is None:
-        raise GPTFTError(f"train.resume: no complete checkpoint in {Path(job.output_dir) / CHECKPOINTS}")
-    if not (path / "config.yaml").is_file():
-        raise GPTFTError(f"train.resume: {path} is not a complete gptft checkpoint (no config.yaml)")
-    check_resumable(path / "config.yaml", job)
-    saved = read_json(path / TRAINER_STATE)
-    if saved.get("num_processes") != num_processes:
-        raise GPTFTError(f"cannot resume from {path}: it was saved by {saved.get('num_processes')} "
-                         f"process(es), this run has {num_processes}; launch with the same "
-                         "--num_processes")
-    return path, saved
-
-
-def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[1])
-
-
-def check_resumable(saved_config: Path, job: Job) -> None:
-    """Raise one error, on one line, naming every setting that differs from the checkpoint's
-    (old → new), bar the ``RESUMABLE_CHANGES``."""
-    import yaml
-
-    saved = _flatten(yaml.safe_load(saved_config.read_text(encoding="utf-8")))
-    now = _flatten(job_to_dict(job))
-    missing = object()
-    diffs = [f"{k} {_show(saved.get(k, missing))} → {_show(now.get(k, missing))}"
-             for k in sorted(saved.keys() | now.keys())
-             if saved.get(k, missing) != now.get(k, missing) and not k.startswith(RESUMABLE_CHANGES)]
-    if diffs:
-        raise GPTFTError(f"cannot resume from {saved_config.parent}: the configuration differs from "
-                         f"the checkpoint's: {'; '.join(diffs)} (only "
-                         f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUMABLE_CHANGES)} "
-                         "may change)")
-
-
-def _show(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (str, int, float, bool, list, type(None))) else "(unset)"
+def _rows(batch: dict | torch.Tensor) -> int:
+    """Rows in a batch: of its ``input_ids``, else of its first tensor."""
+    if isinstance(batch, dict):
+        batch = batch["input_ids"] if "input_ids" in batch else next(iter(batch.values()))
+    return len(batch)
 
 
 def _json_number(value: Any) -> Any:
@@ -446,19 +490,11 @@ def _json_number(value: Any) -> Any:
 
 def _truncate_lines(path: Path, n: int) -> None:
     """Keep the first `n` lines of `path` (the lines a resumed run had written at its checkpoint)."""
+    from gptft.io import write_text
+
     if not path.is_file():
         return
     with open(path, "rb") as f:
         lines = f.readlines()
     if len(lines) > n:
         write_text(path, b"".join(lines[:n]).decode("utf-8"))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -54,3 +54,18 @@ def launcher(*args: str) -> list[str]:
     """``accelerate launch --multi_gpu ARGS launch/finetune.py`` (job arguments go after it)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", *args,
             str(Path(__file__).resolve().parents[1] / "launch" / "finetune.py")]
+
+
+# Keys whose values are wall-clock measurements: they differ between any two runs.
+TIMING_KEYS = ("time", "generation_tokens_per_second")
+
+
+def run_results(run: Path, name: str) -> list | dict:
+    """A run's JSON file, ``metrics.json`` without its timings: what must be equal between
+    equivalent runs (resumed or not, 1 or 2 processes)."""
+    import json
+
+    if name.endswith(".jsonl"):
+        return [json.loads(line) for line in (run / name).read_text().splitlines()]
+    data = json.loads((run / name).read_text())
+    return {k: v for k, v in data.items() if k not in TIMING_KEYS} if isinstance(data, dict) else data

@@ -82,7 +82,7 @@ def test_sms_lm_corpus_leaves_out_evaluation_texts(tmp_path):
 def test_frozen_embeddings_control_run(tmp_path, monkeypatch):
     import json
 
-    import gptft.tasks.classification as classification
+    import gptft.tasks.classification.task as classification
 
     script = _script("frozen_embeddings")
     monkeypatch.setattr(classification, "set_trainable", script.set_trainable_frozen_embeddings)

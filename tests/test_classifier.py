@@ -3,9 +3,10 @@ import torch
 from torch.testing import assert_close
 
 from gptft import GPT
-from gptft.classifier import GPTClassifier, set_trainable
+from gptft.classifier import GPTClassifier
 from gptft.config import LoRAConfig
 from gptft.errors import GPTFTError
+from gptft.trainable import set_trainable
 
 
 def test_pools_the_last_real_token(tiny_config):

@@ -3,14 +3,14 @@ from pathlib import Path
 import pytest
 
 from gptft.config import (
-    ClassificationJob,
-    InstructionJob,
     job_from_dict,
     job_to_dict,
     job_to_yaml,
     load_job,
 )
 from gptft.errors import GPTFTError
+from gptft.tasks.classification.config import ClassificationJob
+from gptft.tasks.instruction.config import InstructionJob
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -79,3 +79,39 @@ def test_consistency_checks():
         job_from_dict({"task": "classification", "data": {"split": [0.5, 0.5, 0.5]}})
     with pytest.raises(GPTFTError, match="override 'lr': expected dotted.key=value"):
         load_job(CONFIGS[0], ["lr"])
+
+
+def test_yaml_words_for_choices_and_overrides_into_values(tmp_path):
+    (tmp_path / "j.yaml").write_text("task: classification\ntrain:\n  lr: 0.001\n")
+    assert load_job(tmp_path / "j.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(GPTFTError, match=r"\(override\): train.lr.x: train.lr is a value, not a section"):
+        load_job(tmp_path / "j.yaml", ["train.lr.x=5"])
+    with pytest.raises(GPTFTError, match="train.epoch: unknown key; did you mean train.epochs"):
+        load_job(tmp_path / "j.yaml", ["train.epoch=3"])
+    with pytest.raises(GPTFTError, match="train.lr: must be a finite number"):
+        load_job(tmp_path / "j.yaml", ["train.lr=.inf"])
+    with pytest.raises(GPTFTError, match=r"\(override\): model.name: expected a string, got \{'x': 1\}"):
+        load_job(tmp_path / "j.yaml", ["model.name.x=1"])  # a key the file does not set
+
+
+def test_instruction_data_format(tmp_path):
+    job = job_from_dict({"task": "instruction", "data": {"format": "jsonl"}})
+    assert job.data.format == "jsonl"
+    with pytest.raises(GPTFTError, match="data.format: must be one of auto, json, jsonl"):
+        job_from_dict({"task": "instruction", "data": {"format": "csv"}})
+
+
+def test_one_engine_for_adapter_configs_and_command_options(tmp_path):
+    import json
+
+    from gptft.config import LoRAConfig
+    from gptft.lora import read_adapter_config
+    from gptft.validation import build
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"rank": "4", "alpha": 8, "dropout": 0.0, "targets": ["attn.c_attn", "mlp.cfc"]}))
+    with pytest.raises(GPTFTError, match=r"adapter_config.json: rank: expected an integer.*mlp.cfc"):
+        read_adapter_config(tmp_path)
+    obj, problems = build(LoRAConfig, {"rank": 0, "colour": 1})
+    assert problems == ["colour: unknown key (known: alpha, dropout, rank, targets)",
+                        "rank: must be > 0 (got 0)"]

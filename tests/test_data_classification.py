@@ -13,16 +13,16 @@ import torch
 from conftest import shared_path
 
 from gptft import GPTFTError, Tokenizer
-from gptft.config import ClassificationData
 from gptft.data import classification
 from gptft.data.classification import (
     ClassificationDataset,
     TextExamples,
-    classification_collate,
     load_classification_data,
     longest_length,
     read_texts_file,
 )
+from gptft.data.collate import classification_collate
+from gptft.tasks.classification.config import ClassificationData
 
 SMS = ("data", "sms_spam_collection", "SMSSpamCollection.tsv")
 
@@ -331,7 +331,7 @@ def test_collate_pads_to_the_longest_item_in_the_batch():
     items = [{"input_ids": [5, 6, 7], "label": 1}, {"input_ids": [8], "label": 0}]
     batch = classification_collate(items, pad_id=50256)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 50256, 50256]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert set(batch) == {"input_ids", "lengths", "labels"}  # right padding: no mask needed
     assert batch["lengths"].tolist() == [3, 1]
     assert batch["labels"].tolist() == [1, 0]
     assert all(t.dtype == torch.long and t.device.type == "cpu" for t in batch.values())
@@ -345,7 +345,9 @@ def test_collate_works_in_a_data_loader(tokenizer):
     batch = next(iter(loader))
     assert batch["input_ids"].shape == (3, 4)
     assert batch["lengths"].tolist() == [4, 1, 2]
-    assert batch["attention_mask"].sum(1).tolist() == [4, 1, 2]
+    bucketed = classification_collate([ClassificationDataset(examples, tokenizer, 4)[i] for i in range(3)],
+                                      pad_id=tokenizer.eot_id, buckets=[2, 3], max_length=4)
+    assert bucketed["input_ids"].shape == (3, 4)  # past the largest bucket: max_length
 
 
 # ---- texts to classify --------------------------------------------------------------------------

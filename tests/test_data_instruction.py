@@ -10,21 +10,12 @@ import torch.nn.functional as F
 from conftest import shared_path
 
 from gptft import GPT, GPTFTError, Tokenizer
-from gptft.config import InstructionData
 from gptft.data import instruction as inst
-from gptft.data.instruction import (
-    IGNORE_INDEX,
-    PROMPT_STYLES,
-    InstructionDataset,
-    PromptStyle,
-    format_example,
-    format_prompt,
-    instruction_collate,
-    load_instruction_data,
-    pack,
-    packed_collate,
-    read_records,
-)
+from gptft.data.collate import instruction_collate, pack, packed_collate
+from gptft.data.instruction import InstructionDataset, load_instruction_data, read_records
+from gptft.model import IGNORE_INDEX
+from gptft.prompts import PROMPT_STYLES, PromptStyle, format_example, format_prompt
+from gptft.tasks.instruction.config import InstructionData
 
 EOT = 50256
 
@@ -169,7 +160,7 @@ def test_collate_equals_the_books(book_records, tokenizer, max_length):
     inputs, targets = book_collate([it["input_ids"][:-1] for it in items], allowed_max_length=max_length)
     assert torch.equal(batch["input_ids"], inputs)
     assert torch.equal(batch["labels"], targets)
-    assert batch["input_ids"].dtype == batch["labels"].dtype == batch["attention_mask"].dtype == torch.long
+    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
 
 
 def test_collate_masks_padding_and_prompt():
@@ -178,7 +169,7 @@ def test_collate_masks_padding_and_prompt():
     batch = instruction_collate(items, EOT, mask_prompt=False)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, EOT, EOT]]
     assert batch["labels"].tolist() == [[2, 3, 4, 5, EOT], [7, 8, EOT, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert set(batch) == {"input_ids", "labels"}  # right padding: causal attention needs no mask
     masked = instruction_collate(items, EOT, mask_prompt=True)
     assert masked["labels"].tolist() == [[-100, -100, 4, 5, EOT], [-100, 8, EOT, -100, -100]]
     assert torch.equal(masked["input_ids"], batch["input_ids"])
@@ -189,15 +180,15 @@ def test_collate_masks_padding_and_prompt():
         assert first == item["prompt_len"] - 1 and labels[first] == item["input_ids"][item["prompt_len"]]
 
 
-def test_collate_truncates_and_pads_to_a_multiple():
+def test_collate_truncates_and_pads_to_a_bucket():
     items = [{"input_ids": [1, 2, 3, 4, 5, EOT], "prompt_len": 2}, {"input_ids": [6, EOT], "prompt_len": 1}]
     batch = instruction_collate(items, EOT, mask_prompt=False, max_length=3)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [6, EOT, EOT]]
     assert batch["labels"].tolist() == [[2, 3, 4], [EOT, -100, -100]]
-    padded = instruction_collate(items, EOT, mask_prompt=False, pad_to_multiple=8)
-    assert padded["input_ids"].shape == (2, 8)
+    padded = instruction_collate(items, EOT, mask_prompt=False, buckets=[2, 8])
+    assert padded["input_ids"].shape == (2, 8)  # 5 positions → the 8 bucket
     assert padded["labels"][0].tolist() == [2, 3, 4, 5, EOT, -100, -100, -100]
-    assert padded["attention_mask"][0].tolist() == [1] * 6 + [0] * 2
+    assert padded["input_ids"][0].tolist() == [1, 2, 3, 4, 5, EOT, EOT, EOT]
 
 
 # ---- packing -----------------------------------------------------------------------------------
@@ -378,7 +369,7 @@ def test_training_batches_grouped_by_length_on_request(tmp_path, group):
     from accelerate import Accelerator
 
     from gptft.config import load_job
-    from gptft.tasks.instruction import InstructionTask
+    from gptft.tasks.instruction.task import InstructionTask
 
     records = [{"instruction": "Repeat." + " word" * (i % 17), "input": "", "output": "ok"}
                for i in range(96)]
@@ -389,5 +380,6 @@ def test_training_batches_grouped_by_length_on_request(tmp_path, group):
                             "model.n_layers=1", "model.emb_dim=32", "model.n_heads=2"])
     loader = InstructionTask(job, Accelerator(cpu=True)).loader("train", train=True)
     assert loader.batch_sampler.group_by_length is group
-    padding = sum(int((b["attention_mask"] == 0).sum()) for b in loader)
+    real = [(b["labels"] != IGNORE_INDEX).sum(1) for b in loader]  # targets of each row
+    padding = sum(int((r.max() - r).sum()) for r in real)  # up to the batch's longest row
     assert (padding < 100) is group  # random batches of lengths spread over 17 values pad a lot

@@ -2,9 +2,9 @@ import pytest
 from conftest import shared_path
 
 from gptft import Tokenizer
-from gptft.config import ClassificationData
 from gptft.data.classification import ClassificationDataset, load_classification_data
 from gptft.data.sampler import EpochBatchSampler
+from gptft.tasks.classification.config import ClassificationData
 
 
 @pytest.fixture(scope="module")

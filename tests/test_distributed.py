@@ -26,13 +26,16 @@ from safetensors.torch import load_file
 from gptft.cli import main
 from gptft.data.sampler import EpochBatchSampler
 
+pytestmark = pytest.mark.slow  # real multi-process launches
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 TIMEOUT = 300  # seconds; a hung rendezvous fails the test instead of hanging CI
 B = 4  # per-process batch on 2 processes; the single process takes 2 * B
 COMMON = ["model.n_layers=2", "model.emb_dim=32", "model.n_heads=2", "model.context_length=128",
           "model.drop_rate=0.0", "train.epochs=2", "train.grad_accum_steps=2", "train.lr=1e-3",
-          "train.warmup_steps=2", "train.eval_every=0", "train.log_every=1", "train.device=cpu"]
+          "train.warmup_steps=2", "train.eval_every=0", "train.log_every=1", "train.device=cpu",
+          "train.checkpoint_epochs=true", "train.keep_last=2"]
 # 53 training texts: 3 steps of 2 x 2 x 4 = 16 examples per epoch and 5 left over; 23 test texts.
 N_TRAIN, N_VAL, N_TEST = 53, 9, 23
 # 75 records split 70/10/20: 52 train (3 steps of 16, 4 left over), 8 validation, 15 test.

@@ -169,7 +169,7 @@ def make_run(path, tiny_config, task="instruction"):
 
 
 def test_cli_generate(tmp_path, tiny_config, model, capsys):
-    instruction = pytest.importorskip("gptft.data.instruction")
+    instruction = pytest.importorskip("gptft.prompts")
     from gptft import Tokenizer
 
     run = tmp_path / "run"
@@ -196,4 +196,4 @@ def test_cli_generate_errors(tmp_path, tiny_config, capsys, case):
     err = capsys.readouterr().err
     assert err.startswith("gptft generate: error:") and err.count("\n") == 1
     assert {"classification": "not an instruction run", "missing": "run folder not found",
-            "bad-top-p": "top_p"}[case] in err
+            "bad-top-p": "--top-p: must be in (0, 1]"}[case] in err

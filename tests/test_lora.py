@@ -92,7 +92,8 @@ def test_merged_equals_unmerged(tiny_config):
 
 def test_split_state_dict_equals_merging_the_modules(tiny_config):
     """The state-dict merge (what a sharded model is saved through) equals merging the modules."""
-    from gptft.classifier import GPTClassifier, set_trainable
+    from gptft.classifier import GPTClassifier
+    from gptft.trainable import set_trainable
 
     cfg = LoRAConfig(rank=4, alpha=8, targets=ALL)
     model = GPTClassifier(GPT(tiny_config), 2)

@@ -190,6 +190,7 @@ def test_export_errors(tmp_path, capsys):
     assert (tmp_path / "empty" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_lora_two_process_cpu_run(tmp_path, base):
     out = tmp_path / "run"
     cmd = [*launcher("--num_processes", "2", "--main_process_port", str(free_port())),

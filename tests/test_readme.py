@@ -1,19 +1,24 @@
-"""README.md stays true: its configuration reference is generated from gptft/config.py.
+"""README.md stays true: its configuration reference is generated from the config dataclasses
+(gptft/config.py and each task's config module).
 
 Regenerate after changing a config field: ``python tests/test_readme.py`` prints the tables.
 """
 
 import ast
 import dataclasses
+import inspect
 import types
 import typing
 from pathlib import Path
 
 from gptft import config as C
+from gptft.tasks.classification.config import ClassificationData
+from gptft.tasks.instruction.config import InstructionData
+from gptft.validation import type_name as engine_type_name
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = [("model", C.ModelConfig, "both tasks"), ("data", C.ClassificationData, "classification"),
-            ("data", C.InstructionData, "instruction"), ("train", C.TrainConfig, "both tasks"),
+SECTIONS = [("model", C.ModelConfig, "both tasks"), ("data", ClassificationData, "classification"),
+            ("data", InstructionData, "instruction"), ("train", C.TrainConfig, "both tasks"),
             ("lora", C.LoRAConfig, "with model.trainable=lora"), ("tracking", C.TrackingConfig, "both tasks"),
             ("generate", C.GenerateConfig, "instruction")]
 
@@ -21,7 +26,8 @@ SECTIONS = [("model", C.ModelConfig, "both tasks"), ("data", C.ClassificationDat
 def field_docs() -> dict[tuple[str, str], str]:
     """The attribute docstrings of the config dataclasses."""
     docs = {}
-    for node in ast.parse((ROOT / "gptft" / "config.py").read_text()).body:
+    sources = {inspect.getsourcefile(cls) for _, cls, _ in SECTIONS}
+    for node in (n for source in sorted(sources) for n in ast.parse(Path(source).read_text()).body):
         if isinstance(node, ast.ClassDef):
             for st, nxt in zip(node.body, node.body[1:]):
                 if isinstance(st, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
@@ -32,11 +38,11 @@ def field_docs() -> dict[tuple[str, str], str]:
 
 def type_name(tp) -> str:
     if typing.get_origin(tp) is typing.Literal:
-        return " \\| ".join(map(str, typing.get_args(tp)))
+        return " \\| ".join(default(a) for a in typing.get_args(tp))
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         return " or ".join(type_name(a) for a in args if a is not type(None)) + " or null"
-    return C._type_name(tp)
+    return engine_type_name(tp)
 
 
 def default(value) -> str:

@@ -20,24 +20,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_path
+from conftest import run_results, shared_path
 
+from gptft.checkpoints import check_resumable, complete_checkpoints, latest_checkpoint, prune_checkpoints
 from gptft.cli import main
 from gptft.config import load_job
 from gptft.errors import GPTFTError
 from gptft.io import load_safetensors
 from gptft.model import GPT, GPTConfig
 from gptft.tokenizer import Tokenizer
-from gptft.trainer import check_resumable, complete_checkpoints, latest_checkpoint, prune_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 TINY = ["model.n_layers=2", "model.emb_dim=32", "model.n_heads=2", "model.context_length=64"]
 # Dropout on, a warm-up + cosine schedule, evaluations mid-epoch (best-weights tracking) and a
-# checkpoint every 4 steps: 42 training texts in batches of 4, 10 steps an epoch, 2 epochs.
+# checkpoint every 4 steps and at epoch ends: 42 training texts in batches of 4, 10 steps an
+# epoch, 2 epochs.
 SPAM = ["--config", str(CONFIGS / "spam-tiny.yaml"), *TINY, "model.drop_rate=0.1", "data.max_length=32",
         "train.epochs=2", "train.batch_size=4", "train.warmup_steps=3", "train.eval_every=6",
-        "train.checkpoint_every=4", "train.log_every=1"]
+        "train.checkpoint_every=4", "train.checkpoint_epochs=true", "train.log_every=1"]
 SECRET = "sk-gptft-test-SECRET-4f1c9a"  # an API key in the environment must never reach a run folder
 FINAL_FILES = ("model.safetensors", "gptft.json", "metrics.json", "config.yaml")
 
@@ -114,6 +115,7 @@ def _steps_per_epoch(run: Path) -> int:
 
 # ---- kill and resume ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(reference, data, tmp_path):
     ref, _ = reference
     out = tmp_path / "killed"
@@ -142,7 +144,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(reference, data,
 
     assert_same_weights(ref, out)
     for name in ("metrics.json", "log.jsonl"):  # the log: the killed run's lines after the
-        assert (out / name).read_text() == (ref / name).read_text(), name  # checkpoint are dropped
+        assert run_results(out, name) == run_results(ref, name), name  # checkpoint are dropped
     checkpoints = out / "checkpoints"
     assert [p.name for p in complete_checkpoints(checkpoints)] == ["step-00000020"]  # keep_last=1
     assert not list(checkpoints.glob(".tmp-*"))
@@ -156,8 +158,7 @@ def test_any_checkpoint_resumes_to_the_same_result(reference, data, tmp_path, st
     out = tmp_path / "resumed"  # another run folder: output_dir may change on resume
     assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", f"train.resume={checkpoint}") == 0
     assert_same_weights(ref, out)
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics == json.loads((ref / "metrics.json").read_text())
+    assert run_results(out, "metrics.json") == run_results(ref, "metrics.json")
 
 
 def test_resuming_unpickles_nothing(reference, data, tmp_path, monkeypatch):
@@ -179,6 +180,7 @@ def test_resuming_unpickles_nothing(reference, data, tmp_path, monkeypatch):
     assert calls and all(w is True for w in calls), calls
 
 
+@pytest.mark.slow
 def test_instruction_run_resumes_mid_epoch_to_the_same_result(tmp_path):
     """20 training records in batches of 4: 5 steps an epoch; resumed at step 3 of 10."""
     records = json.loads(shared_path("data", "instruction-data.json").read_text())[:24]
@@ -192,7 +194,7 @@ def test_instruction_run_resumes_mid_epoch_to_the_same_result(tmp_path):
     assert _finetune(*args, f"output_dir={tmp_path / 'resumed'}", f"train.resume={checkpoint}") == 0
     assert_same_weights(tmp_path / "ref", tmp_path / "resumed")
     for name in ("metrics.json", "responses.json"):
-        assert (tmp_path / "resumed" / name).read_text() == (tmp_path / "ref" / name).read_text()
+        assert run_results(tmp_path / "resumed", name) == run_results(tmp_path / "ref", name)
 
 
 # ---- what may and may not change on resume ----------------------------------------------------

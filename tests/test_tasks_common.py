@@ -7,11 +7,12 @@ from accelerate import Accelerator
 from torch.testing import assert_close
 
 from gptft import GPT, load_classifier
-from gptft.classifier import GPTClassifier, set_trainable
+from gptft.classifier import GPTClassifier
 from gptft.config import load_job
 from gptft.io import load_safetensors
 from gptft.lora import merge_lora
-from gptft.tasks.common import save_final
+from gptft.tasks.base import save_final
+from gptft.trainable import set_trainable
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

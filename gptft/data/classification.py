@@ -7,9 +7,7 @@ Files are read as UTF-8 (a leading byte-order mark is ignored). Every problem in
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -17,13 +15,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
-import torch
 from torch.utils.data import Dataset
 
-from gptft.config import ClassificationData
-from gptft.data.files import decode, read_text
+from gptft.data.readers import JSON_SUFFIXES, decode, parse_json_records, parse_table, read_text
 from gptft.download import download
 from gptft.errors import GPTFTError
+from gptft.tasks.classification.config import ClassificationData
 from gptft.tokenizer import Tokenizer
 
 SMS_URLS: list[str] = [
@@ -34,7 +31,6 @@ SMS_URLS: list[str] = [
 SMS_FILENAME = "sms_spam_collection.zip"
 SMS_MEMBER = "SMSSpamCollection"
 
-_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _TSV_SUFFIXES = (".tsv", ".txt", "")
 
 
@@ -136,25 +132,6 @@ def longest_length(examples: TextExamples, tokenizer: Tokenizer) -> int:
     return max((len(ids) for ids in tokenizer.encode_batch(list(examples.texts))), default=0)
 
 
-def classification_collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch of dataset items to its longest item.
-
-    Use ``functools.partial(classification_collate, pad_id=...)`` as a DataLoader's ``collate_fn``.
-
-    Returns:
-        ``input_ids`` (B, T), ``attention_mask`` (B, T) of 1 (token) / 0 (padding), ``lengths`` (B,)
-        real-token counts and ``labels`` (B,), all ``torch.long`` on the CPU.
-    """
-    lengths = torch.tensor([len(item["input_ids"]) for item in items], dtype=torch.long)
-    width = int(lengths.max())
-    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    for row, item in enumerate(items):
-        input_ids[row, : len(item["input_ids"])] = torch.tensor(item["input_ids"], dtype=torch.long)
-    attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    labels = torch.tensor([item["label"] for item in items], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "lengths": lengths, "labels": labels}
-
-
 def read_texts_file(path: str | Path) -> list[str]:
     """Texts to classify from a file, in file order.
 
@@ -169,7 +146,7 @@ def read_texts_file(path: str | Path) -> list[str]:
     text, name, suffix = read_text(path), str(path), path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         texts = _table_texts(text, name, "," if suffix == ".csv" else "\t")
-    elif suffix in _JSON_SUFFIXES:
+    elif suffix in JSON_SUFFIXES:
         texts = [_json_text(obj, where) for where, obj in _json_records(text, name)]
     else:
         texts = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
@@ -193,7 +170,7 @@ def _file_format(path: Path, text: str, cfg: ClassificationData) -> str:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return "csv"
-    if suffix in _JSON_SUFFIXES:
+    if suffix in JSON_SUFFIXES:
         return "jsonl"
     if suffix in _TSV_SUFFIXES:
         first = next((line for line in text.split("\n") if line.strip()), "")
@@ -231,33 +208,6 @@ def _sms_rows(text: str, name: str) -> _Rows:
     return rows
 
 
-def _parse_table(text: str, name: str, delimiter: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """The header and the ``(line, fields)`` of each data row of a CSV/TSV text; blank lines skipped."""
-    kind = "CSV" if delimiter == "," else "TSV"
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    header: list[str] | None = None
-    records: list[tuple[int, list[str]]] = []
-    start = 1
-    try:
-        for fields in reader:
-            if fields and not (len(fields) == 1 and not fields[0].strip()):
-                if header is None:
-                    header = [f.strip() for f in fields]
-                elif len(fields) != len(header):
-                    raise GPTFTError(f"{name}:{start}: {len(fields)} fields, but the header has "
-                                     f"{len(header)}; {_QUOTING_HINT}")
-                else:
-                    records.append((start, fields))
-            start = reader.line_num + 1
-    except csv.Error as e:
-        raise GPTFTError(f"{name}:{start}: malformed {kind} row ({e}); {_QUOTING_HINT}") from None
-    return header or [], records
-
-
-_QUOTING_HINT = ("quote a field that holds the delimiter, a quote or a line break, "
-                 "and double the quotes inside it")
-
-
 def _column(header: list[str], column: str, name: str, what: str) -> int:
     if column not in header:
         raise GPTFTError(f"{name}:1: no column {column!r} (columns found: {', '.join(map(repr, header))}); "
@@ -266,7 +216,7 @@ def _column(header: list[str], column: str, name: str, what: str) -> int:
 
 
 def _table_rows(text: str, name: str, delimiter: str, text_column: str, label_column: str) -> _Rows:
-    header, records = _parse_table(text, name, delimiter)
+    header, records = parse_table(text, name, delimiter)
     t = _column(header, text_column, name, "data.text_column")
     la = _column(header, label_column, name, "data.label_column")
     rows = _Rows(name)
@@ -276,7 +226,7 @@ def _table_rows(text: str, name: str, delimiter: str, text_column: str, label_co
 
 
 def _table_texts(text: str, name: str, delimiter: str) -> list[str]:
-    header, records = _parse_table(text, name, delimiter)
+    header, records = parse_table(text, name, delimiter)
     if "text" not in header and len(header) != 1:
         raise GPTFTError(f"{name}:1: no 'text' column (columns found: {', '.join(map(repr, header))})")
     t = header.index("text") if "text" in header else 0
@@ -287,24 +237,9 @@ def _table_texts(text: str, name: str, delimiter: str) -> list[str]:
 
 
 def _json_records(text: str, name: str) -> list[tuple[str, Any]]:
-    """``(where, value)`` of each JSON line, or of each element when the text is one JSON array."""
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise GPTFTError(f"{name}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(data, list):
-            raise GPTFTError(f"{name}: expected a JSON array of objects")
-        return [(f"{name}: record {i}", value) for i, value in enumerate(data, 1)]
-    records = []
-    for number, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            try:
-                records.append((f"{name}:{number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise GPTFTError(f"{name}:{number}: invalid JSON ({e.msg}, column {e.colno}); "
-                                 "expected one JSON object per line") from None
-    return records
+    """``(where, value)`` of each JSON line, or of each element (counted from 1) of a JSON array."""
+    return [(f"{name}:{r.line}" if r.line is not None else f"{name}: record {r.index + 1}", r.value)
+            for r in parse_json_records(text, name)]
 
 
 def _json_rows(text: str, name: str, text_column: str, label_column: str) -> _Rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from functools import partial
 from pathlib import Path
 
@@ -10,38 +11,35 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from gptft.classifier import set_trainable
-from gptft.config import InstructionJob
-from gptft.data.instruction import (
-    InstructionDataset,
-    format_prompt,
-    instruction_collate,
-    load_instruction_data,
-    packed_collate,
-)
+from gptft.data.collate import instruction_collate, length_buckets, packed_collate
+from gptft.data.instruction import InstructionDataset, load_instruction_data
 from gptft.errors import GPTFTError
 from gptft.io import write_json
+from gptft.model import IGNORE_INDEX
+from gptft.prompts import format_prompt
 from gptft.runs import load_gpt
-from gptft.tasks.common import build_gpt, make_loader, save_final, trainable_summary
+from gptft.tasks.base import TaskBase, build_gpt, eval_batch_size, make_loader, trainable_summary
+from gptft.tasks.instruction.config import InstructionJob
 from gptft.tokenizer import Tokenizer
-from gptft.trainer import Trainer
+from gptft.trainable import set_trainable
+from gptft.trainer import EpochContext, EpochReport
 
 
-class InstructionTask:
+class InstructionTask(TaskBase):
     """Next-token loss on the label tokens, normalised by their number across the whole step."""
 
     best_metric = "val_loss"
     higher_is_better = False
 
     def __init__(self, job: InstructionJob, accelerator: Accelerator):
-        self.job, self.accelerator = job, accelerator
+        super().__init__(job, accelerator)
         if job.model.trainable == "head":
             raise GPTFTError("model.trainable=head: an instruction model has no classification head; "
                              "use all, last_block, last_two_blocks or lora")
         self.tokenizer = Tokenizer()
         with accelerator.main_process_first():  # downloads happen once
             self.splits = load_instruction_data(job.data)
-            self.model = build_gpt(job.model, self.tokenizer.vocab_size)
+            self.model = build_gpt(job.model, self.tokenizer.vocab_size, accelerator.device)
         context = self.model.config.context_length
         if job.data.max_length and job.data.max_length > context:
             raise GPTFTError(f"data.max_length ({job.data.max_length}) exceeds the model's context "
@@ -50,87 +48,77 @@ class InstructionTask:
         set_trainable(self.model, job.model.trainable, job.lora)
         self.counts = trainable_summary(accelerator, self.model, job.model.trainable)
 
+    def has_split(self, split: str) -> bool:
+        return bool(getattr(self.splits, split))
+
     def loader(self, split: str, train: bool = False):
         data, cfg = self.job.data, self.job.train
         dataset = InstructionDataset(getattr(self.splits, split), self.tokenizer, data.prompt_style,
                                      self.max_length)
-        multiple = 64 if self.job.train.compile else 1  # fewer shapes, fewer recompilations
-        if train and data.packing:
-            collate = partial(packed_collate, pad_id=self.tokenizer.eot_id,
-                              mask_prompt=data.mask_prompt, max_length=self.max_length)
-        else:
-            collate = partial(instruction_collate, pad_id=self.tokenizer.eot_id,
-                              mask_prompt=data.mask_prompt, max_length=self.max_length,
-                              pad_to_multiple=multiple)
-        return make_loader(dataset, collate, cfg.batch_size, cfg.seed, shuffle=train,
+        rows = [n - 1 for n in dataset.lengths]  # an item fills length - 1 positions
+        args = {"pad_id": self.tokenizer.eot_id, "mask_prompt": data.mask_prompt,
+                "max_length": self.max_length, "buckets": length_buckets(rows, self.max_length)}
+        collate = partial(packed_collate if train and data.packing else instruction_collate, **args)
+        return make_loader(dataset, collate, cfg.batch_size if train else eval_batch_size(self.job),
+                           cfg.seed, shuffle=train,
                            group_by_length=not train or data.packing or data.group_by_length,
                            accelerator=self.accelerator)
 
     # ---- what the trainer calls ----------------------------------------------------------------
 
     def count(self, batch: dict) -> torch.Tensor:
-        return (batch["labels"] != -100).sum()
+        return (batch["labels"] != IGNORE_INDEX).sum()
 
     def _row_losses(self, model, batch: dict) -> torch.Tensor:
-        mask = batch.get("attention_mask")
         # Right padding needs no mask (causal attention); packed rows bring a 4-D one.
-        mask = mask if mask is not None and mask.dim() == 4 else None
-        return model(batch["input_ids"], attention_mask=mask, position_ids=batch.get("position_ids"),
-                     labels=batch["labels"])
+        return model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                     position_ids=batch.get("position_ids"), labels=batch["labels"])
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         return self._row_losses(model, batch).sum()
 
     def eval_outputs(self, model, batch: dict) -> dict[str, torch.Tensor]:
         return {"loss_sum": self._row_losses(model, batch).float(),
-                "tokens": (batch["labels"] != -100).sum(-1)}
+                "tokens": (batch["labels"] != IGNORE_INDEX).sum(-1)}
 
     def eval_metrics(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
         loss = (out["loss_sum"].sum() / out["tokens"].sum().clamp(min=1)).item()
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
-    def on_epoch_end(self, trainer: Trainer) -> None:
-        """Log the response to the first validation instruction (every process generates it)."""
+    def on_epoch_end(self, ctx: EpochContext) -> EpochReport | None:
+        """The response to the first validation instruction (every process generates it)."""
         from gptft.generate import generate_texts
 
         if not self.splits.val:
-            return
+            return None
         record = self.splits.val[0]
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        with trainer.accelerator.autocast():
-            text = generate_texts(model, self.tokenizer,
+        with ctx.autocast():
+            text = generate_texts(ctx.model, self.tokenizer,
                                   [format_prompt(record, self.job.data.prompt_style)],
                                   self.job.generate)[0]
-        trainer.accelerator.print(f"epoch {trainer.state.epoch} sample response to "
-                                  f"{record['instruction']!r}:\n{text}")
-        trainer.log({"val/sample_response": text})
+        val = ctx.val_metrics
+        return EpochReport({"val/sample_response": text},
+                           f"epoch {ctx.epoch}: val loss {val['val_loss']:.4f} (perplexity "
+                           f"{val['val_perplexity']:.2f}); sample response to "
+                           f"{record['instruction']!r}:\n{text}")
 
-    # ---- the run ---------------------------------------------------------------------------------
+    # ---- the run's files -----------------------------------------------------------------------
 
-    def run(self) -> dict:
-        """Train, compute every split's loss, write the run folder and the test responses."""
-        acc = self.accelerator
-        trainer = Trainer(self.job, acc, self, self.model, self.loader("train", train=True),
-                          self.loader("val"))
-        trainer.fit()
-        metrics = {**self.counts, "steps": trainer.state.step, "best_step": trainer.state.best_step}
-        for split in ("train", "val", "test"):
-            if getattr(self.splits, split):
-                for k, v in trainer.evaluate(acc.prepare(self.loader(split))).items():
-                    metrics[f"{split}_{k}"] = v
-        trainer.log({k.replace("_", "/", 1): v for k, v in metrics.items() if isinstance(v, float)})
-        meta = {"task": "instruction", "model": self.model.config.to_dict(),
-                "tokenizer": self.tokenizer.name, "prompt_style": self.job.data.prompt_style,
-                "max_length": self.max_length}
-        save_final(acc, trainer.model, self.job, meta, metrics)
-        self.write_responses()
-        acc.print("  ".join(f"{k} {metrics[k]:.4f}" for k in ("train_loss", "val_loss", "test_loss")
-                            if k in metrics))
-        return metrics
+    def meta(self) -> dict:
+        return {"prompt_style": self.job.data.prompt_style, "max_length": self.max_length}
 
-    def write_responses(self) -> None:
+    def write_outputs(self, trainer, metrics: dict) -> None:
+        with trainer.phases("generation"):
+            tokens, seconds = self.write_responses()
+        if seconds > 0:
+            metrics["generation_tokens_per_second"] = round(tokens / seconds, 1)
+            self.accelerator.print(f"responses.json: {len(self.splits.test)} responses, "
+                                   f"{tokens:,} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)")
+
+    def write_responses(self) -> tuple[int, float]:
         """Generate a response to every test record (shared among processes) into
-        ``responses.json``: each record plus ``model_response``."""
+        ``responses.json``: each record plus ``model_response``. Returns the tokens generated
+        (this process) and the seconds taken."""
         from gptft.generate import generate_texts
 
         acc, out = self.accelerator, Path(self.job.output_dir)
@@ -138,13 +126,16 @@ class InstructionTask:
         model.to(acc.device)
         records = self.splits.test
         indices = list(range(len(records)))
+        begin = time.perf_counter()
         with acc.split_between_processes(indices) as mine:
             prompts = [format_prompt(records[i], self.job.data.prompt_style) for i in mine]
             with acc.autocast():
                 texts = generate_texts(model, self.tokenizer, prompts, self.job.generate)
             pairs = gather_object(list(zip(mine, texts)))
+        seconds = time.perf_counter() - begin
         if acc.is_main_process:
             responses = dict(pairs)
             write_json(out / "responses.json",
                        [{**r, "model_response": responses[i]} for i, r in enumerate(records)])
         acc.wait_for_everyone()
+        return sum(len(self.tokenizer.encode(t)) for t in texts), seconds

@@ -1,0 +1,123 @@
+"""Reading users' files: text, CSV/TSV tables and JSON / JSON Lines records, shared by every task
+and the judge. Each problem is one ``GPTFTError`` naming the file (and line or record)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from gptft.errors import GPTFTError
+
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+QUOTING_HINT = ("quote a field that holds the delimiter, a quote or a line break, "
+                "and double the quotes inside it")
+
+
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of `path` (a leading byte-order mark dropped).
+
+    Raises:
+        GPTFTError: the file is missing, not UTF-8 (naming the line and byte), or empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GPTFTError(f"{path}: data file not found")
+    return decode(path.read_bytes(), str(path))
+
+
+def decode(data: bytes, name: str) -> str:
+    """Decode UTF-8 bytes read from `name` (a file, or a member of an archive)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise GPTFTError(f"{name}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at byte offset "
+                         f"{e.start}); save the file as UTF-8") from None
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise GPTFTError(f"{name}: empty file")
+    return text
+
+
+# ---- CSV / TSV ---------------------------------------------------------------------------------------
+
+def parse_table(text: str, name: str, delimiter: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the ``(line, fields)`` of each data row of a CSV/TSV text; blank lines skipped."""
+    kind = "CSV" if delimiter == "," else "TSV"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    records: list[tuple[int, list[str]]] = []
+    start = 1
+    try:
+        for fields in reader:
+            if fields and not (len(fields) == 1 and not fields[0].strip()):
+                if header is None:
+                    header = [f.strip() for f in fields]
+                elif len(fields) != len(header):
+                    raise GPTFTError(f"{name}:{start}: {len(fields)} fields, but the header has "
+                                     f"{len(header)}; {QUOTING_HINT}")
+                else:
+                    records.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise GPTFTError(f"{name}:{start}: malformed {kind} row ({e}); {QUOTING_HINT}") from None
+    return header or [], records
+
+
+# ---- JSON array / JSON Lines ---------------------------------------------------------------------------
+
+@dataclass
+class JsonRecord:
+    """One record of a JSON array (``line`` None) or of a JSON Lines file (``line`` 1-based)."""
+
+    value: Any
+    index: int  # 0-based position among the records
+    line: int | None = None
+
+
+def parse_json_records(text: str, name: str,
+                       fmt: Literal["auto", "json", "jsonl"] = "auto") -> list[JsonRecord]:
+    """The records of a JSON array (``json``) or of JSON Lines (``jsonl``, blank lines skipped);
+    ``auto``: an array when the text starts with ``[``, else JSON Lines."""
+    if fmt == "json" or (fmt == "auto" and text.lstrip().startswith("[")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GPTFTError(f"{name}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+        if not isinstance(data, list):
+            raise _not_a_list(name, data)
+        return [JsonRecord(value, i) for i, value in enumerate(data)]
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(JsonRecord(json.loads(line), len(records), number))
+        except json.JSONDecodeError as e:
+            _raise_for_single_document(text, name)
+            raise GPTFTError(f"{name}:{number}:{e.colno}: invalid JSON Lines record: {e.msg}; "
+                             "expected one JSON value per line") from None
+    return records
+
+
+def _not_a_list(name: str, data: Any) -> GPTFTError:
+    return GPTFTError(f"{name}: not a list of records (found a single JSON {type(data).__name__}; "
+                      "expected a JSON array of records or JSON Lines)")
+
+
+def _raise_for_single_document(text: str, name: str) -> None:
+    """A pretty-printed JSON object is not JSON Lines: say so rather than blame a line."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    raise _not_a_list(name, data)
+
+
+def read_json_records(path: str | Path, fmt: Literal["auto", "json", "jsonl"] = "auto") -> list[JsonRecord]:
+    """``parse_json_records`` of a file (``auto``: by content)."""
+    return parse_json_records(read_text(path), str(path), fmt)

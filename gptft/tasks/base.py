@@ -1,0 +1,218 @@
+"""The training flow every task shares, and the pieces tasks build the same way.
+
+``run_task`` builds the trainer, fits, evaluates each split, saves the run folder and lets the
+task write its own outputs. A task (see ``TaskBase``) supplies its data, model, loss, metrics
+and outputs; ``gptft.tasks`` registers it under a name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset
+
+from gptft.checkpoints import ResumePoint
+from gptft.config import Job, ModelConfig, job_to_yaml
+from gptft.data.sampler import EpochBatchSampler
+from gptft.io import write_json, write_text
+from gptft.model import GPT, GPTConfig
+from gptft.runs import save_model
+from gptft.timing import Phases
+from gptft.trainer import EpochContext, EpochReport, Trainer
+
+CONFIG_HEADER = "# The resolved configuration of this run. Re-run it with:\n" \
+                "#   accelerate launch launch/finetune.py --config {path}\n"
+SPLITS = ("train", "val", "test")
+
+
+class TaskBase:
+    """What a task supplies to ``run_task`` (subclass it; see the classification and instruction
+    tasks). ``__init__(job, accelerator)`` reads the data and builds ``self.model``, so bad input
+    fails before the run folder is touched.
+
+    Attributes:
+        best_metric: the validation metric that picks the weights kept, e.g. ``val_accuracy``.
+        higher_is_better: its direction.
+        model: the model to train (trainable parameters set).
+        counts: parameter counts for ``metrics.json`` (``trainable_summary``).
+    """
+
+    best_metric: str = "val_loss"
+    higher_is_better: bool = False
+    model: torch.nn.Module
+    counts: dict[str, int]
+
+    def __init__(self, job: Job, accelerator: Accelerator):
+        self.job, self.accelerator = job, accelerator
+
+    def loader(self, split: str, train: bool = False) -> DataLoader:
+        """The DataLoader of a split (``train=True``: the training loader, shuffled)."""
+        raise NotImplementedError
+
+    def has_split(self, split: str) -> bool:
+        """Whether `split` holds any example."""
+        return True
+
+    def count(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eval_outputs(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def eval_metrics(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def on_epoch_end(self, ctx: EpochContext) -> EpochReport | None:
+        """Metrics and text to log at an epoch's end (none by default)."""
+        return None
+
+    def split_report(self, split: str, gathered: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Extra final metrics of a split from its gathered outputs (none by default)."""
+        return {}
+
+    def meta(self) -> dict[str, Any]:
+        """The task's fields of ``gptft.json`` besides task, model and tokenizer."""
+        return {}
+
+    def gpt_config(self) -> GPTConfig:
+        return getattr(self.model, "backbone", self.model).config
+
+    def write_outputs(self, trainer: Trainer, metrics: dict) -> None:
+        """Files beyond the weights and metrics (plots, responses), after they are saved."""
+
+    def summary(self, metrics: dict) -> str:
+        """The line printed at the end."""
+        return "  ".join(f"{k} {metrics[k]:.4f}" for k in (f"{s}_loss" for s in SPLITS) if k in metrics)
+
+
+def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases | None = None) -> dict:
+    """Train, evaluate every split, write the run folder and the task's outputs; the metrics."""
+    job, acc = task.job, task.accelerator
+    phases = phases or Phases()
+    trainer = Trainer(job, acc, task, task.model, task.loader("train", train=True), task.loader("val"),
+                      eval_loader=task.loader, resume=resume, phases=phases)
+    trainer.fit()
+    metrics: dict[str, Any] = {**task.counts, "steps": trainer.state.step,
+                               "best_step": trainer.state.best_step}
+    with phases("final_evaluation"):
+        for split in (s for s in SPLITS if task.has_split(s)):
+            gathered = trainer.gather(trainer.loader(split))
+            metrics.update({f"{split}_{k}": v for k, v in task.eval_metrics(gathered).items()})
+            metrics.update(task.split_report(split, gathered))
+    trainer.log({k.replace("_", "/", 1): v for k, v in metrics.items() if isinstance(v, float)})
+    meta = {"task": job.task, "model": task.gpt_config().to_dict(), "tokenizer": task.tokenizer.name,
+            **task.meta()}
+    with phases("saving"):
+        save_final(acc, trainer.model, job, meta, metrics)
+    task.write_outputs(trainer, metrics)
+    metrics["time"] = phases.report()
+    if acc.is_main_process:
+        write_json(Path(job.output_dir) / "metrics.json", metrics)
+    acc.print(task.summary(metrics))
+    acc.print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in metrics["time"].items()))
+    return metrics
+
+
+# ---- pieces tasks build the same way ------------------------------------------------------------------
+
+def build_gpt(cfg: ModelConfig, vocab_size: int, device: torch.device | None = None) -> GPT:
+    """Pretrained GPT-2 weights (local folder or hub), or a fresh model of the preset's shape,
+    built directly on `device` (a fresh model is initialised there, not on the CPU first)."""
+    if cfg.weights == "pretrained":
+        return GPT.from_pretrained(cfg.checkpoint or cfg.name, drop_rate=cfg.drop_rate,
+                                   pad_vocab_multiple=cfg.pad_vocab_multiple)
+    shape = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
+             if getattr(cfg, k) is not None}
+    config = GPTConfig.from_name(cfg.name, vocab_size=vocab_size, drop_rate=cfg.drop_rate,
+                                 pad_vocab_multiple=cfg.pad_vocab_multiple, **shape)
+    with torch.device(device or "cpu"):
+        return GPT(config)
+
+
+def make_loader(dataset: Dataset, collate: Callable, batch_size: int, seed: int, *,
+                shuffle: bool, group_by_length: bool, accelerator: Accelerator) -> DataLoader:
+    """A DataLoader over an ``EpochBatchSampler`` (seeded order per epoch, optional grouping).
+
+    Batches are cut from global batches of ``batch_size * num_processes`` examples, so N
+    processes see per step what one process with N times the batch sees. A training loader
+    (``shuffle``) drops the incomplete last global batch, as the book's ``drop_last=True``
+    (unless the split is smaller than one global batch: then that is the only batch).
+    """
+    sampler = EpochBatchSampler(dataset.lengths, batch_size, seed=seed, shuffle=shuffle,
+                                group_by_length=group_by_length,
+                                num_processes=accelerator.num_processes, drop_last=shuffle)
+    # Its own generator: each new iterator draws a seed from it, not from the global RNG that
+    # dropout uses, so a run resumed mid-epoch (a new iterator) keeps the uninterrupted RNG stream.
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                      pin_memory=accelerator.device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def eval_batch_size(job: Job) -> int:
+    """``train.eval_batch_size``, or 4 x the training batch (no gradients to keep)."""
+    return job.train.eval_batch_size or 4 * job.train.batch_size
+
+
+def start_run_folder(job: Job, accelerator: Accelerator) -> None:
+    """Create ``output_dir`` and write the resolved ``config.yaml`` (main process)."""
+    import shutil
+
+    out = Path(job.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not job.train.resume:  # a new run: an earlier run's log and checkpoints go
+            (out / "log.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        write_text(out / "config.yaml", job_to_yaml(job, CONFIG_HEADER.format(path=out / "config.yaml")))
+    accelerator.wait_for_everyone()
+
+
+def save_final(accelerator: Accelerator, model: torch.nn.Module, job: Job, meta: dict,
+               metrics: dict) -> None:
+    """Write the final weights, ``gptft.json`` and ``metrics.json`` (main process, atomically).
+
+    A LoRA run also keeps its adapter (``adapter/``) and saves the merged plain model. Both come
+    from the gathered state dict, which every process helps build (a collective under FSDP).
+    """
+    state = accelerator.get_state_dict(model)  # the full weights on the main process (FSDP too)
+    state = {_state_name(k): v for k, v in state.items()}
+    if accelerator.is_main_process:
+        out = Path(job.output_dir)
+        if job.model.trainable == "lora":
+            from gptft.lora import split_state_dict, write_adapter
+
+            adapter, state = split_state_dict(state, _trainable_names(accelerator, model), job.lora)
+            write_adapter(adapter, out / "adapter", job.lora,
+                          extra={"base_model": job.model.checkpoint or job.model.name, **meta})
+        save_model(out, state, meta)
+        write_json(out / "metrics.json", metrics)
+    accelerator.wait_for_everyone()
+
+
+def _trainable_names(accelerator: Accelerator, model: torch.nn.Module) -> set[str]:
+    """State-dict names of the parameters that train."""
+    return {_state_name(n) for n, p in accelerator.unwrap_model(model).named_parameters()
+            if p.requires_grad}
+
+
+def _state_name(name: str) -> str:
+    """A parameter's name in the plain model: without the wrappers' parts (FSDP, checkpointing,
+    torch.compile's ``_orig_mod``, which Accelerate's ``get_state_dict`` keeps)."""
+    return re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.", "", name)
+
+
+def trainable_summary(accelerator: Accelerator, model: torch.nn.Module, policy: str) -> dict:
+    """Print and return the trainable / total parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(f"trainable parameters ({policy}): {trainable:,} of {total:,} "
+                      f"({100 * trainable / total:.2f}%)")
+    return {"trainable_parameters": trainable, "total_parameters": total}

@@ -1,0 +1,1 @@
+"""Text classification (the book's chapter 6): ``config`` (the job) and ``task`` (training it)."""

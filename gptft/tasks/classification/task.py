@@ -1,0 +1,120 @@
+"""Text classification (the book's chapter 6): data, model, loss, metrics and run files."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from gptft.classifier import GPTClassifier
+from gptft.data.classification import ClassificationDataset, load_classification_data, longest_length
+from gptft.data.collate import classification_collate, length_buckets
+from gptft.errors import GPTFTError
+from gptft.tasks.base import TaskBase, build_gpt, eval_batch_size, make_loader, trainable_summary
+from gptft.tasks.classification.config import ClassificationJob
+from gptft.tokenizer import Tokenizer
+from gptft.trainable import set_trainable
+from gptft.trainer import EpochContext, EpochReport
+
+
+class ClassificationTask(TaskBase):
+    """Cross-entropy on the class logits; accuracy, precision, recall, F1 and confusion matrix."""
+
+    best_metric = "val_accuracy"
+    higher_is_better = True
+
+    def __init__(self, job: ClassificationJob, accelerator: Accelerator):
+        super().__init__(job, accelerator)
+        self.tokenizer = Tokenizer()
+        with accelerator.main_process_first():  # downloads happen once
+            self.splits = load_classification_data(job.data)
+            gpt = build_gpt(job.model, self.tokenizer.vocab_size, accelerator.device)
+        context = gpt.config.context_length
+        self.max_length = job.data.max_length or longest_length(self.splits.train, self.tokenizer)
+        if self.max_length > context:
+            if job.data.max_length:
+                raise GPTFTError(f"data.max_length ({job.data.max_length}) exceeds the model's "
+                                 f"context length ({context})")
+            self.max_length = context
+        self.label_names = self.splits.label_names
+        with torch.device(accelerator.device):
+            self.model = GPTClassifier(gpt, len(self.label_names))
+        set_trainable(self.model, job.model.trainable, job.lora)
+        self.counts = trainable_summary(accelerator, self.model, job.model.trainable)
+
+    def loader(self, split: str, train: bool = False):
+        dataset = ClassificationDataset(getattr(self.splits, split), self.tokenizer, self.max_length)
+        cfg = self.job.train
+        collate = partial(classification_collate, pad_id=self.tokenizer.eot_id,
+                          buckets=length_buckets(dataset.lengths, self.max_length),
+                          max_length=self.max_length)
+        return make_loader(dataset, collate, cfg.batch_size if train else eval_batch_size(self.job),
+                           cfg.seed, shuffle=train, group_by_length=self.job.data.group_by_length,
+                           accelerator=self.accelerator)
+
+    # ---- what the trainer calls ----------------------------------------------------------------
+
+    def count(self, batch: dict) -> torch.Tensor:
+        return torch.ones_like(batch["labels"]).sum()  # on the device: no host sync
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        logits = model(batch["input_ids"], batch["lengths"])
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+    def eval_outputs(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        logits = model(batch["input_ids"], batch["lengths"]).float()
+        return {"loss": F.cross_entropy(logits, batch["labels"], reduction="none"),
+                "pred": logits.argmax(-1), "label": batch["labels"]}
+
+    def eval_metrics(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"loss": out["loss"].double().mean().item(),
+                "accuracy": (out["pred"] == out["label"]).double().mean().item()}
+
+    def on_epoch_end(self, ctx: EpochContext) -> EpochReport:
+        """Accuracy on a sample of the training split (the book: 10 batches)."""
+        cfg = self.job.train  # about eval_batches (or 10) training batches' worth of examples
+        metrics = ctx.evaluate("train", -(-(cfg.eval_batches or 10) * cfg.batch_size
+                                          // eval_batch_size(self.job)))
+        return EpochReport({f"train/{k}": v for k, v in metrics.items()},
+                           f"epoch {ctx.epoch}: train accuracy (sample) {metrics['accuracy']:.2%}, "
+                           f"val accuracy {ctx.val_metrics['val_accuracy']:.2%}")
+
+    # ---- the run's files -----------------------------------------------------------------------
+
+    def split_report(self, split: str, gathered: dict[str, torch.Tensor]) -> dict:
+        if split != "test":
+            return {}
+        return classification_report(gathered["pred"], gathered["label"], self.label_names)
+
+    def meta(self) -> dict:
+        return {"labels": self.label_names, "max_length": self.max_length}
+
+    def write_outputs(self, trainer, metrics: dict) -> None:
+        if self.accelerator.is_main_process:
+            from gptft.plots import plot_run
+
+            with trainer.phases("saving"):
+                plot_run(Path(self.job.output_dir), ["loss", "accuracy"])
+
+    def summary(self, metrics: dict) -> str:
+        return (f"test accuracy {metrics['test_accuracy']:.2%} (val {metrics['val_accuracy']:.2%}, "
+                f"train {metrics['train_accuracy']:.2%})")
+
+
+def classification_report(pred: torch.Tensor, label: torch.Tensor, names: list[str]) -> dict:
+    """Precision, recall and F1 (of class 1 for two classes, macro-averaged otherwise) and the
+    confusion matrix (rows: true label, columns: predicted)."""
+    k = len(names)
+    cm = torch.zeros(k, k, dtype=torch.long)
+    cm.index_put_((label.long(), pred.long()), torch.ones_like(label, dtype=torch.long), accumulate=True)
+    tp = cm.diag().double()
+    precision = tp / cm.sum(0).clamp(min=1)
+    recall = tp / cm.sum(1).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    pick = (lambda t: t[1].item()) if k == 2 else (lambda t: t.mean().item())
+    return {"test_precision": pick(precision), "test_recall": pick(recall), "test_f1": pick(f1),
+            "positive_label": names[1] if k == 2 else "macro average",
+            "confusion_matrix": cm.tolist(), "labels": names}

@@ -1,0 +1,1 @@
+"""Instruction fine-tuning (the book's chapter 7): ``config`` (the job) and ``task`` (training it)."""
