@@ -9,13 +9,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from gptft.errors import GPTFTError
+
+if TYPE_CHECKING:  # torch and safetensors are imported where weights are read or written
+    import torch
 
 
 @contextmanager
@@ -80,6 +79,8 @@ def save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
 ) -> None:
     """Save contiguous, unshared CPU copies of `tensors` atomically as safetensors."""
+    from safetensors.torch import save_file
+
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = {"format": "pt", **(metadata or {})}
     atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=meta))
@@ -87,6 +88,9 @@ def save_safetensors(
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a safetensors file onto the CPU, turning missing or broken files into one clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise GPTFTError(f"{path}: weights file not found")

@@ -407,7 +407,8 @@ class GPT(nn.Module):
                    "mlp.c_proj.weight")
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides) -> GPT:
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None,
+                        **overrides) -> GPT:
         """Load GPT-2 weights from a local Hugging Face folder or a hub name.
 
         Args:
@@ -415,6 +416,9 @@ class GPT(nn.Module):
                 ``transformers`` or ``save_pretrained``), or ``gpt2-small`` / ``gpt2-medium`` /
                 ``gpt2-large`` / ``gpt2-xl`` / ``openai-community/gpt2*``, downloaded with
                 ``huggingface_hub`` into its cache (``HF_HUB_OFFLINE=1`` is respected).
+            device: where to build it (default: the CPU). The model is laid out on the ``meta``
+                device first and its storage allocated there, so no time goes into a random
+                initialisation that the weights then overwrite.
             **overrides: ``GPTConfig`` fields that do not change weight shapes
                 (``drop_rate``, ``pad_vocab_multiple``).
         """
@@ -427,8 +431,11 @@ class GPT(nn.Module):
         state = {}
         for file in weight_files(folder):
             state.update(load_safetensors(file))
-        model = cls(config)
-        model.load_hf_state_dict(state, source=str(folder))
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device or "cpu")
+        model.lm_head.weight = model.wte.weight  # to_empty gives each module its own storage
+        model.load_hf_state_dict(state, source=str(folder))  # every tensor: none left uninitialised
         return model
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

@@ -362,14 +362,18 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def gather(self, loader, max_batches: int | None = None) -> dict[str, torch.Tensor]:
+    def gather(self, loader, max_batches: int | None = None,
+               desc: str | None = None) -> dict[str, torch.Tensor]:
         """The task's eval outputs over `loader` from all processes, without the duplicates that
-        even batches add."""
+        even batches add; with `desc`, a progress bar of that name."""
         model = self.model
         was_training = model.training
         model.eval()
         gathered: dict[str, list[torch.Tensor]] = {}
-        for batch in islice(loader, max_batches):
+        total = len(loader) if max_batches is None else min(len(loader), max_batches)
+        bar = tqdm(islice(loader, max_batches), total=total, desc=desc, leave=False, dynamic_ncols=True,
+                   disable=desc is None or not self.accelerator.is_local_main_process)
+        for batch in bar:
             with self.accelerator.autocast():
                 out = self.task.eval_outputs(model, batch)
             for k, v in self.accelerator.gather_for_metrics(out).items():

@@ -12,9 +12,8 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from torch.utils.data import Dataset
 
 from gptft.data.readers import JSON_SUFFIXES, decode, parse_json_records, parse_table, read_text
@@ -22,6 +21,9 @@ from gptft.download import download
 from gptft.errors import GPTFTError
 from gptft.tasks.classification.config import ClassificationData
 from gptft.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SMS_URLS: list[str] = [
     "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
@@ -98,6 +100,8 @@ def load_classification_data(cfg: ClassificationData) -> ClassificationSplits:
         return _ready_made_splits(cfg)
     rows = _read_labelled(Path(cfg.path), cfg) if cfg.path else _read_sms_download(cfg)
     names = _label_names(cfg, rows)
+    import pandas as pd  # imported where used: a second of start-up otherwise
+
     frame = pd.DataFrame({"text": rows.texts, "label": _label_indices(rows, names, cfg)})
     _check_classes(frame["label"].nunique(), rows.name)
     if cfg.balance:
@@ -346,6 +350,8 @@ def _check_classes(count: int, name: str) -> None:
 
 
 def _balance(frame: pd.DataFrame, seed: int) -> pd.DataFrame:
+    import pandas as pd
+
     """Undersample every class to the smallest class's size, as the book (classes in index order)."""
     smallest = int(frame["label"].value_counts().min())
     parts = [group if len(group) == smallest else group.sample(smallest, random_state=seed)

@@ -104,7 +104,7 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
                                "best_step": trainer.state.best_step}
     with phases("final_evaluation"):
         for split in (s for s in SPLITS if task.has_split(s)):
-            gathered = trainer.gather(trainer.loader(split))
+            gathered = trainer.gather(trainer.loader(split), desc=f"evaluate {split}")
             metrics.update({f"{split}_{k}": v for k, v in task.eval_metrics(gathered).items()})
             metrics.update(task.split_report(split, gathered))
     trainer.log({k.replace("_", "/", 1): v for k, v in metrics.items() if isinstance(v, float)})
@@ -127,7 +127,7 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, device: torch.device | None = N
     """Pretrained GPT-2 weights (local folder or hub), or a fresh model of the preset's shape,
     built directly on `device` (a fresh model is initialised there, not on the CPU first)."""
     if cfg.weights == "pretrained":
-        return GPT.from_pretrained(cfg.checkpoint or cfg.name, drop_rate=cfg.drop_rate,
+        return GPT.from_pretrained(cfg.checkpoint or cfg.name, device=device, drop_rate=cfg.drop_rate,
                                    pad_vocab_multiple=cfg.pad_vocab_multiple)
     shape = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
              if getattr(cfg, k) is not None}
