@@ -6,6 +6,7 @@ runs before the run folder is touched.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from accelerate.utils import set_seed
@@ -18,9 +19,13 @@ from gptft.timing import Phases
 from gptft.trainer import make_accelerator
 
 
-def finetune(job: Job) -> dict:
-    """Run `job` (a validated job config) and return its final metrics."""
-    phases = Phases()
+def finetune(job: Job, started: float | None = None) -> dict:
+    """Run `job` (a validated job config) and return its final metrics.
+
+    `started` (a ``time.time()``) is when the job began, for its phase timings: the ``gptft``
+    command passes its process's start (``gptft.timing.process_start``); default: now.
+    """
+    phases = Phases(started if started is not None else time.time())
     accelerator = make_accelerator(job)
     # A resumption that cannot be (no checkpoint, changed config, other process count) fails first.
     resume = resume_point(job, accelerator.num_processes)

@@ -25,10 +25,10 @@ def process_start() -> float:
 
 class Phases:
     """Seconds spent in each named phase (``with phases("validation"): ...``), plus the time
-    since the job started."""
+    since the job started (`start`, a ``time.time()``; default: now)."""
 
     def __init__(self, start: float | None = None):
-        self.start = start if start is not None else process_start()
+        self.start = start if start is not None else time.time()
         self.seconds: dict[str, float] = defaultdict(float)
 
     @contextmanager

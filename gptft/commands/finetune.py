@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gptft.config import load_job
     from gptft.finetune import finetune
+    from gptft.timing import process_start
 
-    finetune(load_job(args.config, args.overrides))
+    finetune(load_job(args.config, args.overrides), started=process_start())
     return 0
