@@ -493,7 +493,7 @@ def environment() -> dict:
 
 
 def _median(values: list) -> float | None:
-    values = [v for v in values if v is not None]
+    values = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
     return statistics.median(values) if values else None
 
 
@@ -513,6 +513,7 @@ def summarize(runs: list[dict], labels: list[str]) -> dict:
         entry = {"kind": mine[0]["kind"], "runs": len(ok), "failed": len(mine) - len(ok),
                  "wall_s": [r["wall_s"] for r in ok], "wall_s_median": _median([r["wall_s"] for r in ok])}
         entry["phases_median"] = {k: _median([r["phases"].get(k) for r in ok]) for k in PHASES}
+        entry["time_to_first_step_s_median"] = _median([r.get("time_to_first_step_s") for r in ok])
         entry["outside_steps_share_median"] = _median([outside_share(r) for r in ok])
         for key in (*ACCURACY_KEYS, "test_loss", "val_loss", "train_loss", "steps"):
             values = [r["metrics"].get(key) for r in ok if isinstance(r["metrics"].get(key), int | float)]
@@ -560,6 +561,9 @@ def run_benchmark(opts: argparse.Namespace) -> dict:
                 else:
                     record = run_gptft(target, opts, run_dir)
                 record.update(repeat=repeat, load_average_before=load)
+                phases = record.get("phases") or {}
+                if phases.get("startup") is not None and phases.get("first_step") is not None:
+                    record["time_to_first_step_s"] = phases["startup"] + phases["first_step"]
                 if run_dir.is_dir():
                     record["run_dir_bytes"], record["checkpoint_bytes"] = folder_bytes(run_dir)
                     if not opts.keep:
