@@ -187,7 +187,7 @@ def eval_steps(log: Path) -> set[int] | None:
     except OSError:
         return None
     for line in lines:
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
+        with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
             record = json.loads(line)
             if any(k.startswith("val/") for k in record):
                 steps.add(int(record["step"]))
