@@ -95,3 +95,117 @@ def test_frozen_embeddings_control_run(tmp_path, monkeypatch):
     m = json.loads((tmp_path / "metrics.json").read_text())
     embeddings = 50257 * 32 + 256 * 32  # wte + wpe
     assert m["trainable_parameters"] == m["total_parameters"] - embeddings
+
+
+# ---- benchmarks/e2e.py ---------------------------------------------------------------------------
+
+
+def load_e2e():
+    spec = importlib.util.spec_from_file_location("e2e", BENCH.parent / "e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["e2e"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+E2E_TINY = ["model.n_layers=1", "model.emb_dim=32", "model.n_heads=2", "train.max_steps=3", "train.epochs=1"]
+
+
+@pytest.mark.slow
+def test_e2e_runs_the_job_and_the_textbook(tmp_path, capsys):
+    import json
+
+    e2e = load_e2e()
+    lines = shared_path("data", "sms_spam_collection", "SMSSpamCollection.tsv").read_text().splitlines()
+    small = tmp_path / "SMSSpamCollection"  # 60 spam, 60 ham: 84 / 12 / 24 texts
+    small.write_text("\n".join([x for x in lines if x.startswith("spam")][:60]
+                               + [x for x in lines if x.startswith("ham")][:60]) + "\n")
+    sets = [arg for s in (f"data.path={small}", *E2E_TINY) for arg in ("--set", s)]
+    config = str(BENCH.parents[1] / "configs" / "spam-tiny.yaml")
+    out = e2e.main(["--config", config, *sets, "--textbook", "--output", str(tmp_path / "e2e.json")])
+
+    assert json.loads((tmp_path / "e2e.json").read_text()) == json.loads(json.dumps(out))
+    gptft_label, textbook = list(out["summary"])
+    assert textbook == "textbook" and out["reference"] == gptft_label
+    assert [r["label"] for r in out["runs"]] == [gptft_label, textbook]
+    for run in out["runs"]:
+        assert run["returncode"] == 0 and "error" not in run, run.get("error")
+        assert set(run["phases"]) == set(e2e.PHASES)
+        phases = run["phases"]
+        assert all(phases[k] is not None and phases[k] >= 0
+                   for k in ("startup", "first_step", "steps", "final"))
+        assert sum(v for v in phases.values() if v is not None) <= run["wall_s"] + 1e-6
+        assert run["metrics"]["steps"] == 3
+        assert all(0 <= run["metrics"][k] <= 1 for k in e2e.ACCURACY_KEYS)
+        assert run["run_dir_bytes"] > 0 and run["checkpoint_bytes"] == 0  # no epoch end: no checkpoint
+    gptft_run = out["runs"][0]
+    assert gptft_run["bar"]["steps_seen"] == 3 and gptft_run["bar"]["evaluations"] >= 1
+    assert {"imports", "data", "model", "first_step", "train", "evaluation", "final_accuracy",
+            "saving", "total"} <= out["runs"][1]["time"].keys()
+    assert out["textbook_implementation"].startswith(("llms-from-scratch", "re-implementation"))
+    assert out["speedup_vs_textbook"][gptft_label] > 0
+    entry = out["summary"][gptft_label]
+    assert entry["runs"] == 1 and entry["wall_vs_reference"] == 1.0
+    assert 0 < entry["outside_steps_share_median"] < 1
+    printed = capsys.readouterr().out
+    for header in ("wall", "startup", "1st step", "between", "outside", "test acc", "ckpt MB",
+                   "textbook code"):
+        assert header in printed
+
+
+def test_e2e_phases_from_the_progress_bar():
+    e2e = load_e2e()
+    bar = "train:  {p:>3}%|##| {n}/10 [00:01<00:02, 5.00it/s]"
+    # step k ends at 2 + k (s), the first at 3.5; an evaluation after step 5 (+1.5 s), then the loop
+    # ends at 13.5 (an end-of-epoch evaluation after step 10) and the last line at 15.
+    times = {0: 2.0, 1: 3.5, **{k: 2.5 + k for k in range(2, 6)}, **{k: 4.0 + k for k in range(6, 11)}}
+    stderr = [(t, bar.format(p=10 * n, n=n)) for n, t in times.items()] + [(15.5, bar.format(p=100, n=10))]
+    proc = e2e.Process(0, 17.0, 0.0, [(1.0, "trainable parameters"), (16.0, "test accuracy 90%")], stderr)
+    phases, info = e2e.bar_phases(proc, {5, 10})
+    assert info["median_step_s"] == pytest.approx(1.0) and info["steps_seen"] == 10
+    assert phases["startup"] == 2.0 and phases["first_step"] == pytest.approx(1.5)
+    assert phases["steps"] == pytest.approx(9.0)  # steps 2..10 at 1 s each
+    assert phases["between_steps"] == pytest.approx(3.0)  # 1.5 s after step 5, 1.5 s after step 10
+    assert phases["final"] == pytest.approx(0.5) and phases["exit"] == pytest.approx(1.0)
+    # Without a bar only the total is known.
+    phases, _ = e2e.bar_phases(e2e.Process(0, 5.0, 0.0, [(1.0, "done")], []), set())
+    assert all(v is None for v in phases.values())
+
+
+def test_e2e_textbook_copy_matches_the_book_package(tmp_path, capsys, monkeypatch):
+    ch04 = pytest.importorskip("llms_from_scratch.ch04")
+    ch06 = pytest.importorskip("llms_from_scratch.ch06")
+    import tiktoken
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # as for e2e.py: bench.py beside it
+    import textbook_ch06 as copy
+
+    cfg = {"vocab_size": 50257, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 2,
+           "drop_rate": 0.0, "qkv_bias": True}
+    models = []
+    for module in (ch04, copy):
+        torch.manual_seed(7)
+        model = module.GPTModel(cfg)
+        torch.manual_seed(8)
+        model.out_head = torch.nn.Linear(16, 2)
+        models.append(model)
+    x = torch.randint(0, 50257, (3, 12))
+    torch.testing.assert_close(models[0](x), models[1](x))
+
+    csv = tmp_path / "train.csv"
+    csv.write_text('Label,Text\n0,"Hello, there"\n1,WINNER!! Claim your prize now\n0,ok\n', encoding="utf-8")
+    tokenizer = tiktoken.get_encoding("gpt2")
+    book_data, copy_data = ch06.SpamDataset(csv, tokenizer), copy.SpamDataset(csv, tokenizer)
+    assert book_data.max_length == copy_data.max_length and book_data.encoded_texts == copy_data.encoded_texts
+    assert all(torch.equal(a, b) for i in range(3) for a, b in zip(book_data[i], copy_data[i]))
+
+    batches = [(torch.randint(0, 50257, (2, 6)), torch.tensor([0, 1])) for _ in range(4)]
+    results = []
+    for module, model in zip((ch06, copy), models):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        results.append(module.train_classifier_simple(model, batches, batches[:2], optimizer, "cpu",
+                                                      num_epochs=2, eval_freq=3, eval_iter=1))
+    for book_values, copy_values in zip(*results):  # losses, accuracies, examples seen
+        assert copy_values == pytest.approx(book_values)
+    assert capsys.readouterr().out.count("Validation accuracy") == 4
