@@ -28,7 +28,9 @@ class ModelConfig:
     weights: Literal["pretrained", "random"] = "pretrained"
     """pretrained: load GPT-2 weights (``checkpoint`` or the hub); random: initialise afresh."""
     checkpoint: str | None = None
-    """Local Hugging Face GPT-2 folder (config.json + model.safetensors) to load instead of the hub."""
+    """Local folder to load instead of the hub: a Hugging Face GPT-2 folder (config.json +
+    model.safetensors) or a finished gptft run of a language-model task (gptft.json: its shape
+    and weights, e.g. the instruction run that preference tuning starts from)."""
     n_layers: int | None = None
     """Override the preset's number of blocks (random weights only)."""
     emb_dim: int | None = None

@@ -14,12 +14,15 @@ Typical use::
     save_adapter(model, "run/adapter", cfg)   # LoRA tensors + other trainable params (the head)
     load_adapter(fresh_base, "run/adapter")   # rebuild the fine-tuned model
     merge_lora(model)                         # plain nn.Linear layers again, for export
+    with adapters_disabled(model): ...        # the base model's outputs, without a copy of it
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,7 @@ class LoRALinear(nn.Linear):
     def _init_lora(self, rank: int, alpha: float, dropout: float) -> None:
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
+        self.disabled = False  # see adapters_disabled
         like = dict(device=self.weight.device, dtype=self.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **like))
@@ -88,6 +92,8 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return F.linear(x, self.weight, self.bias) + update * self.scaling
 
@@ -130,6 +136,20 @@ def _is_lora_name(name: str) -> bool:
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """The LoRALinear modules of `model`, by qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block, every LoRALinear of `model` computes its base layer only: the model is
+    the base model it adapts (preference tuning's reference, without a second copy)."""
+    layers = list(lora_modules(model).values())
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:

@@ -58,7 +58,10 @@ def _check_produces(run_dir: Path, task: object, produces: str) -> None:
 def load_state_into(model: nn.Module, run_dir: str | os.PathLike) -> None:
     """Load ``model.safetensors`` of `run_dir` into `model`, reporting mismatches clearly."""
     path = Path(run_dir) / WEIGHTS_FILE
-    state = load_safetensors(path)
+    _load_state(model, load_safetensors(path), path)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     missing, unexpected = [], list(state.keys() - model.state_dict().keys())
     own = model.state_dict()
     for k, v in own.items():
@@ -74,12 +77,35 @@ def load_state_into(model: nn.Module, run_dir: str | os.PathLike) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def load_gpt(run_dir: str | os.PathLike) -> tuple[GPT, dict[str, Any]]:
-    """The GPT language model of a run (e.g. instruction tuning), in eval mode on the CPU, with
-    its metadata."""
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a gptft run folder (it holds ``gptft.json``), not a Hugging Face one."""
+    return (Path(path) / META_FILE).is_file()
+
+
+def load_gpt(run_dir: str | os.PathLike, device: str | torch.device | None = None,
+             **overrides) -> tuple[GPT, dict[str, Any]]:
+    """The GPT language model of a run (e.g. instruction tuning), in eval mode, with its metadata.
+
+    Args:
+        run_dir: a finished run of a task that produces a language model.
+        device: where to build it (default: the CPU); the weights are loaded without a random
+            initialisation first.
+        **overrides: ``GPTConfig`` fields that do not change the weights (``drop_rate``,
+            ``pad_vocab_multiple``: the embedding table's padding rows are zeros).
+    """
     meta = load_meta(run_dir, produces="lm")
-    model = GPT(GPTConfig(**meta["model"]))
-    load_state_into(model, run_dir)
+    config = GPTConfig(**{**meta["model"], **overrides})
+    path = Path(run_dir) / WEIGHTS_FILE
+    state = load_safetensors(path)
+    if len(state.get("wte.weight", ())) >= config.vocab_size:  # re-pad to this config's multiple
+        wte = state["wte.weight"][: config.vocab_size]
+        pad = wte.new_zeros(config.padded_vocab_size - len(wte), wte.size(1))
+        state["wte.weight"] = torch.cat([wte, pad])
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device or "cpu")
+    model.lm_head.weight = model.wte.weight  # to_empty gives each module its own storage
+    _load_state(model, state, path)  # every tensor: none left uninitialised
     return model.eval(), meta
 
 

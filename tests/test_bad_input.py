@@ -64,6 +64,11 @@ def _classification_run(folder: Path) -> Path:
     return folder
 
 
+def _good_pairs(n: int = 20) -> list[dict]:
+    return [{"instruction": f"Repeat the number {i}.", "input": "", "chosen": f"Gladly: {i}.",
+             "rejected": f"{i}, obviously."} for i in range(n)]
+
+
 def _instruction_run(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_model(folder, GPT(CFG), {"task": "instruction", "model": CFG.to_dict(), "tokenizer": "gpt2",
@@ -196,6 +201,64 @@ def case_instruction_wrong_type(tmp, out):
             [str(p), "record 5: 'instruction' must be a string"])
 
 
+def _preference_case(tmp, out, records: list, words: list[str]):
+    p = tmp / "pairs.json"
+    p.write_text(json.dumps(records))
+    return (_finetune(tmp, out, "dpo-tiny.yaml", "model.weights=random", "model.checkpoint=null",
+                      "data.drop_identical=false", f"data.path={p}"), [str(p), *words])
+
+
+def case_preference_missing_rejected(tmp, out):
+    records = _good_pairs()
+    del records[3]["rejected"]
+    return _preference_case(tmp, out, records, ["record 3: missing key 'rejected'"])
+
+
+def case_preference_chosen_equals_rejected(tmp, out):
+    records = _good_pairs()
+    records[4]["rejected"] = records[4]["chosen"]
+    records[9]["chosen"] = records[9]["rejected"]
+    return _preference_case(tmp, out, records, [
+        "2 invalid record(s)", "record 4: 'chosen' and 'rejected' are the same text",
+        "record 9: 'chosen' and 'rejected' are the same text", "data.drop_identical=true"])
+
+
+def case_preference_empty_strings(tmp, out):
+    records = _good_pairs()
+    records[2]["chosen"] = ""
+    records[6]["rejected"] = "  \n"
+    return _preference_case(tmp, out, records, ["record 2: 'chosen' is empty",
+                                                "record 6: 'rejected' is empty"])
+
+
+def case_preference_wrong_types(tmp, out):
+    records = _good_pairs()
+    records[5]["rejected"] = 7
+    records[7]["chosen"] = ["a", "list"]
+    records[8] = "not an object"
+    return _preference_case(tmp, out, records, [
+        "record 5: 'rejected' must be a string, got int", "record 7: 'chosen' must be a string, got list",
+        "record 8: expected an object with instruction, input, chosen, rejected, got str"])
+
+
+def case_preference_jsonl_names_the_line(tmp, out):
+    p = tmp / "pairs.jsonl"
+    records = _good_pairs()
+    del records[1]["chosen"]
+    p.write_text("".join(json.dumps(r) + "\n\n" for r in records))  # blank lines between records
+    return (_finetune(tmp, out, "dpo-tiny.yaml", "model.weights=random", "model.checkpoint=null",
+                      f"data.path={p}"), [str(p), "record 1 (line 3): missing key 'chosen'"])
+
+
+def case_preference_start_run_missing(tmp, out):
+    p = tmp / "pairs.json"
+    p.write_text(json.dumps(_good_pairs()))
+    missing = tmp / "runs" / "instruct-tiny"
+    shape = [f"model.{k}=null" for k in ("n_layers", "emb_dim", "n_heads", "context_length")]
+    return (_finetune(tmp, out, "dpo-tiny.yaml", *shape, f"model.checkpoint={missing}", f"data.path={p}"),
+            [str(missing), "is not a folder and not a known model"])
+
+
 def case_truncated_checkpoint(tmp, out):
     hf = _hf_folder(tmp / "hf")
     weights = hf / "model.safetensors"
@@ -226,7 +289,7 @@ def case_classify_instruction_run(tmp, out):
 def case_generate_classification_run(tmp, out):
     run = _classification_run(out)
     return (["generate", str(run), "--instruction", "hi", "--max-new-tokens", "2"],
-            [str(run), "a classification run, not an instruction run"])
+            [str(run), "a classification run, not an instruction or preference run"])
 
 
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}

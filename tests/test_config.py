@@ -11,6 +11,7 @@ from gptft.config import (
 from gptft.errors import GPTFTError
 from gptft.tasks.classification.config import ClassificationJob
 from gptft.tasks.instruction.config import InstructionJob
+from gptft.tasks.preference.config import PreferenceJob
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -18,7 +19,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_validates_and_documents_its_launch(path):
     job = load_job(path)
-    assert isinstance(job, (ClassificationJob, InstructionJob))
+    assert isinstance(job, (ClassificationJob, InstructionJob, PreferenceJob))
     assert path.read_text().startswith("#") and "launch/finetune.py" in path.read_text().split("\n\n")[0]
 
 

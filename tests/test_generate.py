@@ -195,5 +195,5 @@ def test_cli_generate_errors(tmp_path, tiny_config, capsys, case):
     assert main(["generate", str(run), "--instruction", "Say hi", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gptft generate: error:") and err.count("\n") == 1
-    assert {"classification": "not an instruction run", "missing": "run folder not found",
+    assert {"classification": "not an instruction or preference run", "missing": "run folder not found",
             "bad-top-p": "--top-p: must be in (0, 1]"}[case] in err

@@ -14,13 +14,15 @@ from pathlib import Path
 from gptft import config as C
 from gptft.tasks.classification.config import ClassificationData
 from gptft.tasks.instruction.config import InstructionData
+from gptft.tasks.preference.config import DPOConfig, PreferenceData
 from gptft.validation import type_name as engine_type_name
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = [("model", C.ModelConfig, "both tasks"), ("data", ClassificationData, "classification"),
-            ("data", InstructionData, "instruction"), ("train", C.TrainConfig, "both tasks"),
-            ("lora", C.LoRAConfig, "with model.trainable=lora"), ("tracking", C.TrackingConfig, "both tasks"),
-            ("generate", C.GenerateConfig, "instruction")]
+SECTIONS = [("model", C.ModelConfig, "every task"), ("data", ClassificationData, "classification"),
+            ("data", InstructionData, "instruction"), ("data", PreferenceData, "preference"),
+            ("dpo", DPOConfig, "preference"), ("train", C.TrainConfig, "every task"),
+            ("lora", C.LoRAConfig, "with model.trainable=lora"), ("tracking", C.TrackingConfig, "every task"),
+            ("generate", C.GenerateConfig, "instruction, preference")]
 
 
 def field_docs() -> dict[tuple[str, str], str]:

@@ -3,6 +3,7 @@
 * ``classification_collate``: texts right-padded, with their real lengths and labels.
 * ``instruction_collate``: one example per row, right-padded (the book's ``custom_collate_fn``,
   plus optional prompt masking).
+* ``preference_collate``: a pair of responses per row (chosen, rejected), prompts masked out.
 * ``packed_collate``: several examples per row, with a block-diagonal causal attention mask and
   positions restarting at 0 for each example, so every example is computed exactly as if alone.
 
@@ -128,6 +129,33 @@ def instruction_collate(items: Sequence[dict], pad_id: int, mask_prompt: bool,
         input_ids[row, :n] = torch.tensor(ids[:n], dtype=torch.long)
         labels[row, : len(target)] = torch.tensor(target, dtype=torch.long)
     return {"input_ids": input_ids, "labels": labels}
+
+
+def preference_collate(items: Sequence[dict], pad_id: int, max_length: int | None = None,
+                       buckets: Sequence[int] | None = None) -> dict:
+    """A pair per row: its chosen and rejected sequences, right-padded to one length (as
+    ``instruction_collate``), with every target that predicts a prompt token ignored, so that a
+    row's labelled targets are its response and end-of-text only.
+
+    Args:
+        items: ``PreferenceDataset`` items ``{"chosen", "rejected", "prompt_len"}`` (token ids),
+            with ``reference`` (2,) once the reference log-probabilities are computed.
+        pad_id: padding token (the end-of-text id).
+        max_length: truncate each sequence to ``max_length + 1`` tokens first.
+        buckets: row lengths to round up to (``length_buckets``; past them, `max_length`).
+
+    Returns:
+        ``input_ids`` and ``labels`` (B, 2, T) long (index 0 chosen, 1 rejected: one forward of
+        the 2B sequences serves both), and ``reference`` (B, 2) float32 when the items have it;
+        on the CPU.
+    """
+    rows = [{"input_ids": item[key], "prompt_len": item["prompt_len"]}
+            for item in items for key in ("chosen", "rejected")]
+    batch = instruction_collate(rows, pad_id, mask_prompt=True, max_length=max_length, buckets=buckets)
+    out = {k: v.view(len(items), 2, -1) for k, v in batch.items()}
+    if items and "reference" in items[0]:
+        out["reference"] = torch.stack([item["reference"] for item in items]).float()
+    return out
 
 
 def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:

@@ -9,14 +9,14 @@ followed by the output and one end-of-text token, as in chapter 7 of *Build a La
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
-from gptft.data.readers import JsonRecord, parse_json_records, read_text
+from gptft.data.readers import check_records, parse_json_records, read_text
 from gptft.download import download
 from gptft.errors import GPTFTError
 from gptft.prompts import PromptStyle, format_example
@@ -27,7 +27,6 @@ INSTRUCTION_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
     "instruction-data.json"
 )
-_MAX_REPORTED = 10  # invalid records listed in one error
 
 
 # ---- reading and splitting records ---------------------------------------------------------------
@@ -42,21 +41,24 @@ class InstructionSplits:
 
 
 def load_instruction_data(cfg: InstructionData) -> InstructionSplits:
-    """Read ``cfg.path`` (or download the book's set into the cache) and split it.
-
-    Splits follow the book's arithmetic: ``train = int(n * split[0])`` records, then
-    ``test = int(n * split[2])``, then validation gets the rest, taken in that order from the
-    file (train | test | val), after a seeded shuffle if ``cfg.shuffle``.
-    """
+    """Read ``cfg.path`` (or download the book's set into the cache) and split it (``split_records``)."""
     path = Path(cfg.path) if cfg.path else download([INSTRUCTION_URL], "instruction-data.json")
-    records = read_records(path, cfg.format)
-    if cfg.shuffle:
-        random.Random(cfg.seed).shuffle(records)
+    return split_records(read_records(path, cfg.format), cfg.split, cfg.shuffle, cfg.seed, str(path))
+
+
+def split_records(records: list[dict], split: Sequence[float], shuffle: bool, seed: int,
+                  name: str) -> InstructionSplits:
+    """Split `records` (read from `name`) with the book's arithmetic: ``train = int(n * split[0])``
+    records, then ``test = int(n * split[2])``, then validation gets the rest, taken in that order
+    from the file (train | test | val), after a seeded shuffle if `shuffle`."""
+    if shuffle:
+        records = list(records)
+        random.Random(seed).shuffle(records)
     n = len(records)
-    n_train, n_test = int(n * cfg.split[0]), int(n * cfg.split[2])
+    n_train, n_test = int(n * split[0]), int(n * split[2])
     if n_train == 0:
-        raise GPTFTError(f"{path}: {n} record(s) leave the training split empty "
-                         f"(split {cfg.split}); add records or raise the training fraction")
+        raise GPTFTError(f"{name}: {n} record(s) leave the training split empty "
+                         f"(split {list(split)}); add records or raise the training fraction")
     return InstructionSplits(
         train=records[:n_train],
         test=records[n_train : n_train + n_test],
@@ -64,41 +66,28 @@ def load_instruction_data(cfg: InstructionData) -> InstructionSplits:
     )
 
 
-def read_records(path: str | Path, fmt: Literal["auto", "json", "jsonl"] = "auto") -> list[dict]:
+def read_records(path: str | Path, fmt: Literal["auto", "json", "jsonl"] = "auto",
+                 problem: Callable[[Any], str | None] | None = None,
+                 fields: str = "instruction, input, output") -> list[dict]:
     """Read and validate instruction records from a JSON array or a JSON Lines file.
 
     ``auto`` decides by content: a file starting with ``[`` is a JSON array, one starting with
     ``{`` is JSON Lines (blank lines skipped). Each record needs ``instruction`` and ``output``
     strings; ``input`` is an optional string (missing or null: ``""``); other keys are kept. Every
     problem raises one ``GPTFTError`` naming the file, and the (0-based) record index and line
-    where it applies.
+    where it applies. Other kinds of records pass their own `problem` check (a message for a bad
+    record, else None) and `fields` (named when the file is not a list of records).
     """
     path = Path(path)
     text = read_text(path)
     if fmt == "auto" and text.lstrip()[0] not in "[{":
         raise GPTFTError(f"{path}: not a list of records (expected a JSON array of "
-                         "{instruction, input, output} objects or JSON Lines)")
+                         f"{{{fields}}} objects or JSON Lines)")
     records = parse_json_records(text, str(path), fmt)
     if not records:
         raise GPTFTError(f"{path}: no records")
-    return _validate(path, records)
-
-
-def _validate(path: Path, records: list[JsonRecord]) -> list[dict]:
-    problems, out = [], []
-    for r in records:
-        problem = _record_problem(r.value)
-        where = f"record {r.index}" + (f" (line {r.line})" if r.line is not None else "")
-        if problem:
-            problems.append(f"{where}: {problem}")
-        else:
-            out.append({**r.value, "input": r.value.get("input") or ""})
-    if problems:
-        more = len(problems) - _MAX_REPORTED
-        shown = problems[:_MAX_REPORTED] + ([f"... and {more} more"] if more > 0 else [])
-        raise GPTFTError(f"{path}: {len(problems)} invalid record(s) (records count from 0): "
-                         + "; ".join(shown))
-    return out
+    check_records(str(path), records, problem or _record_problem)
+    return [{**r.value, "input": r.value.get("input") or ""} for r in records]
 
 
 def _record_problem(record: Any) -> str | None:

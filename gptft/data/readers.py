@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,7 @@ from typing import Any, Literal
 from gptft.errors import GPTFTError
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+MAX_REPORTED = 10  # invalid records listed in one error
 QUOTING_HINT = ("quote a field that holds the delimiter, a quote or a line break, "
                 "and double the quotes inside it")
 
@@ -121,3 +123,18 @@ def _raise_for_single_document(text: str, name: str) -> None:
 def read_json_records(path: str | Path, fmt: Literal["auto", "json", "jsonl"] = "auto") -> list[JsonRecord]:
     """``parse_json_records`` of a file (``auto``: by content)."""
     return parse_json_records(read_text(path), str(path), fmt)
+
+
+def check_records(name: str, records: list[JsonRecord], problem: Callable[[Any], str | None]) -> None:
+    """Raise one ``GPTFTError`` naming `name` and each record (0-based index, and line in JSON
+    Lines) for which `problem` returns a message; the first ``MAX_REPORTED`` and a count of the rest."""
+    problems = []
+    for r in records:
+        if (message := problem(r.value)) is not None:
+            where = f"record {r.index}" + (f" (line {r.line})" if r.line is not None else "")
+            problems.append(f"{where}: {message}")
+    if problems:
+        more = len(problems) - MAX_REPORTED
+        shown = problems[:MAX_REPORTED] + ([f"... and {more} more"] if more > 0 else [])
+        raise GPTFTError(f"{name}: {len(problems)} invalid record(s) (records count from 0): "
+                         + "; ".join(shown))

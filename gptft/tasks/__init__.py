@@ -68,3 +68,5 @@ register_task(TaskSpec("classification", "gptft.tasks.classification.config:Clas
                        "gptft.tasks.classification.task:ClassificationTask", produces="classifier"))
 register_task(TaskSpec("instruction", "gptft.tasks.instruction.config:InstructionJob",
                        "gptft.tasks.instruction.task:InstructionTask", produces="lm"))
+register_task(TaskSpec("preference", "gptft.tasks.preference.config:PreferenceJob",
+                       "gptft.tasks.preference.task:PreferenceTask", produces="lm"))

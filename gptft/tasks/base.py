@@ -21,7 +21,7 @@ from gptft.config import Job, ModelConfig, job_to_yaml
 from gptft.data.sampler import EpochBatchSampler
 from gptft.io import write_json, write_text
 from gptft.model import GPT, GPTConfig
-from gptft.runs import save_model
+from gptft.runs import is_run_folder, load_gpt, save_model
 from gptft.timing import Phases
 from gptft.trainer import EpochContext, EpochReport, Trainer
 
@@ -124,8 +124,13 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
 # ---- pieces tasks build the same way ------------------------------------------------------------------
 
 def build_gpt(cfg: ModelConfig, vocab_size: int, device: torch.device | None = None) -> GPT:
-    """Pretrained GPT-2 weights (local folder or hub), or a fresh model of the preset's shape,
-    built directly on `device` (a fresh model is initialised there, not on the CPU first)."""
+    """Pretrained weights (a finished gptft language-model run, a Hugging Face folder or the hub),
+    or a fresh model of the preset's shape, built directly on `device` (a fresh model is
+    initialised there, not on the CPU first)."""
+    if cfg.weights == "pretrained" and cfg.checkpoint and is_run_folder(cfg.checkpoint):
+        model, _ = load_gpt(cfg.checkpoint, device, drop_rate=cfg.drop_rate,
+                            pad_vocab_multiple=cfg.pad_vocab_multiple)  # its shape from gptft.json
+        return model.train()
     if cfg.weights == "pretrained":
         return GPT.from_pretrained(cfg.checkpoint or cfg.name, device=device, drop_rate=cfg.drop_rate,
                                    pad_vocab_multiple=cfg.pad_vocab_multiple)

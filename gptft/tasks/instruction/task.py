@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from gptft.data.collate import instruction_collate, length_buckets, packed_collate
-from gptft.data.instruction import InstructionDataset, load_instruction_data
+from gptft.data.instruction import InstructionDataset, InstructionSplits, load_instruction_data
 from gptft.errors import GPTFTError
 from gptft.io import write_json
 from gptft.model import IGNORE_INDEX
@@ -38,7 +38,7 @@ class InstructionTask(TaskBase):
                              "use all, last_block, last_two_blocks or lora")
         self.tokenizer = Tokenizer()
         with accelerator.main_process_first():  # downloads happen once
-            self.splits = load_instruction_data(job.data)
+            self.splits = self.load_splits()
             self.model = build_gpt(job.model, self.tokenizer.vocab_size, accelerator.device)
         context = self.model.config.context_length
         if job.data.max_length and job.data.max_length > context:
@@ -47,6 +47,10 @@ class InstructionTask(TaskBase):
         self.max_length = job.data.max_length or context
         set_trainable(self.model, job.model.trainable, job.lora)
         self.counts = trainable_summary(accelerator, self.model, job.model.trainable)
+
+    def load_splits(self) -> InstructionSplits:
+        """The records of each split (read once, on the main process first)."""
+        return load_instruction_data(self.job.data)
 
     def has_split(self, split: str) -> bool:
         return bool(getattr(self.splits, split))
@@ -87,6 +91,17 @@ class InstructionTask(TaskBase):
 
     def on_epoch_end(self, ctx: EpochContext) -> EpochReport | None:
         """The response to the first validation instruction (every process generates it)."""
+        sample = self.sample_response(ctx)
+        if sample is None:
+            return None
+        instruction, text = sample
+        val = ctx.val_metrics
+        return EpochReport({"val/sample_response": text},
+                           f"epoch {ctx.epoch}: val loss {val['val_loss']:.4f} (perplexity "
+                           f"{val['val_perplexity']:.2f}); sample response to {instruction!r}:\n{text}")
+
+    def sample_response(self, ctx: EpochContext) -> tuple[str, str] | None:
+        """The first validation instruction and the model's response to it (None without one)."""
         from gptft.generate import generate_texts
 
         if not self.splits.val:
@@ -96,11 +111,7 @@ class InstructionTask(TaskBase):
             text = generate_texts(ctx.model, self.tokenizer,
                                   [format_prompt(record, self.job.data.prompt_style)],
                                   self.job.generate)[0]
-        val = ctx.val_metrics
-        return EpochReport({"val/sample_response": text},
-                           f"epoch {ctx.epoch}: val loss {val['val_loss']:.4f} (perplexity "
-                           f"{val['val_perplexity']:.2f}); sample response to "
-                           f"{record['instruction']!r}:\n{text}")
+        return record["instruction"], text
 
     # ---- the run's files -----------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Preference tuning by Direct Preference Optimization: ``config`` (the job) and ``task`` (training it)."""

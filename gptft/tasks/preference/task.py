@@ -1,0 +1,210 @@
+"""Preference tuning by Direct Preference Optimization (the book's chapter 7 appendix, after
+instruction fine-tuning): pairs of responses, the DPO / IPO loss, reward metrics, responses.
+
+DPO (Rafailov et al., 2023) raises the probability of the chosen response of each pair relative to
+the rejected one, measured against a frozen reference (the starting model): with the summed
+log-probabilities ``log π(y | x)`` of each response under the tuned model π and the reference,
+the implicit rewards are ``r = β (log π(y | x) - log π_ref(y | x))`` and the loss of a pair is
+``-log σ(r_chosen - r_rejected)``. The formulas and metric names follow TRL's ``DPOTrainer``
+(``tests/test_dpo.py`` checks them against TRL itself).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from gptft.data.collate import length_buckets, preference_collate
+from gptft.data.instruction import InstructionSplits
+from gptft.data.preference import PreferenceDataset, load_preference_data
+from gptft.model import IGNORE_INDEX
+from gptft.tasks.base import SPLITS, eval_batch_size, make_loader
+from gptft.tasks.instruction.task import InstructionTask
+from gptft.tasks.preference.config import DPOConfig, PreferenceJob
+from gptft.trainer import EpochContext, EpochReport
+
+
+def response_logps(model, batch: dict) -> torch.Tensor:
+    """Summed log-probabilities (B, 2) of each pair's chosen and rejected response tokens (the
+    labelled targets of ``preference_collate``): one forward of the 2B sequences."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    return -model(ids.flatten(0, 1), labels=labels.flatten(0, 1)).view(len(ids), 2)
+
+
+def dpo_losses(logps: torch.Tensor, ref_logps: torch.Tensor, tokens: torch.Tensor,
+               cfg: DPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss (B,) of each pair and its rewards (B, 2), without gradient.
+
+    Args:
+        logps: summed log-probabilities (B, 2) of the chosen and rejected responses under the
+            model being tuned.
+        ref_logps: the same under the reference.
+        tokens: the responses' token counts (B, 2) (ipo normalises by them).
+        cfg: β, loss type and label smoothing.
+    """
+    logratios = logps - ref_logps  # log π / π_ref of chosen, rejected
+    if cfg.loss_type == "ipo":  # Azar et al. (2023), eq. 17, on per-token log-ratios as TRL
+        per_token = logratios / tokens.clamp(min=1)
+        losses = (per_token[:, 0] - per_token[:, 1] - 1 / (2 * cfg.beta)) ** 2
+    else:  # DPO; label smoothing: conservative DPO (the preference is flipped with that probability)
+        z = cfg.beta * (logratios[:, 0] - logratios[:, 1])
+        losses = -F.logsigmoid(z) * (1 - cfg.label_smoothing) - F.logsigmoid(-z) * cfg.label_smoothing
+    return losses, cfg.beta * logratios.detach()
+
+
+def preference_metrics(out: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Means over the pairs of `out` (``loss``, ``reward_chosen``, ``reward_rejected``,
+    ``logp_chosen``, ``logp_rejected``, one value a pair), the reward margin and the reward
+    accuracy (the share of pairs whose chosen response has the higher reward)."""
+    chosen, rejected = out["reward_chosen"].double(), out["reward_rejected"].double()
+    means = {k: out[k].double().mean().item()
+             for k in ("loss", "reward_chosen", "reward_rejected", "logp_chosen", "logp_rejected")}
+    return {**means, "reward_margin": (chosen - rejected).mean().item(),
+            "reward_accuracy": (chosen > rejected).double().mean().item()}
+
+
+class PreferenceTask(InstructionTask):
+    """DPO on pairs of responses, the loss summed over pairs (the trainer divides by their number).
+
+    The reference log-probabilities are computed once before training (``dpo.precompute_reference``,
+    the default): then the reference costs no memory during training. Otherwise a frozen copy of
+    the starting model scores each batch, or with ``model.trainable=lora`` the model itself with
+    its adapters disabled.
+    """
+
+    best_metric = "val_loss"
+    higher_is_better = False
+
+    def __init__(self, job: PreferenceJob, accelerator: Accelerator):
+        super().__init__(job, accelerator)  # reads the pairs, builds the model, sets what trains
+        self.datasets = {s: PreferenceDataset(getattr(self.splits, s), self.tokenizer,
+                                              job.data.prompt_style, self.max_length) for s in SPLITS}
+        self.reference_model: torch.nn.Module | None = None
+        if job.dpo.precompute_reference:
+            self.precompute_reference()
+        elif job.model.trainable != "lora":
+            self.reference_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+
+    def load_splits(self) -> InstructionSplits:
+        return load_preference_data(self.job.data)
+
+    def _collate(self, split: str) -> partial:
+        rows = [n - 1 for n in self.datasets[split].lengths]  # a sequence fills length - 1 positions
+        return partial(preference_collate, pad_id=self.tokenizer.eot_id, max_length=self.max_length,
+                       buckets=length_buckets(rows, self.max_length))
+
+    def loader(self, split: str, train: bool = False):
+        cfg = self.job.train
+        return make_loader(self.datasets[split], self._collate(split),
+                           cfg.batch_size if train else eval_batch_size(self.job), cfg.seed,
+                           shuffle=train, group_by_length=not train or self.job.data.group_by_length,
+                           accelerator=self.accelerator)
+
+    @torch.no_grad()
+    def precompute_reference(self) -> None:
+        """Score every pair of every split with the starting model (in eval mode) once.
+
+        The pairs are cut into batches by length in a fixed order and the batches shared out
+        among the processes; every process then holds every value. A resumed run computes the
+        same values again (the same model, batches and kernels).
+        """
+        acc, model = self.accelerator, self.model
+        was_training = model.training
+        model.eval()
+        begin, size = time.perf_counter(), eval_batch_size(self.job)
+        total = sum(len(d) for d in self.datasets.values())
+        bar = tqdm(total=total, desc="reference log-probabilities", leave=False, dynamic_ncols=True,
+                   disable=not acc.is_local_main_process)
+        for split, dataset in self.datasets.items():
+            collate = self._collate(split)
+            order = sorted(range(len(dataset)), key=lambda i: -dataset.lengths[i])
+            batches = [order[i : i + size] for i in range(0, len(order), size)]
+            mine = []
+            for indices in batches[acc.process_index :: acc.num_processes]:
+                batch = collate([dataset[i] for i in indices])
+                with acc.autocast():
+                    logps = response_logps(model, {k: v.to(acc.device) for k, v in batch.items()})
+                mine += zip(indices, logps.float().tolist(), strict=True)
+                bar.update(len(indices) * acc.num_processes)
+            table = torch.zeros(len(dataset), 2)
+            for i, values in gather_object(mine) if acc.num_processes > 1 else mine:
+                table[i] = torch.tensor(values)
+            dataset.reference = table
+        bar.close()
+        model.train(was_training)
+        acc.print(f"reference log-probabilities of {total:,} pairs in {time.perf_counter() - begin:.1f} s")
+
+    # ---- what the trainer calls ----------------------------------------------------------------
+
+    def count(self, batch: dict) -> torch.Tensor:
+        return torch.ones_like(batch["input_ids"][:, 0, 0]).sum()  # pairs, on the device
+
+    def _reference_logps(self, model, batch: dict) -> torch.Tensor:
+        if "reference" in batch:
+            return batch["reference"]
+        with torch.no_grad():
+            if self.reference_model is not None:
+                return response_logps(self.reference_model, batch)
+            from gptft.lora import adapters_disabled
+
+            net = self.accelerator.unwrap_model(model)
+            was_training = net.training
+            net.eval()  # no dropout: the reference is the base model as it is at inference
+            try:
+                with adapters_disabled(net):
+                    return response_logps(model, batch)
+            finally:
+                net.train(was_training)
+
+    def _pairs(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-pair losses (B,), rewards (B, 2) and log-probabilities (B, 2)."""
+        ref = self._reference_logps(model, batch)
+        logps = response_logps(model, batch)
+        tokens = (batch["labels"] != IGNORE_INDEX).sum(-1)
+        losses, rewards = dpo_losses(logps, ref, tokens, self.job.dpo)
+        return losses, rewards, logps
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return self._pairs(model, batch)[0].sum()
+
+    def eval_outputs(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        losses, rewards, logps = self._pairs(model, batch)
+        return {"loss": losses.float(), "reward_chosen": rewards[:, 0], "reward_rejected": rewards[:, 1],
+                "logp_chosen": logps[:, 0].detach(), "logp_rejected": logps[:, 1].detach()}
+
+    def eval_metrics(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
+        return preference_metrics(out)
+
+    def on_epoch_end(self, ctx: EpochContext) -> EpochReport | None:
+        """The rewards, and the response to the first validation instruction."""
+        sample = self.sample_response(ctx)
+        val = ctx.val_metrics
+        text = (f"epoch {ctx.epoch}: val loss {val['val_loss']:.4f}, reward margin "
+                f"{val['val_reward_margin']:.4f}, reward accuracy {val['val_reward_accuracy']:.2%}")
+        if sample is None:
+            return EpochReport(text=text)
+        return EpochReport({"val/sample_response": sample[1]},
+                           f"{text}; sample response to {sample[0]!r}:\n{sample[1]}")
+
+    # ---- the run's files -----------------------------------------------------------------------
+
+    def write_outputs(self, trainer, metrics: dict) -> None:
+        super().write_outputs(trainer, metrics)  # responses.json
+        if self.accelerator.is_main_process:
+            from gptft.plots import plot_run
+
+            with trainer.phases("saving"):
+                plot_run(Path(self.job.output_dir), ["loss", "reward_margin", "reward_accuracy"])
+
+    def summary(self, metrics: dict) -> str:
+        parts = [f"{s} reward accuracy {metrics[f'{s}_reward_accuracy']:.2%}, margin "
+                 f"{metrics[f'{s}_reward_margin']:.4f}" for s in ("test", "val") if f"{s}_loss" in metrics]
+        return "; ".join(parts)
