@@ -173,8 +173,8 @@ class GenerateConfig:
     """Sample among the k most likely tokens only."""
     top_p: float | None = None
     """Sample from the smallest set of tokens whose probability reaches p."""
-    batch_size: int = 8
-    """Prompts generated at once."""
+    batch_size: int = 32
+    """Prompts generated at once (sorted by length; finished ones leave the batch)."""
     seed: int = 123
     """Seed for sampling."""
 

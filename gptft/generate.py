@@ -1,16 +1,23 @@
 """Generating text with a GPT: batched decoding with a KV cache (``gptft generate`` is its command).
 
-Batched decoding with a KV cache: the prompts of a batch are left-padded, prefilled at once, then
-extended one token per step. Greedy at temperature 0, else sampling with optional top-k / top-p.
-Each prompt samples from its own generator, seeded from (seed, its index in the call), so its
-tokens do not depend on which prompts share its batch.
+Batched decoding with a KV cache: the prompts are sorted by length and cut into batches; a batch
+is left-padded and prefilled at once (a prefix that all its prompts share, such as an instruction
+template's preamble, is computed once), then extended one token per step into a cache allocated
+for the whole response, with per-row positions and a key mask sliced from the batch's buffers;
+rows that reach ``eos_id`` are dropped from the batch. Greedy at temperature 0 (on the CPU the
+vocabulary projection and its argmax run fused, chunk by chunk), else sampling with optional
+top-k / top-p. Each prompt samples from its own generator, seeded from (seed, its index in the
+call), so its tokens do not depend on which prompts share its batch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 
 import torch
+import torch.nn as nn
 
 from gptft.config import GenerateConfig
 from gptft.errors import GPTFTError
@@ -86,49 +93,160 @@ class _Picker:
         return choice if ids is None else ids.gather(1, choice[:, None])[:, 0]
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[row, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
+class _Greedy:
+    """``model.logits(hidden).argmax(-1)`` (B,) for final hidden states (B, emb_dim).
+
+    On the CPU the vocabulary is projected ``chunk`` rows at a time as ``weight[rows] @ hidden.T``,
+    a tall product that BLAS runs faster than the wide ``hidden @ weight.T`` (with the same float
+    results on the CPUs tried), into a (vocab, B) buffer kept for the whole batch. While a chunk
+    is in cache, the maximum of each run of ``run`` tokens is taken (a fast reduction, unlike an
+    argmax down a column); at the end each row's first run holding its maximum is searched for
+    the first position of it. Ties thus go to the lowest token id, as with ``argmax``.
+    Elsewhere (GPU, a wrapped or biased head, autocast) it is the plain projection and argmax.
+    """
+
+    chunk, run = 16384, 64
+
+    def __init__(self, model: GPT):
+        self.model = model
+        self.buffer: torch.Tensor | None = None
+
+    def fused(self, hidden: torch.Tensor) -> bool:
+        head = self.model.lm_head
+        return (hidden.device.type == "cpu" and type(head) is nn.Linear and head.bias is None
+                and hidden.dtype == head.weight.dtype and not torch.is_autocast_enabled("cpu"))
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.fused(hidden):
+            return self.model.logits(hidden).argmax(dim=-1)
+        B, vocab, chunk, run = hidden.size(0), self.model.config.vocab_size, self.chunk, self.run
+        n = -(-vocab // chunk)
+        if self.buffer is None or self.buffer.shape != (n * chunk, B) or self.buffer.dtype != hidden.dtype:
+            self.buffer = hidden.new_full((n * chunk, B), float("-inf"))  # rows past vocab stay -inf
+        buffer, weight, ht = self.buffer, self.model.lm_head.weight, hidden.contiguous().t()
+        run_max = hidden.new_empty(n * chunk // run, B)
+        per_chunk = chunk // run
+        for j in range(n):
+            start = j * chunk
+            end = min(start + chunk, vocab)
+            torch.mm(weight[start:end], ht, out=buffer[start:end])
+            torch.amax(buffer[start : start + chunk].view(per_chunk, run, B), dim=1,
+                       out=run_max[j * per_chunk : (j + 1) * per_chunk])
+        first = run_max.argmax(dim=0)  # (B,) the first run holding each row's maximum
+        rows = (first * run)[None, :] + torch.arange(run)[:, None]  # (run, B)
+        return buffer.gather(0, rows).argmax(dim=0) + first * run
 
 
-def _next_logits(model: GPT, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-    """Logits (B, vocab) of the last position only (no vocabulary projection of the others)."""
-    return model.logits(model.hidden_states(ids, attention_mask=mask, kv_cache=cache)[:, -1])
+class _Rows:
+    """The state of a batch being decoded, one row per unfinished prompt.
+
+    ``ids`` / ``real`` (B, width + max_new_tokens - 1) hold every token fed so far and whether it is
+    a real token (left padding is not; generated positions are), ``pos`` (B,) the position of the
+    next token, ``index`` the prompt each row decodes, in the batch given to ``_generate_batch``.
+    """
+
+    def __init__(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int, device):
+        width = max(len(p) for p in prompts)
+        total = width + max_new_tokens - 1  # the last new token is never fed back
+        ids = torch.full((len(prompts), total), pad_id, dtype=torch.long)
+        real = torch.ones((len(prompts), total), dtype=torch.bool)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) : width] = torch.tensor(p, dtype=torch.long)
+            real[row, : width - len(p)] = False
+        self.width = width
+        self.padded = bool(not real[:, :width].all())
+        self.ids, self.real = ids.to(device), real.to(device)
+        self.pos = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+        self.index = torch.arange(len(prompts), device=device)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep these rows (a (B',) index tensor), in this order."""
+        self.ids, self.real = self.ids[rows], self.real[rows]
+        self.pos, self.index = self.pos[rows], self.index[rows]
+        self.padded = bool(not self.real[:, : self.width].all())
+
+
+# A prompt prefix shared by every prompt of a batch (an instruction template's preamble, a system
+# prompt) is computed once when it has at least this many tokens.
+_MIN_SHARED_PREFIX = 4
+
+
+def _prefill(model: GPT, prompts: list[list[int]], rows: _Rows, cache: KVCache) -> torch.Tensor:
+    """Feed the left-padded prompts into `cache`; the final hidden state (B, emb_dim) of each last
+    token. The longest prefix every prompt shares (but for its last token) is computed once, for
+    one row, and copied into each row's cache after its padding; the rest is fed from there."""
+    width = rows.width
+    shared = len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
+    shared = min(shared, min(len(p) for p in prompts) - 1)
+    if shared < _MIN_SHARED_PREFIX:
+        return model.last_hidden_state(rows.ids[:, :width], attention_mask=rows.real[:, :width],
+                                       kv_cache=cache)
+    prefix = KVCache(1, shared)
+    model.last_hidden_state(torch.tensor([prompts[0][:shared]], device=rows.ids.device), kv_cache=prefix)
+    cache.share_prefix(prefix, [width - len(p) for p in prompts])
+    start = cache.length
+    return model.last_hidden_state(rows.ids[:, start:width], attention_mask=rows.real[:, :width],
+                                   kv_cache=cache)
 
 
 def _generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, pick: _Picker,
                     eos_id: int | None) -> list[list[int]]:
-    """Decode one batch of (already cropped) prompts; see ``generate``."""
+    """Decode one batch of (already cropped) prompts; see ``generate``.
+
+    The prompts are prefilled at once into a ``KVCache`` sized for the whole response; each step
+    then feeds one token per row with a key mask sliced from the batch's ``real`` flags and
+    positions kept per row (no concatenation, no recount). New tokens collect in a tensor, read
+    back once at the end. With ``eos_id``, finished rows are dropped from the batch (the cache
+    and every per-row tensor compacted) once they are an eighth of it. Once prompt + response
+    exceed the context, each step is a fresh forward over the last ``context_length`` tokens
+    (the book's sliding window).
+    """
     ctx = model.config.context_length
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, eos_id if eos_id is not None else 0, device)
-    cache = KVCache(len(prompts), min(ids.size(1) + max_new_tokens, ctx))
-    logits = _next_logits(model, ids, mask, cache)
-    out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
+    rows = _Rows(prompts, max_new_tokens, eos_id if eos_id is not None else 0, device)
+    n = rows.width  # tokens per row so far
+    cache = KVCache(len(prompts), min(rows.ids.size(1), ctx))
+    hidden = _prefill(model, prompts, rows, cache)
+    out = torch.full((len(prompts), max_new_tokens), -1, dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    check_every = 1 if device.type == "cpu" else 8  # finished rows cost a host sync to count
+    greedy = _Greedy(model) if pick.temperature == 0 else None
     for step in range(max_new_tokens):
-        active = [row for row in range(len(prompts)) if not done[row]]
-        nxt = pick(logits, active)
-        for row, token in zip(active, nxt[active].tolist(), strict=True):
-            if token == eos_id:
-                done[row] = True
-            else:
-                out[row].append(token)
-        if all(done) or step == max_new_tokens - 1:
+        if greedy is not None:
+            nxt = greedy(hidden)
+        else:
+            active = (~done).nonzero()[:, 0].tolist() if eos_id is not None else range(len(done))
+            nxt = pick(model.logits(hidden), list(active))
+        out[rows.index, step] = nxt
+        if step == max_new_tokens - 1:
             break
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        real = torch.tensor([not d for d in done], dtype=torch.long, device=device)
-        mask = torch.cat([mask, real[:, None]], dim=1)
-        if ids.size(1) <= ctx:  # every row still fits: extend the cache by one position
-            logits = _next_logits(model, ids[:, -1:], mask, cache)
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if step % check_every == check_every - 1 or greedy is None:
+                finished = int(done.sum())
+                if finished == len(done):
+                    break
+                if finished and finished * 8 >= len(done):  # drop the finished rows
+                    keep = (~done).nonzero()[:, 0]
+                    kept = keep.tolist()
+                    rows.keep(keep)
+                    cache.keep(keep)
+                    nxt, done = nxt[keep], done[keep]
+                    pick.generators = [pick.generators[i] for i in kept]
+        rows.ids[:, n] = nxt
+        n += 1
+        if n <= ctx:  # every row still fits: extend the cache by one position
+            mask = rows.real[:, None, None, :n] if rows.padded else None
+            hidden = model.last_hidden_state(nxt[:, None], attention_mask=mask,
+                                             position_ids=rows.pos[:, None], kv_cache=cache)
+            rows.pos += 1
         else:  # past the context: as the book, a fresh forward over the last ctx tokens
-            logits = _next_logits(model, ids[:, -ctx:], mask[:, -ctx:], None)
-    return out
+            window = slice(n - ctx, n)
+            hidden = model.last_hidden_state(rows.ids[:, window], attention_mask=rows.real[:, window])
+    tokens = out.tolist()
+    if eos_id is not None:
+        tokens = [t[: t.index(eos_id)] if eos_id in t else t for t in tokens]
+    return [t[: t.index(-1)] if -1 in t else t for t in tokens]
 
 
 @torch.no_grad()
@@ -143,6 +261,8 @@ def generate(
     eos_id: int | None = None,
     seed: int | None = None,
     batch_size: int | None = None,
+    stats: dict | None = None,
+    progress: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
@@ -158,13 +278,19 @@ def generate(
         eos_id: stop a prompt's response at this token (not included in the response).
         seed: seed of the sampling; prompt i draws from a generator seeded from (seed, i), so
             its tokens do not depend on the batching. Unset: drawn from torch's global RNG.
-        batch_size: prompts decoded together (unset: all of them); similar lengths are batched.
+        batch_size: prompts decoded together (unset: all of them); the prompts are sorted by
+            length first, so that a batch holds prompts of similar lengths.
+        stats: a dict to receive ``prompts``, ``new_tokens``, ``seconds`` (wall time of the
+            decoding) and ``tokens_per_s`` (new tokens per second).
 
     Returns:
         The new tokens of each prompt, in the order of `prompts`.
     """
     _check_args(prompts, max_new_tokens, temperature, top_k, top_p, batch_size)
+    started = time.perf_counter()
     if not prompts or max_new_tokens == 0:
+        if stats is not None:
+            stats.update(prompts=len(prompts), new_tokens=0, seconds=0.0, tokens_per_s=0.0)
         return [[] for _ in prompts]
     keep = model.config.context_length - 1
     prompts = [list(p[-keep:]) for p in prompts]
@@ -176,6 +302,10 @@ def generate(
     results: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False, dynamic_ncols=True,
+               disable=not progress)
     try:
         for start in range(0, len(order), size):
             batch = order[start : start + size]
@@ -183,19 +313,29 @@ def generate(
             outs = _generate_batch(model, [prompts[i] for i in batch], max_new_tokens, pick, eos_id)
             for i, tokens in zip(batch, outs, strict=True):
                 results[i] = tokens
+            bar.update(len(batch))
     finally:
+        bar.close()
         model.train(was_training)
+    if stats is not None:
+        seconds = time.perf_counter() - started
+        new_tokens = sum(len(t) for t in results)
+        stats.update(prompts=len(prompts), new_tokens=new_tokens, seconds=seconds,
+                     tokens_per_s=new_tokens / seconds if seconds > 0 else 0.0)
     return results
 
 
-def generate_texts(model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: GenerateConfig) -> list[str]:
-    """Responses to text prompts, generated ``cfg.batch_size`` at a time, decoded and stripped.
+def generate_texts(model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: GenerateConfig,
+                   stats: dict | None = None, progress: bool = False) -> list[str]:
+    """Responses to text prompts, generated ``cfg.batch_size`` at a time (prompts of similar
+    lengths together), decoded and stripped.
 
-    Generation stops at the tokenizer's end-of-text token.
+    Generation stops at the tokenizer's end-of-text token. `stats` and `progress` (a bar over
+    the prompts) as in ``generate``.
     """
     tokens = generate(
         model, tokenizer.encode_batch(prompts), cfg.max_new_tokens, temperature=cfg.temperature,
         top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tokenizer.eot_id, seed=cfg.seed,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size, stats=stats, progress=progress,
     )
     return [tokenizer.decode(t).strip() for t in tokens]

@@ -54,6 +54,41 @@ class KVCache:
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def share_prefix(self, prefix: KVCache, starts: list[int]) -> None:
+        """Write the keys/values of `prefix` (one row, ``prefix.length`` positions) into every row,
+        row ``i`` from position ``starts[i]`` on (after its left padding), and advance ``length``
+        to the first position that not every row has: ``min(starts) + prefix.length``.
+
+        A prompt prefix shared by a batch is thus computed once; the rest of each prompt is then
+        fed from ``length`` on, with a padding mask (rows whose prefix ends later recompute a few
+        of its positions, to the same values).
+        """
+        if self.length or len(starts) != self.batch_size or prefix.batch_size != 1:
+            raise ValueError("share_prefix needs an empty cache and one start per row")
+        p = prefix.length
+        if max(starts) + p > self.max_length:
+            raise ValueError(f"KV cache full: {max(starts) + p} positions > max_length {self.max_length}")
+        by_start: dict[int, list[int]] = {}
+        for row, start in enumerate(starts):
+            by_start.setdefault(start, []).append(row)
+        for source, own in ((prefix.k, self.k), (prefix.v, self.v)):
+            for layer, t in enumerate(source):
+                own.append(t.new_zeros((self.batch_size, t.size(1), self.max_length, t.size(3))))
+                for start, rows in by_start.items():
+                    index = torch.tensor(rows, device=t.device)
+                    own[layer][index, :, start : start + p] = t[:, :, :p]
+        self.length = min(starts) + p
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (a (B',) index tensor), in this order: e.g. to drop rows that
+        finished decoding. The positions written so far are copied into storage for B' rows."""
+        for cached in (self.k, self.v):
+            for layer, t in enumerate(cached):
+                kept = t.new_empty((len(rows), *t.shape[1:]))
+                kept[:, :, : self.length] = t[rows, :, : self.length]
+                cached[layer] = kept
+        self.batch_size = len(rows)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -72,17 +107,31 @@ class CausalSelfAttention(nn.Module):
         is_causal: bool,
         kv_cache: KVCache | None = None,
         layer: int = 0,
+        last_only: bool = False,
     ) -> torch.Tensor:
+        """Attention output (B, T, C); with `last_only` (B, 1, C) at the last position only (the
+        keys and values of every position still go to `kv_cache`)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
         if kv_cache is not None:  # (B, H, past + T, hd)
             k, v = kv_cache.update(layer, k, v)
-        # Flash / memory-efficient kernels when mask is None and is_causal=True.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.drop_rate if self.training else 0.0,
-        )  # (B, H, T, hd)
+        if last_only and T > 1:  # the last query sees every key the mask allows
+            q, T = q[:, :, -1:], 1
+            mask, is_causal = (mask[..., -1:, :] if mask is not None else None), False
+        if T == 1 and q.device.type == "cpu" and not self.training and (not is_causal or k.size(2) == 1):
+            # One query per row (decoding) on the CPU: two batched products and a softmax cost
+            # less than SDPA's kernel at this size.
+            att = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(k.size(-1)))
+            if mask is not None:
+                att = att.masked_fill_(~mask, float("-inf"))
+            y = torch.matmul(att.softmax(dim=-1), v)  # (B, H, 1, hd)
+        else:
+            # Flash / memory-efficient kernels when mask is None and is_causal=True.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal,
+                dropout_p=self.drop_rate if self.training else 0.0,
+            )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -122,8 +171,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.emb_dim, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, is_causal, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), mask, is_causal, kv_cache, layer)
+    def forward(self, x, mask, is_causal, kv_cache=None, layer=0, last_only=False):
+        """(B, T, C) → (B, T, C); with `last_only`, (B, 1, C): the last position's output only."""
+        attn = self.attn(self.ln_1(x), mask, is_causal, kv_cache, layer, last_only)
+        x = (x[:, -1:] if last_only else x) + attn
         return x + self.mlp(self.ln_2(x))
 
     def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -317,6 +368,22 @@ class GPT(nn.Module):
                 ``past, past + 1, ...``. Pass them to restart positions in packed rows.
             kv_cache: a ``KVCache`` to read past keys/values from and append this step's to.
         """
+        return self._hidden_states(input_ids, attention_mask, position_ids, kv_cache)
+
+    def last_hidden_state(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """``hidden_states(...)[:, -1]`` (B, emb_dim): the final hidden state of the last position,
+        as decoding needs it. The last block computes its attention output and MLP there only; the
+        keys and values of every position still go to `kv_cache`. Arguments as ``hidden_states``.
+        """
+        return self._hidden_states(input_ids, attention_mask, position_ids, kv_cache, last_only=True)[:, -1]
+
+    def _hidden_states(self, input_ids, attention_mask, position_ids, kv_cache, last_only=False):
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
@@ -327,7 +394,10 @@ class GPT(nn.Module):
         mask, is_causal = self._mask(attention_mask, T, past)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for i, block in enumerate(self.h):
-            x = block(x, mask, is_causal, kv_cache, i)
+            if last_only and i == len(self.h) - 1:
+                x = block(x, mask, is_causal, kv_cache, i, last_only=True)
+            else:
+                x = block(x, mask, is_causal, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)

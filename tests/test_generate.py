@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gptft import GPT, GPTConfig, GPTFTError
+from gptft import GPT, GPTConfig, GPTFTError, KVCache
 from gptft.cli import main
 from gptft.config import GenerateConfig
 from gptft.generate import generate, generate_texts, top_k_logits, top_p_filter
@@ -149,6 +149,15 @@ def test_top_p_filter():
     assert math.isclose(torch.softmax(filtered, -1)[0, 1].item(), 0.5 / 0.8, rel_tol=1e-5)
 
 
+def test_generate_reports_its_speed(model):
+    stats = {}
+    out = generate(model, prompts_of(5, 9), 6, stats=stats)
+    assert stats["prompts"] == 2 and stats["new_tokens"] == sum(map(len, out)) == 12
+    assert stats["seconds"] > 0 and stats["tokens_per_s"] == pytest.approx(12 / stats["seconds"])
+    generate(model, [], 6, stats=stats)
+    assert stats["new_tokens"] == 0 and stats["prompts"] == 0
+
+
 def test_generate_texts_decodes_and_batches(model):
     from gptft import Tokenizer
 
@@ -158,6 +167,132 @@ def test_generate_texts_decodes_and_batches(model):
     texts = generate_texts(model, tok, prompts, cfg)
     tokens = generate(model, tok.encode_batch(prompts), 6, eos_id=tok.eot_id)
     assert texts == [tok.decode(t).strip() for t in tokens]
+
+
+
+# ---- the decoding machinery ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("pad_vocab_multiple", [1, 64])
+def test_greedy_head_equals_argmax_of_the_logits(tiny_config, pad_vocab_multiple):
+    from gptft.generate import _Greedy
+
+    cfg = GPTConfig(**{**tiny_config.to_dict(), "pad_vocab_multiple": pad_vocab_multiple})
+    model = GPT(cfg).eval()
+    head = _Greedy(model)
+    with torch.no_grad():
+        for rows in (1, 5, 32):
+            hidden = torch.randn(rows, cfg.emb_dim)
+            assert head.fused(hidden)
+            assert torch.equal(head(hidden), model.logits(hidden).argmax(-1))
+        # exact ties go to the lowest token id, within a run, across runs and across chunks
+        w = model.lm_head.weight
+        hidden = torch.randn(4, cfg.emb_dim)
+        for scale, copies in enumerate(([101, 100], [50256, 19743, 130], [16384, 16383, 4096]), 1):
+            for j in copies:  # the winner of row 0, several times over, louder than the last one
+                w[j] = hidden[0] * 10 * scale
+            assert torch.equal(head(hidden), model.logits(hidden).argmax(-1))
+            assert head(hidden)[0].item() == min(copies)
+
+
+def test_greedy_head_falls_back_to_the_plain_projection(tiny_config):
+    from gptft.generate import _Greedy
+
+    model = GPT(tiny_config).eval()
+    hidden = torch.randn(3, tiny_config.emb_dim)
+    assert not _Greedy(model).fused(hidden.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _Greedy(model).fused(hidden)
+
+
+def test_last_hidden_state_equals_hidden_states(model):
+    ids = torch.randint(0, 50257, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :8] = 0
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            torch.testing.assert_close(model.last_hidden_state(ids, **kwargs),
+                                       model.hidden_states(ids, **kwargs)[:, -1], atol=1e-5, rtol=1e-5)
+        cache = KVCache(3, 12)
+        last = model.last_hidden_state(ids, attention_mask=mask, kv_cache=cache)
+        assert cache.length == 9
+        step = model.last_hidden_state(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1] * 0 + 1], 1),
+                                       kv_cache=cache)
+        full = model.hidden_states(torch.cat([ids, ids[:, :1]], 1),
+                                   attention_mask=torch.cat([mask, mask[:, :1] * 0 + 1], 1))
+    torch.testing.assert_close(last, full[:, -2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step, full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_keep_drops_rows(model):
+    ids = torch.randint(0, 50257, (4, 6))
+    with torch.no_grad():
+        cache = KVCache(4, 8)
+        model.hidden_states(ids[:, :5], kv_cache=cache)
+        cache.keep(torch.tensor([3, 1]))
+        assert cache.batch_size == 2 and cache.length == 5 and cache.k[0].shape[0] == 2
+        step = model.hidden_states(ids[[3, 1], 5:], kv_cache=cache)
+        full = model.hidden_states(ids[[3, 1]])
+    torch.testing.assert_close(step[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_finished_rows_are_dropped_without_changing_the_results(model):
+    prompts = prompts_of(5, 17, 1, 9, 3, 12, 7, 2)
+    free = generate(model, prompts, 10)
+    counts = {}
+    for row in free:
+        for t in set(row[:6]):
+            counts[t] = counts.get(t, 0) + 1
+    eos = max(counts, key=counts.get)  # a token that ends several rows early
+    got = generate(model, prompts, 10, eos_id=eos)
+    assert sum(len(t) < 10 for t in got) >= 2
+    assert got == [naive_greedy(model, p, 10, eos_id=eos) for p in prompts]
+    assert got == [generate(model, [p], 10, eos_id=eos)[0] for p in prompts]
+    sampling = {**SAMPLING, "temperature": 0.3}
+    sampled = generate(model, prompts, 10, eos_id=eos, **sampling)
+    assert sampled == generate(model, prompts, 10, eos_id=eos, batch_size=1, **sampling)
+
+
+def test_a_shared_prompt_prefix_is_computed_once(model, monkeypatch):
+    preamble = prompts_of(12)[0]
+    prompts = [preamble + rest for rest in prompts_of(3, 9, 1, 6)] + [preamble[:5] + [7, 8]]
+    expected = [naive_greedy(model, p, 8) for p in prompts]
+    shared = []
+    original = KVCache.share_prefix
+    monkeypatch.setattr(KVCache, "share_prefix", lambda self, prefix, starts: (
+        shared.append(prefix.length), original(self, prefix, starts))[1])
+    assert generate(model, prompts[:4], 8) == expected[:4]
+    assert generate(model, prompts, 8) == expected  # the shared prefix is shorter: 5 tokens
+    assert shared == [12, 5]
+    assert generate(model, prompts, 8, **SAMPLING) == generate(model, prompts, 8, batch_size=1, **SAMPLING)
+    assert shared == [12, 5, 5]
+
+
+@pytest.mark.slow
+def test_generation_is_faster_than_transformers():
+    """gptft's batched greedy decoding against transformers' generate(): the same random GPT-2-shaped
+    model (4 layers, width 256, vocabulary 50,257, fp32), the same 32 real prompts in one
+    left-padded batch, 64 new tokens each; interleaved passes, medians (benchmarks/generate_bench.py)."""
+    pytest.importorskip("transformers")
+    from conftest import shared_path
+
+    data = shared_path("data", "instruction-data.json")
+    bench = load_generate_bench()
+    out = bench.main(["--data", str(data), "--prompts", "32", "--batch-size", "32",
+                      "--max-new-tokens", "64", "--repeats", "3"])
+    assert out["identical"], out["first_differences"]
+    assert out["ratio"] >= 1.5, out
+
+
+def load_generate_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generate_bench.py"
+    spec = importlib.util.spec_from_file_location("generate_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---- command line ------------------------------------------------------------------------------

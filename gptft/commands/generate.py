@@ -15,7 +15,8 @@ DEFAULTS = GenerateConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="folder of a finished instruction (or preference) run")
+    parser.add_argument("run_dir", metavar="RUN_DIR",
+                        help="folder of a finished instruction (or preference) run")
     parser.add_argument("--instruction", required=True, help="the instruction")
     parser.add_argument("--input", default="", help="optional input to the instruction")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,

@@ -129,7 +129,7 @@ class InstructionTask(TaskBase):
     def write_responses(self) -> tuple[int, float]:
         """Generate a response to every test record (shared among processes) into
         ``responses.json``: each record plus ``model_response``. Returns the tokens generated
-        (this process) and the seconds taken."""
+        (all processes) and the seconds taken."""
         from gptft.generate import generate_texts
 
         acc, out = self.accelerator, Path(self.job.output_dir)
@@ -140,13 +140,16 @@ class InstructionTask(TaskBase):
         begin = time.perf_counter()
         with acc.split_between_processes(indices) as mine:
             prompts = [format_prompt(records[i], self.job.data.prompt_style) for i in mine]
+            stats: dict = {}
             with acc.autocast():
-                texts = generate_texts(model, self.tokenizer, prompts, self.job.generate)
+                texts = generate_texts(model, self.tokenizer, prompts, self.job.generate, stats=stats,
+                                       progress=acc.is_local_main_process)
             pairs = gather_object(list(zip(mine, texts)))
+            tokens = sum(gather_object([stats.get("new_tokens", 0)]))
         seconds = time.perf_counter() - begin
         if acc.is_main_process:
             responses = dict(pairs)
             write_json(out / "responses.json",
                        [{**r, "model_response": responses[i]} for i, r in enumerate(records)])
         acc.wait_for_everyone()
-        return sum(len(self.tokenizer.encode(t)) for t in texts), seconds
+        return tokens, seconds
