@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import subprocess
 import sys
 from collections import defaultdict
@@ -25,6 +26,7 @@ from gptft.data.collate import preference_collate
 from gptft.data.preference import PreferenceDataset, load_preference_data
 from gptft.errors import GPTFTError
 from gptft.model import GPT, IGNORE_INDEX, GPTConfig
+from gptft.prompts import format_prompt
 from gptft.runs import save_model
 from gptft.tasks.base import build_gpt
 from gptft.tasks.preference.config import DPOConfig, PreferenceData
@@ -137,6 +139,7 @@ def _fixed_batch(B: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return logps, ref, tokens
 
 
+@pytest.mark.slow  # importing TRL takes seconds
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_loss_and_metrics_equal_trl(loss_type, beta):
@@ -148,6 +151,7 @@ def test_loss_and_metrics_equal_trl(loss_type, beta):
         assert ours[name] == pytest.approx(trl[name], abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_conservative_dpo_equals_trl():
     """Label smoothing ε: -(1 - ε) log σ(βΔ) - ε log σ(-βΔ) (conservative DPO). TRL 1.x computes
     this form in its ``aot`` loss, on the pairs sorted by their log-ratios; where the model's and
@@ -161,6 +165,21 @@ def test_conservative_dpo_equals_trl():
         assert ours[name] == pytest.approx(trl[name], abs=1e-6), name
     plain = _ours(logps, ref, tokens, DPOConfig(beta=0.1))
     assert plain["loss"] != pytest.approx(ours["loss"], abs=1e-3)  # the smoothing does something
+
+
+def test_loss_of_one_pair_by_hand():
+    """The published formulas on one pair (the quick check; TRL's own code: the tests above)."""
+    logps = torch.tensor([[-20.0, -30.0]], dtype=torch.float64)  # chosen, rejected
+    ref = torch.tensor([[-22.0, -27.0]], dtype=torch.float64)  # log-ratios 2 and -3
+    tokens = torch.tensor([[4, 5]])
+    log_sigmoid = lambda x: -math.log1p(math.exp(-x))
+    cases = [(DPOConfig(beta=0.1), -log_sigmoid(0.1 * 5)),
+             (DPOConfig(beta=0.1, label_smoothing=0.25), -0.75 * log_sigmoid(0.5) - 0.25 * log_sigmoid(-0.5)),
+             (DPOConfig(beta=0.1, loss_type="ipo"), (2 / 4 - (-3) / 5 - 1 / (2 * 0.1)) ** 2)]
+    for cfg, want in cases:
+        losses, rewards = dpo_losses(logps, ref, tokens, cfg)
+        assert losses.item() == pytest.approx(want, abs=1e-12), cfg
+        assert_close(rewards, torch.tensor([[0.2, -0.3]], dtype=torch.float64))  # β x log-ratios
 
 
 def test_dpo_config_checks():
@@ -206,14 +225,8 @@ def test_a_pair_shares_a_row_and_only_responses_are_scored():
             labels = batch["labels"][row, col]
             scored = labels[labels != IGNORE_INDEX].tolist()
             assert scored == tok.encode(r[key]) + [tok.eot_id]  # the response and end-of-text only
-            prompt = tok.encode(dataset_prompt(r))
+            prompt = tok.encode(format_prompt(r, "alpaca"))
             assert batch["input_ids"][row, col, : len(prompt)].tolist() == prompt
-
-
-def dataset_prompt(record: dict) -> str:
-    from gptft.prompts import format_prompt
-
-    return format_prompt(record, "alpaca")
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -287,6 +300,7 @@ def dpo_run(tmp_path_factory, start, data) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_run_folder(dpo_run, tmp_path, capsys):
     files = {p.name for p in dpo_run.iterdir()}
     assert {"config.yaml", "gptft.json", "model.safetensors", "metrics.json", "log.jsonl",
@@ -408,26 +422,32 @@ def test_two_processes_equal_one_with_double_batch(start, data, tmp_path):
 
 PEAK = """
 import resource, sys
+from gptft import trainer
 from gptft.cli import main
-code = main(sys.argv[1:])
-print("peak_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-sys.exit(code)
+fit = trainer.Trainer.fit
+def measured(self):  # the peak up to the end of training (not the final evaluation and generation)
+    fit(self)
+    print("peak_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+trainer.Trainer.fit = measured
+sys.exit(main(sys.argv[1:]))
 """
 
 
 @pytest.mark.slow
 def test_precomputed_reference_saves_a_model_of_memory(data, tmp_path):
-    """Peak resident memory of the same short run (width 768, 2 blocks: 52.8M parameters, 211 MB)
-    with the reference precomputed and with a frozen copy: one model apart."""
+    """Peak resident memory during the same short training (width 768, 2 blocks: 52.9M parameters,
+    211 MB) with the reference precomputed and with a frozen copy: one model apart (1.05 models
+    measured on the CPU; docs/dpo.md)."""
     shape = ["model.weights=random", "model.checkpoint=null", "model.n_layers=2", "model.emb_dim=768",
              "model.n_heads=12", "model.context_length=128"]
     model_bytes = 4 * GPT(GPTConfig(vocab_size=50257, context_length=128, emb_dim=768, n_layers=2,
                                     n_heads=12)).num_parameters()
     peaks = {}
     for precompute in ("true", "false"):
+        # Small evaluation batches: scoring the reference must not be what sets the peak.
         args = ["finetune", "--config", str(CONFIGS / "dpo-tiny.yaml"), *shape, f"data.path={data}",
-                *RUN, "train.max_steps=2", "train.eval_every=0", f"dpo.precompute_reference={precompute}",
-                f"output_dir={tmp_path / precompute}"]
+                *RUN, "train.max_steps=2", "train.eval_every=0", "train.eval_batch_size=4",
+                f"dpo.precompute_reference={precompute}", f"output_dir={tmp_path / precompute}"]
         out = subprocess.run([sys.executable, "-c", PEAK, *args], cwd=ROOT, env=cpu_launch_env(),
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
