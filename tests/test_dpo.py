@@ -39,7 +39,8 @@ SHAPE = GPTConfig(vocab_size=50257, context_length=128, emb_dim=32, n_layers=2, 
 N_PAIRS = 40  # split 85/5/10 in file order: 34 train, 2 validation, 4 test
 # Each run: batches of 4 pairs (8 sequences), evaluations mid-epoch, every step logged.
 RUN = ["train.batch_size=4", "train.eval_every=3", "train.log_every=1", "train.lr=1e-3",
-       "data.max_length=96", "generate.max_new_tokens=3", "generate.batch_size=4"]
+       "data.max_length=96", "generate.max_new_tokens=3", "generate.batch_size=4",
+       "model.drop_rate=0.0", "train.schedule=constant", "train.warmup_steps=0", "train.epochs=1"]
 METRICS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy",
            "logp_chosen", "logp_rejected")
 
@@ -267,7 +268,7 @@ def test_book_settings():
 
 def test_a_run_folder_is_a_checkpoint(tmp_path):
     run = _start_run(tmp_path / "run", drop_rate=0.1)
-    overrides = [f"model.checkpoint={run}", "model.pad_vocab_multiple=64"]
+    overrides = [f"model.checkpoint={run}", "model.pad_vocab_multiple=64", "model.drop_rate=0.0"]
     cfg = load_job(CONFIGS / "dpo-tiny.yaml", overrides).model
     model = build_gpt(cfg, 50257)
     saved = load_file(run / "model.safetensors")
