@@ -37,6 +37,11 @@ def finetune(job: Job, started: float | None = None) -> dict:
             "wandb": {"name": job.tracking.run_name or Path(job.output_dir).name,
                       "tags": job.tracking.tags, "dir": job.output_dir}})
     try:
-        return run_task(task, resume, phases)
+        metrics = run_task(task, resume, phases)
+        # Every process leaves together: a rank that exits while the main one still writes
+        # outputs can abort in its collective library's threads (gloo: SIGABRT at exit).
+        accelerator.wait_for_everyone()
+        return metrics
     finally:
         accelerator.end_training()
+        accelerator.state.destroy_process_group()  # no-op without a process group
