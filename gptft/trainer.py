@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn as nn
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from gptft import checkpoints
@@ -34,6 +35,10 @@ from gptft.checkpoints import ResumePoint
 from gptft.config import Job
 from gptft.errors import GPTFTError
 from gptft.timing import Phases
+
+
+# Where every process holds whole gradients, already averaged by backward().
+_PLAIN = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
 @dataclass
@@ -261,7 +266,7 @@ class Trainer:
         step_loss = acc.reduce(loss_sum, reduction="sum") / total
         check = step_loss
         if self.cfg.max_grad_norm:
-            check = check + acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            check = check + self._clip_gradients()
         bad = ~torch.isfinite(check)
         self._note_finite(bad, step_loss)
         self.optimizer.optimizer.found_inf = bad.float()  # the fused AdamW skips a bad step
@@ -272,6 +277,23 @@ class Trainer:
         self.state.batches_in_epoch += len(micro_batches)
         self.state.examples_seen += sum(map(_rows, micro_batches)) * acc.num_processes
         return step_loss
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the gradients' total norm to ``train.max_grad_norm``; returns the norm.
+
+        Without a loss scaler (fp16) or sharded parameters (FSDP), the clipping factor rides in the
+        fused AdamW's ``grad_scale`` (its kernel divides each gradient by it) instead of a pass of
+        its own that multiplies every gradient in place: the same update, one sweep over the
+        gradients fewer (a whole-model ``_foreach_mul_``, ~1/2 of AdamW's own time on a CPU).
+        """
+        acc = self.accelerator
+        if acc.scaler is not None or acc.distributed_type not in _PLAIN:
+            return acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        # torch.nn.utils.clip_grad_norm_'s factor, as a divisor: max_norm / (norm + 1e-6), at most 1
+        self.optimizer.optimizer.grad_scale = ((norm + 1e-6) / self.cfg.max_grad_norm).clamp(min=1.0)
+        return norm
 
     def _note_finite(self, bad: torch.Tensor, loss: torch.Tensor) -> None:
         """Count a non-finite step and remember the first, on the device (read at logging)."""

@@ -148,3 +148,39 @@ def test_length_buckets():
     assert all(bucket_length(n, buckets) >= n for n in lengths)
     assert bucket_length(7, [4, 8, 16]) == 8 and bucket_length(20, [4, 8, 16], cap=32) == 32
     assert length_buckets([5, 500], cap=64) == [5, 64] and length_buckets([]) == []
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e4])  # clipping active / inactive
+def test_clipping_in_the_optimizer_equals_clip_grad_norm(max_norm):
+    """The clipping factor passed to the fused AdamW as grad_scale gives the updates of
+    torch.nn.utils.clip_grad_norm_ followed by AdamW (three steps: Adam's first update alone does
+    not depend on the gradients' scale)."""
+    from types import SimpleNamespace
+
+    def model_and_optimizer():
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+
+    def backward(model, step):
+        x = torch.arange(10).reshape(2, 5) * (step + 1) % 50
+        (model(x).pow(2).sum() * (step + 1)).backward()
+
+    ref, ref_opt = model_and_optimizer()
+    model, opt = model_and_optimizer()
+    fake = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model,
+                           optimizer=SimpleNamespace(optimizer=opt),
+                           cfg=SimpleNamespace(max_grad_norm=max_norm))
+    for step in range(3):
+        backward(ref, step)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        ref_opt.step()
+        ref_opt.zero_grad()
+        backward(model, step)
+        norm = trainer_module.Trainer._clip_gradients(fake)
+        opt.step()
+        opt.zero_grad()
+        assert torch.allclose(norm, ref_norm)
+        assert bool(ref_norm > max_norm) == (max_norm < 1)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
