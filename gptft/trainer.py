@@ -36,7 +36,6 @@ from gptft.config import Job
 from gptft.errors import GPTFTError
 from gptft.timing import Phases
 
-
 # Where every process holds whole gradients, already averaged by backward().
 _PLAIN = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 

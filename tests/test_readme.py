@@ -1,7 +1,8 @@
 """README.md stays true: its configuration reference is generated from the config dataclasses
 (gptft/config.py and each task's config module).
 
-Regenerate after changing a config field: ``python tests/test_readme.py`` prints the tables.
+Regenerate after changing a config field: ``python tests/test_readme.py`` rewrites the tables in
+README.md (from the first section's heading to the last table's last row).
 """
 
 import ast
@@ -87,5 +88,20 @@ def test_readme_documents_every_command_and_flag():
                     assert flag in readme, f"gptft {name} {flag}"
 
 
+def rewrite_readme() -> None:
+    """Replace README.md's reference (first section heading .. last table row) with a fresh one."""
+    readme = (ROOT / "README.md").read_text()
+    first, last = SECTIONS[0], SECTIONS[-1]
+    start = readme.index(f"**`{first[0]}`** ({first[2]})")
+    rows = readme.index(f"**`{last[0]}`** ({last[2]})", start)
+    end = rows
+    for line in readme[rows:].splitlines(keepends=True):
+        if end > rows and not line.startswith(("|", "\n")) and line.strip():
+            break
+        end += len(line)
+    body = readme[start:end].rstrip("\n") + "\n"
+    (ROOT / "README.md").write_text(readme[:start] + reference() + readme[start + len(body):])
+
+
 if __name__ == "__main__":
-    print(reference())
+    rewrite_readme()

@@ -82,7 +82,8 @@ def _loader_shapes(task, split="train", train=True):
 
 def test_an_epoch_meets_few_shapes_with_little_padding():
     data = shared_path("data", "sms_spam_collection", "SMSSpamCollection.tsv")
-    job = load_job(CONFIGS / "spam.yaml", ["model.weights=random", *TINY, f"data.path={data}"])
+    job = load_job(CONFIGS / "spam.yaml", ["model.weights=random", *TINY, f"data.path={data}",
+                                             "train.length_buckets=true"])
     task = ClassificationTask(job, Accelerator(cpu=True))
     shapes, real = _loader_shapes(task)
     assert len(shapes) <= 16 and real >= 0.90, (sorted(shapes), real)
@@ -90,10 +91,23 @@ def test_an_epoch_meets_few_shapes_with_little_padding():
     assert len(shapes) <= 16
     records = shared_path("data", "instruction-data.json")
     job = load_job(CONFIGS / "instruct.yaml", ["model.weights=random", *TINY, f"data.path={records}",
-                                                "data.group_by_length=true"])
+                                                "data.group_by_length=true", "train.length_buckets=true"])
     task = InstructionTask(job, Accelerator(cpu=True))
     shapes, real = _loader_shapes(task)  # real: label tokens (every non-padding target here)
     assert len(shapes) <= 16 and real >= 0.90, (sorted(shapes), real)
+
+
+def test_on_the_cpu_batches_pad_to_their_longest_example_by_default():
+    """train.length_buckets=auto: no buckets on the CPU (a new length costs nothing there)."""
+    data = shared_path("data", "sms_spam_collection", "SMSSpamCollection.tsv")
+    job = load_job(CONFIGS / "spam-tiny.yaml", [*TINY, f"data.path={data}"])
+    task = ClassificationTask(job, Accelerator(cpu=True))
+    for batch in task.loader("train", train=True):
+        assert batch["input_ids"].shape[1] == int(batch["lengths"].max())
+    _, bucketed = _loader_shapes(ClassificationTask(
+        load_job(CONFIGS / "spam-tiny.yaml", [*TINY, f"data.path={data}", "train.length_buckets=true"]),
+        Accelerator(cpu=True)))
+    assert _loader_shapes(task)[1] > bucketed
 
 
 def test_a_short_default_run_writes_checkpoints_no_bigger_than_twice_the_weights(tmp_path):

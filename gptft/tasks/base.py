@@ -8,7 +8,7 @@ and outputs; ``gptft.tasks`` registers it under a name.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from gptft.checkpoints import ResumePoint
 from gptft.config import Job, ModelConfig, job_to_yaml
+from gptft.data.collate import length_buckets
 from gptft.data.sampler import EpochBatchSampler
 from gptft.io import write_json, write_text
 from gptft.model import GPT, GPTConfig
 from gptft.runs import is_run_folder, load_gpt, save_model
 from gptft.timing import Phases
-from gptft.trainer import EpochContext, EpochReport, Trainer
+from gptft.trainer import EpochContext, EpochReport, Trainer, use_compile
 
 CONFIG_HEADER = "# The resolved configuration of this run. Re-run it with:\n" \
                 "#   accelerate launch launch/finetune.py --config {path}\n"
@@ -57,6 +58,14 @@ class TaskBase:
     def has_split(self, split: str) -> bool:
         """Whether `split` holds any example."""
         return True
+
+    def buckets(self, lengths: Sequence[int], cap: int) -> list[int] | None:
+        """The lengths to pad batches to (``train.length_buckets``: a few for the data's `lengths`,
+        capped at `cap`), or None: each batch padded to its longest example."""
+        setting, device = self.job.train.length_buckets, self.accelerator.device
+        on = setting is True or (setting == "auto" and (
+            device.type == "cuda" or use_compile(self.job.train.compile, device)))
+        return length_buckets(lengths, cap) if on else None
 
     def count(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError

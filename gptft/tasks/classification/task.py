@@ -11,7 +11,7 @@ from accelerate import Accelerator
 
 from gptft.classifier import GPTClassifier
 from gptft.data.classification import ClassificationDataset, load_classification_data, longest_length
-from gptft.data.collate import classification_collate, length_buckets
+from gptft.data.collate import classification_collate
 from gptft.errors import GPTFTError
 from gptft.tasks.base import TaskBase, build_gpt, eval_batch_size, make_loader, trainable_summary
 from gptft.tasks.classification.config import ClassificationJob
@@ -49,7 +49,7 @@ class ClassificationTask(TaskBase):
         dataset = ClassificationDataset(getattr(self.splits, split), self.tokenizer, self.max_length)
         cfg = self.job.train
         collate = partial(classification_collate, pad_id=self.tokenizer.eot_id,
-                          buckets=length_buckets(dataset.lengths, self.max_length),
+                          buckets=self.buckets(dataset.lengths, self.max_length),
                           max_length=self.max_length)
         return make_loader(dataset, collate, cfg.batch_size if train else eval_batch_size(self.job),
                            cfg.seed, shuffle=train, group_by_length=self.job.data.group_by_length,

@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from gptft.data.collate import instruction_collate, length_buckets, packed_collate
+from gptft.data.collate import instruction_collate, packed_collate
 from gptft.data.instruction import InstructionDataset, InstructionSplits, load_instruction_data
 from gptft.errors import GPTFTError
 from gptft.io import write_json
@@ -61,7 +61,7 @@ class InstructionTask(TaskBase):
                                      self.max_length)
         rows = [n - 1 for n in dataset.lengths]  # an item fills length - 1 positions
         args = {"pad_id": self.tokenizer.eot_id, "mask_prompt": data.mask_prompt,
-                "max_length": self.max_length, "buckets": length_buckets(rows, self.max_length)}
+                "max_length": self.max_length, "buckets": self.buckets(rows, self.max_length)}
         collate = partial(packed_collate if train and data.packing else instruction_collate, **args)
         return make_loader(dataset, collate, cfg.batch_size if train else eval_batch_size(self.job),
                            cfg.seed, shuffle=train,

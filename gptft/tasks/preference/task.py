@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from gptft.data.collate import length_buckets, preference_collate
+from gptft.data.collate import preference_collate
 from gptft.data.instruction import InstructionSplits
 from gptft.data.preference import PreferenceDataset, load_preference_data
 from gptft.model import IGNORE_INDEX
@@ -99,7 +99,7 @@ class PreferenceTask(InstructionTask):
     def _collate(self, split: str) -> partial:
         rows = [n - 1 for n in self.datasets[split].lengths]  # a sequence fills length - 1 positions
         return partial(preference_collate, pad_id=self.tokenizer.eot_id, max_length=self.max_length,
-                       buckets=length_buckets(rows, self.max_length))
+                       buckets=self.buckets(rows, self.max_length))
 
     def loader(self, split: str, train: bool = False):
         cfg = self.job.train
