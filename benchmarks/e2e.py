@@ -43,6 +43,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -69,6 +70,9 @@ ACCURACY_KEYS = ("train_accuracy", "val_accuracy", "test_accuracy")
 class Process:
     returncode: int
     wall_s: float
+    cpu_s: float
+    """User + system CPU seconds of the process and its children: on a shared machine, less
+    sensitive to the other jobs' load than the wall time."""
     started: float
     """time.time() when it started (the textbook job reports time.time() stamps)."""
     stdout: list[tuple[float, str]]
@@ -93,6 +97,7 @@ def _pump(stream, t0: float, out: list[tuple[float, str]]) -> None:
 
 def run_process(cmd: list[str], env: dict[str, str]) -> Process:
     started, t0 = time.time(), time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     stdout: list[tuple[float, str]] = []
@@ -103,11 +108,13 @@ def run_process(cmd: list[str], env: dict[str, str]) -> Process:
         p.start()
     returncode = proc.wait()
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # one child at a time: the delta is its
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     for p in pumps:
         p.join()
     proc.stdout.close()
     proc.stderr.close()
-    return Process(returncode, wall, started, stdout, stderr)
+    return Process(returncode, wall, cpu, started, stdout, stderr)
 
 
 def child_env(pythonpath: Path) -> dict[str, str]:
@@ -238,7 +245,8 @@ def run_gptft(target: Target, opts: argparse.Namespace, run_dir: Path) -> dict:
     cmd = [sys.executable, str(target.path / "launch" / "finetune.py"), "--config", str(opts.config),
            *opts.set, *device_overrides(opts.device), f"output_dir={run_dir}"]
     proc = run_process(cmd, child_env(target.path))
-    record = {"label": target.label, "kind": "gptft", "returncode": proc.returncode, "wall_s": proc.wall_s}
+    record = {"label": target.label, "kind": "gptft", "returncode": proc.returncode, "wall_s": proc.wall_s,
+              "cpu_s": proc.cpu_s}
     if proc.returncode != 0:
         record["error"] = "\n".join(text for _, text in (proc.stderr + proc.stdout)[-15:])
         return record
@@ -454,7 +462,8 @@ def run_textbook(opts: argparse.Namespace, run_dir: Path) -> dict:
     if opts.device:
         cmd += ["--device", opts.device]
     proc = run_process(cmd, child_env(ROOT))
-    record = {"label": TEXTBOOK, "kind": TEXTBOOK, "returncode": proc.returncode, "wall_s": proc.wall_s}
+    record = {"label": TEXTBOOK, "kind": TEXTBOOK, "returncode": proc.returncode, "wall_s": proc.wall_s,
+              "cpu_s": proc.cpu_s}
     metrics = _read_json(run_dir / "metrics.json")
     if proc.returncode != 0 or not metrics:
         record["error"] = "\n".join(text for _, text in (proc.stderr + proc.stdout)[-15:])
@@ -511,7 +520,8 @@ def summarize(runs: list[dict], labels: list[str]) -> dict:
         mine = [r for r in runs if r["label"] == label]
         ok = [r for r in mine if r["returncode"] == 0 and "error" not in r]
         entry = {"kind": mine[0]["kind"], "runs": len(ok), "failed": len(mine) - len(ok),
-                 "wall_s": [r["wall_s"] for r in ok], "wall_s_median": _median([r["wall_s"] for r in ok])}
+                 "wall_s": [r["wall_s"] for r in ok], "wall_s_median": _median([r["wall_s"] for r in ok]),
+                 "cpu_s_median": _median([r.get("cpu_s") for r in ok])}
         entry["phases_median"] = {k: _median([r["phases"].get(k) for r in ok]) for k in PHASES}
         entry["time_to_first_step_s_median"] = _median([r.get("time_to_first_step_s") for r in ok])
         entry["outside_steps_share_median"] = _median([outside_share(r) for r in ok])
@@ -528,12 +538,12 @@ def summarize(runs: list[dict], labels: list[str]) -> dict:
     return summary
 
 
-def paired_ratio(runs: list[dict], label: str, reference: str) -> float | None:
-    """Median over repeats of wall(label) / wall(reference), repeat by repeat."""
+def paired_ratio(runs: list[dict], label: str, reference: str, key: str = "wall_s") -> float | None:
+    """Median over repeats of wall(label) / wall(reference) (or another `key`), repeat by repeat."""
     walls: dict[str, dict[int, float]] = {}
     for r in runs:
-        if r["returncode"] == 0 and "error" not in r:
-            walls.setdefault(r["label"], {})[r["repeat"]] = r["wall_s"]
+        if r["returncode"] == 0 and "error" not in r and r.get(key) is not None:
+            walls.setdefault(r["label"], {})[r["repeat"]] = r[key]
     mine, ref = walls.get(label, {}), walls.get(reference, {})
     pairs = [mine[k] / ref[k] for k in mine if k in ref]
     return statistics.median(pairs) if pairs else None
@@ -580,6 +590,7 @@ def run_benchmark(opts: argparse.Namespace) -> dict:
         wall = entry["wall_s_median"]
         entry["wall_vs_reference"] = wall / ref if wall and ref else None
         entry["wall_vs_reference_paired"] = paired_ratio(runs, label, reference)
+        entry["cpu_vs_reference_paired"] = paired_ratio(runs, label, reference, "cpu_s")
     out = {"settings": {"config": str(opts.config), "set": opts.set, "repeats": opts.repeats,
                         "device": opts.device, "textbook": opts.textbook,
                         "textbook_impl": opts.textbook_impl, "textbook_data": opts.textbook_data,
@@ -621,7 +632,8 @@ def format_report(out: dict) -> str:
              f"load average at start {' '.join(f'{x:.2f}' for x in env['load_average'])}",
              f"job: --config {s['config']} {' '.join(s['set'])}; median of {s['repeats']} interleaved "
              f"repeat(s); wall = process start to exit, phases in seconds", ""]
-    head = (f"{'run':<26}{'wall':>8}{'startup':>9}{'1st step':>9}{'steps':>8}{'between':>9}{'final':>8}"
+    head = (f"{'run':<26}{'wall':>8}{'cpu':>8}{'startup':>9}{'1st step':>9}{'steps':>8}{'between':>9}"
+            f"{'final':>8}"
             f"{'exit':>7}{'outside':>9}{'steps#':>7}{'train acc':>10}{'val acc':>9}{'test acc':>9}"
             f"{'folder MB':>11}{'ckpt MB':>9}{'vs ref':>8}")
     lines.append(head)
@@ -629,7 +641,8 @@ def format_report(out: dict) -> str:
         p = e["phases_median"]
         mb = (lambda b: f"{b / 1e6:>9.1f}" if b is not None else f"{'-':>9}")
         lines.append(
-            f"{label[:25]:<26}{_s(e['wall_s_median'])}{_s(p['startup'], 9)}{_s(p['first_step'], 9, 2)}"
+            f"{label[:25]:<26}{_s(e['wall_s_median'])}{_s(e.get('cpu_s_median'))}"
+            f"{_s(p['startup'], 9)}{_s(p['first_step'], 9, 2)}"
             f"{_s(p['steps'])}{_s(p['between_steps'], 9)}{_s(p['final'])}{_s(p['exit'], 7)}"
             f"{_pct(e['outside_steps_share_median'], 9)}{_s(e.get('steps'), 7, 0)}"
             f"{_pct(e.get('train_accuracy'), 10)}{_pct(e.get('val_accuracy'), 9)}"
@@ -637,14 +650,17 @@ def format_report(out: dict) -> str:
             f"{mb(e['run_dir_bytes'])}  {mb(e['checkpoint_bytes'])}"
             + (f"{e['wall_vs_reference']:>7.2f}x" if e["wall_vs_reference"] is not None else f"{'-':>8}")
             + (f"  ({e['failed']} failed)" if e["failed"] else ""))
-    lines += ["", "between = evaluations and checkpoints inside the training loop; final = after it (final "
+    lines += ["", "cpu = user + system CPU seconds of the job's processes",
+              "between = evaluations and checkpoints inside the training loop; final = after it (final "
               "evaluation, saving, plots); outside = share of the wall time outside the training steps "
               "(1st step + steps)"]
     ref = out["reference"]
     for label, e in out["summary"].items():
         if label not in (ref, TEXTBOOK) and e["wall_vs_reference_paired"] is not None:
             lines.append(f"wall {label} / {ref}: {e['wall_vs_reference']:.2f}x by medians, "
-                         f"{e['wall_vs_reference_paired']:.2f}x paired")
+                         f"{e['wall_vs_reference_paired']:.2f}x paired"
+                         + (f"; cpu {e['cpu_vs_reference_paired']:.2f}x paired"
+                            if e.get("cpu_vs_reference_paired") is not None else ""))
     for label, ratio in (out.get("speedup_vs_textbook") or {}).items():
         if ratio is not None:
             lines.append(f"wall textbook / {label}: {ratio:.2f}x (paired repeats)")

@@ -138,6 +138,7 @@ def test_e2e_runs_the_job_and_the_textbook(tmp_path, capsys):
         assert run["metrics"]["steps"] == 3
         assert all(0 <= run["metrics"][k] <= 1 for k in e2e.ACCURACY_KEYS)
         assert run["run_dir_bytes"] > 0 and run["checkpoint_bytes"] == 0  # no epoch end: no checkpoint
+        assert 0.5 < run["cpu_s"] < 4 * run["wall_s"]  # a job's processes, not this one's
     gptft_run = out["runs"][0]
     assert gptft_run["bar"]["steps_seen"] == 3 and gptft_run["bar"]["evaluations"] >= 1
     assert {"imports", "data", "model", "first_step", "train", "evaluation", "final_accuracy",
@@ -148,7 +149,7 @@ def test_e2e_runs_the_job_and_the_textbook(tmp_path, capsys):
     assert entry["runs"] == 1 and entry["wall_vs_reference"] == 1.0
     assert 0 < entry["outside_steps_share_median"] < 1
     printed = capsys.readouterr().out
-    for header in ("wall", "startup", "1st step", "between", "outside", "test acc", "ckpt MB",
+    for header in ("wall", "cpu", "startup", "1st step", "between", "outside", "test acc", "ckpt MB",
                    "textbook code"):
         assert header in printed
 
@@ -160,7 +161,7 @@ def test_e2e_phases_from_the_progress_bar():
     # ends at 13.5 (an end-of-epoch evaluation after step 10) and the last line at 15.
     times = {0: 2.0, 1: 3.5, **{k: 2.5 + k for k in range(2, 6)}, **{k: 4.0 + k for k in range(6, 11)}}
     stderr = [(t, bar.format(p=10 * n, n=n)) for n, t in times.items()] + [(15.5, bar.format(p=100, n=10))]
-    proc = e2e.Process(0, 17.0, 0.0, [(1.0, "trainable parameters"), (16.0, "test accuracy 90%")], stderr)
+    proc = e2e.Process(0, 17.0, 30.0, 0.0, [(1.0, "trainable parameters"), (16.0, "test accuracy 90%")], stderr)
     phases, info = e2e.bar_phases(proc, {5, 10})
     assert info["median_step_s"] == pytest.approx(1.0) and info["steps_seen"] == 10
     assert phases["startup"] == 2.0 and phases["first_step"] == pytest.approx(1.5)
@@ -168,7 +169,7 @@ def test_e2e_phases_from_the_progress_bar():
     assert phases["between_steps"] == pytest.approx(3.0)  # 1.5 s after step 5, 1.5 s after step 10
     assert phases["final"] == pytest.approx(0.5) and phases["exit"] == pytest.approx(1.0)
     # Without a bar only the total is known.
-    phases, _ = e2e.bar_phases(e2e.Process(0, 5.0, 0.0, [(1.0, "done")], []), set())
+    phases, _ = e2e.bar_phases(e2e.Process(0, 5.0, 9.0, 0.0, [(1.0, "done")], []), set())
     assert all(v is None for v in phases.values())
 
 
