@@ -4,6 +4,7 @@ a checkpoint: exit status 75, ``gptft.signals.EXIT_INTERRUPTED``; a second Ctrl-
 
 from __future__ import annotations
 
+import os
 import sys
 
 from gptft.commands import build_parser
@@ -16,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args._run(args) or 0
     except Interrupted as e:  # stopped on a signal, with a checkpoint to resume from
-        print(f"gptft {args.command}: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line, from the main process of a launch
+            print(f"gptft {args.command}: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"gptft {args.command}: interrupted", file=sys.stderr)

@@ -62,10 +62,7 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum and signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the checkpoint
-        if not self.signum:
-            self.signum = signum
-            print(f"gptft: {signal.Signals(signum).name} received: stopping after this step, "
-                  "with a checkpoint", file=sys.stderr, flush=True)
+        self.signum = self.signum or signum
 
     @property
     def name(self) -> str:
