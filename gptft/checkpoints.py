@@ -151,7 +151,7 @@ def validate_checkpoint(path: Path, num_processes: int) -> list[str]:
     if not (path / "optimizer.bin").exists() and not list(path.glob("optimizer_*")):
         problems.append("no optimizer state (optimizer.bin)")
     needed = [f"random_states_{i}.pkl" for i in range(num_processes)]
-    if list(path.glob("best_*.safetensors")):
+    if list(path.glob("best_*.safetensors")) or _kept_best(path / TRAINER_STATE):
         needed += [f"best_{i}.safetensors" for i in range(num_processes)]
     problems += [f"{name} missing" for name in needed if not (path / name).is_file()]
     for f in sorted(path.iterdir()):
@@ -164,6 +164,14 @@ def validate_checkpoint(path: Path, num_processes: int) -> list[str]:
         if problem:
             problems.append(f"{f.name}: {problem}")
     return problems
+
+
+def _kept_best(trainer_state: Path) -> bool:
+    """Whether the run had best weights to keep when it saved (then each process saved its own)."""
+    try:
+        return json.loads(trainer_state.read_text(encoding="utf-8"))["progress"]["best_value"] is not None
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _json_or_yaml_problem(path: Path) -> str | None:

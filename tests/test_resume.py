@@ -268,9 +268,10 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     assert [p.name for p in complete_checkpoints(root)] == ["step-00000006", "step-00000012"]
 
 
-def test_resuming_an_earlier_checkpoint_drops_the_abandoned_later_ones(reference, data, tmp_path):
-    """Resuming step 16 of a folder that also holds a later checkpoint (an abandoned run's): the
-    later one goes, so that ``train.resume=true`` afterwards never picks it."""
+def test_resuming_an_earlier_checkpoint_moves_the_abandoned_later_ones_aside(reference, data, tmp_path):
+    """Resuming step 16 of a folder that also holds a later checkpoint (an abandoned run's): once
+    step 16 has loaded, the later one is moved aside (kept, not deleted), so that
+    ``train.resume=true`` afterwards never picks it."""
     import shutil
 
     ref, _ = reference
@@ -281,17 +282,89 @@ def test_resuming_an_earlier_checkpoint_drops_the_abandoned_later_ones(reference
     assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.keep_last=100",
                      f"train.resume={checkpoint}") == 0
     assert not (out / "checkpoints" / "step-00000099").exists()
+    aside = out / "checkpoints" / "abandoned-step-00000099"
+    assert _snapshot(aside) == _snapshot(ref / "checkpoints" / "step-00000020")
     assert latest_checkpoint(out) == out / "checkpoints" / "step-00000020"
     assert_same_weights(ref, out)
 
 
-def test_a_new_run_starts_without_an_earlier_runs_checkpoints(data, tmp_path):
+def test_a_new_run_over_an_earlier_one_starts_without_its_checkpoints(data, tmp_path):
     out = tmp_path / "run"
-    old = out / "checkpoints" / "step-00000500"
-    old.mkdir(parents=True)
-    (old / "config.yaml").write_text("task: classification\n")
-    assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.max_steps=4") == 0
+    assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.max_steps=8") == 0
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000008"]
+    assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.max_steps=4",
+                     "train.overwrite=true") == 0
     assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000004"]
+
+
+# ---- damaged checkpoints: validated first, fallback, nothing deleted ------------------------------
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {  # each leaves the checkpoint's config.yaml: it still looks complete
+    "model truncated": lambda c: _truncate(c / "model.safetensors"),
+    "model removed": lambda c: (c / "model.safetensors").unlink(),
+    "optimizer truncated": lambda c: _truncate(c / "optimizer.bin"),
+    "rng state removed": lambda c: (c / "random_states_0.pkl").unlink(),
+    "trainer state truncated": lambda c: _truncate(c / "trainer_state.json"),
+    "best weights removed": lambda c: (c / "best_0.safetensors").unlink(),
+}
+
+
+def _run_with(ref: Path, out: Path, steps: tuple[int, ...]) -> Path:
+    """A copy of the reference run folder holding only the checkpoints of `steps`."""
+    import shutil
+
+    shutil.copytree(ref, out, ignore=lambda d, names: [
+        n for n in names if n.startswith("step-") and int(n[5:]) not in steps])
+    return out
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(reference, data, tmp_path, capsys,
+                                                               damage):
+    ref, _ = reference
+    out = _run_with(ref, tmp_path / "run", (16, 20))
+    newest = out / "checkpoints" / "step-00000020"
+    DAMAGES[damage](newest)
+    damaged = _snapshot(newest)
+    assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.keep_last=100",
+                     "train.max_steps=17", "train.resume=true") == 0
+    captured = capsys.readouterr()
+    warnings = [x for x in captured.err.splitlines() if x.startswith("warning: skipping")]
+    assert len(warnings) == 1 and str(newest) in warnings[0], captured.err
+    assert f"resumed from {out / 'checkpoints' / 'step-00000016'} (step 16" in captured.out
+    assert _snapshot(out / "checkpoints" / "abandoned-step-00000020") == damaged  # kept, aside
+    assert latest_checkpoint(out) == out / "checkpoints" / "step-00000016"
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 17
+
+
+def test_no_valid_checkpoint_or_a_damaged_named_one_stops_with_one_line(reference, data, tmp_path,
+                                                                       capsys):
+    ref, _ = reference
+    out = _run_with(ref, tmp_path / "run", (16, 20))
+    DAMAGES["rng state removed"](out / "checkpoints" / "step-00000020")
+    DAMAGES["optimizer truncated"](out / "checkpoints" / "step-00000016")
+    before = _snapshot(out)
+    args = [*SPAM, f"data.path={data}", f"output_dir={out}", "train.keep_last=100"]
+    assert _finetune(*args, "train.resume=true") == 2
+    line = _error_line(capsys)
+    assert f"train.resume: no valid checkpoint in {out / 'checkpoints'}" in line
+    assert "step-00000020: random_states_0.pkl missing" in line
+    assert "step-00000016: optimizer.bin: truncated" in line
+    assert _snapshot(out) == before
+    # A named, damaged checkpoint older than an intact one: one line, the later one kept.
+    out = _run_with(ref, tmp_path / "named", (16, 20))
+    DAMAGES["model truncated"](out / "checkpoints" / "step-00000016")
+    before = _snapshot(out)
+    assert _finetune(*args[:-2], f"output_dir={out}", "train.keep_last=100",
+                     f"train.resume={out / 'checkpoints' / 'step-00000016'}") == 2
+    line = _error_line(capsys)
+    assert f"train.resume: {out / 'checkpoints' / 'step-00000016'} is damaged: " in line
+    assert "model.safetensors: truncated" in line
+    assert _snapshot(out) == before  # step-00000020 still there, untouched
 
 
 # ---- a loss that is not finite -------------------------------------------------------------------
