@@ -449,3 +449,131 @@ def test_no_pickle_loading_in_the_package():
             if re.search(r"\byaml\.(load|unsafe_load)\(", code):
                 problems.append(f"{path.name}:{n}: yaml.load (use safe_load)")
     assert not problems, "\n".join(problems)
+
+
+# ---- stop signals: a checkpoint at the interrupted step, one line, then resume -------------------
+
+def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:
+    """Wait until the run has logged `step` (log.jsonl), failing if it ends first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            lines = (out / "log.jsonl").read_text().splitlines()
+            if any(json.loads(x)["step"] >= step for x in lines if x.endswith("}")):
+                return
+        except (OSError, ValueError):
+            pass
+        assert proc.poll() is None, f"the run ended before step {step}"
+        assert time.monotonic() < deadline, f"step {step} not reached within {timeout} s"
+        time.sleep(0.01)
+
+
+def _stopped_at(err: str, name: str) -> int:
+    """The step of the run's one line ``stopped by NAME at step S`` (no traceback from gptft)."""
+    lines = [x for x in err.splitlines() if "stopped by" in x]
+    assert len(lines) == 1 and lines[0].startswith(f"gptft finetune: stopped by {name} at step "), err
+    assert "KeyboardInterrupt" not in err and 'File "' + str(ROOT) not in err, err
+    assert "train.resume=true" in lines[0]
+    return int(re.search(r"at step (\d+)", lines[0]).group(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_epoch_saves_and_resumes_bit_for_bit(reference, data, tmp_path, sig):
+    ref, _ = reference
+    out = tmp_path / "stopped"
+    args = [*SPAM, f"data.path={data}", f"output_dir={out}", "train.keep_last=1"]
+    proc = subprocess.Popen([sys.executable, "launch/finetune.py", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(proc, out, 2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err  # gptft.signals.EXIT_INTERRUPTED
+    step = _stopped_at(err, sig.name)
+    assert 2 <= step < 20 and latest_checkpoint(out) == out / "checkpoints" / f"step-{step:08d}"
+    assert not (out / "model.safetensors").exists()
+
+    assert _finetune(*args, "train.resume=true") == 0
+    assert_same_weights(ref, out)
+    for name in ("metrics.json", "log.jsonl"):
+        assert run_results(out, name) == run_results(ref, name), name
+
+
+def _launch(out: Path, args: list[str], log: Path) -> subprocess.Popen:
+    """A 2-process ``accelerate launch`` in a session of its own (a process group to signal)."""
+    from conftest import cpu_launch_env, free_port, launcher
+
+    with open(log, "a") as f:
+        return subprocess.Popen(launcher("--num_processes", "2", "--main_process_port", str(free_port()))
+                                + [*args, f"output_dir={out}"], cwd=ROOT, env=cpu_launch_env(),
+                                stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, workers: list = ()) -> int:
+    try:
+        return proc.wait(timeout=300)
+    finally:
+        for p in [proc, *workers]:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.slow
+def test_two_processes_stop_on_a_signal_or_a_dead_launcher_and_resume_bit_for_bit(data, tmp_path):
+    """2 processes: the launcher SIGKILLed (its workers get SIGTERM from the parent-death watch,
+    save and stop); resumed, then SIGTERM to every process of the run (as ``scancel`` does);
+    resumed to the end: equal, bit for bit, to an uninterrupted 2-process run."""
+    import psutil
+
+    args = [*SPAM, "train.batch_size=2", f"data.path={data}", "train.keep_last=1"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert _finish(_launch(ref, args, tmp_path / "ref.log")) == 0, (tmp_path / "ref.log").read_text()
+
+    log = tmp_path / "run.log"
+    proc = _launch(out, args, log)
+    _wait_for_step(proc, out, 2)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) == 2
+    proc.kill()  # the launcher dies: its workers must not run on
+    gone, alive = psutil.wait_procs(workers, timeout=120)
+    assert not alive, "a worker ran on after its launcher died"
+    first = _stopped_at(log.read_text(), "SIGTERM")
+    assert latest_checkpoint(out) == out / "checkpoints" / f"step-{first:08d}"
+
+    log.write_text("")
+    proc = _launch(out, [*args, "train.resume=true"], log)
+    _wait_for_step(proc, out, first + 2)
+    os.killpg(proc.pid, signal.SIGTERM)  # every process of the run, launcher included
+    _finish(proc)
+    second = _stopped_at(log.read_text(), "SIGTERM")
+    assert first < second < 20 and latest_checkpoint(out) == out / "checkpoints" / f"step-{second:08d}"
+
+    assert _finish(_launch(out, [*args, "train.resume=true"], log)) == 0, log.read_text()
+    assert_same_weights(ref, out)
+    for name in ("metrics.json", "log.jsonl"):
+        assert run_results(out, name) == run_results(ref, name), name
+
+
+@pytest.mark.slow
+def test_a_frozen_process_ends_the_run_with_a_timeout_message(data, tmp_path):
+    """Rank 1 SIGSTOPped: rank 0 stops after ``train.timeout_minutes`` (here 6 s) with one line."""
+    import psutil
+
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    proc = _launch(out, [*SPAM, "train.batch_size=2", f"data.path={data}", "train.timeout_minutes=0.1"],
+                   log)
+    workers = []
+    try:
+        _wait_for_step(proc, out, 2)
+        workers = sorted(psutil.Process(proc.pid).children(recursive=True), key=lambda p: p.pid)
+        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+        rank1.suspend()
+        stopped = time.monotonic()
+        expected = "gptft finetune: error: another process did not answer within train.timeout_minutes=0.1"
+        while expected not in log.read_text():
+            assert time.monotonic() - stopped < 120, log.read_text()
+            time.sleep(0.1)
+    finally:
+        _finish(proc, workers)
