@@ -545,7 +545,8 @@ def test_two_processes_stop_on_a_signal_or_a_dead_launcher_and_resume_bit_for_bi
     log.write_text("")
     proc = _launch(out, [*args, "train.resume=true"], log)
     _wait_for_step(proc, out, first + 2)
-    os.killpg(proc.pid, signal.SIGTERM)  # every process of the run, launcher included
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        p.send_signal(signal.SIGTERM)  # every process of the run, as scancel does
     _finish(proc)
     second = _stopped_at(log.read_text(), "SIGTERM")
     assert first < second < 20 and latest_checkpoint(out) == out / "checkpoints" / f"step-{second:08d}"
@@ -577,3 +578,65 @@ def test_a_frozen_process_ends_the_run_with_a_timeout_message(data, tmp_path):
             time.sleep(0.1)
     finally:
         _finish(proc, workers)
+
+
+FAKE_SLURM = {  # just enough of srun / scancel / scontrol for launch/slurm.sh on one machine
+    "srun": """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done      # srun's own options
+SLURM_NODEID=0 setsid "$@" &                 # the job step: a process group of its own
+echo $! > "$FAKE_SLURM/step.pid"
+wait $!
+""",
+    "scancel": """#!/bin/bash
+echo "scancel $*" >> "$FAKE_SLURM/calls"
+tree() { for c in $(ps -o pid= --ppid "$1"); do tree "$c"; done; echo "$1"; }
+kill -"${1#--signal=}" $(tree "$(cat "$FAKE_SLURM/step.pid")")   # every process of step 0
+""",
+    "scontrol": """#!/bin/bash
+if [ "$1" = show ]; then echo 127.0.0.1; else echo "scontrol $*" >> "$FAKE_SLURM/calls"; fi
+""",
+}
+
+
+@pytest.mark.slow
+def test_slurm_script_saves_before_the_time_limit_and_requeues(data, tmp_path):
+    """launch/slurm.sh under a stand-in SLURM: SIGUSR1 to the batch script (``--signal=B:USR1``)
+    reaches the training processes, which save and stop; the script requeues the job; the
+    requeued job (``SLURM_RESTART_COUNT=1``) resumes and finishes."""
+    from conftest import cpu_launch_env, free_port
+
+    fake = tmp_path / "slurm"
+    fake.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    accelerate_config = tmp_path / "cpu-ddp.yaml"
+    accelerate_config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\n"
+                                 "mixed_precision: 'no'\nuse_cpu: true\nmain_training_function: main\n")
+    out = tmp_path / "run"
+    env = {**cpu_launch_env(), "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM": str(fake),
+           "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
+           "SLURM_CPUS_PER_TASK": "1", "GPUS_PER_NODE": "2", "MAIN_PROCESS_PORT": str(free_port()),
+           "ACCELERATE_CONFIG": str(accelerate_config)}
+    args = ["bash", "launch/slurm.sh", *SPAM, "train.batch_size=2", f"data.path={data}",
+            f"output_dir={out}"]
+    log = tmp_path / "job.out"
+    with open(log, "w") as f:
+        job = subprocess.Popen(args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_step(job, out, 2)
+        job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 does
+        assert job.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if job.poll() is None:
+            os.killpg(int((fake / "step.pid").read_text()), signal.SIGKILL)
+            job.kill()
+    step = _stopped_at(log.read_text(), "SIGUSR1")
+    assert latest_checkpoint(out) == out / "checkpoints" / f"step-{step:08d}"
+    assert (fake / "calls").read_text().splitlines() == ["scancel --signal=USR1 42.0",
+                                                         "scontrol requeue 42"]
+    result = subprocess.run(args, cwd=ROOT, env={**env, "SLURM_RESTART_COUNT": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resumed from {out / 'checkpoints' / f'step-{step:08d}'}" in result.stdout
+    assert (out / "model.safetensors").is_file()
