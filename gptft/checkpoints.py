@@ -145,10 +145,11 @@ def validate_checkpoint(path: Path, num_processes: int) -> list[str]:
         problem = _json_or_yaml_problem(path / name)
         if problem:
             problems.append(problem)
-    weights = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model_fsdp_*"))
-    if not weights:
+    # Accelerate's names: model.safetensors and optimizer.bin; under FSDP pytorch_model_fsdp*
+    # and optimizer* (files or sharded folders).
+    if not list(path.glob("model*.safetensors")) and not list(path.glob("pytorch_model*")):
         problems.append("no model weights (model.safetensors)")
-    if not (path / "optimizer.bin").exists() and not list(path.glob("optimizer_*")):
+    if not list(path.glob("optimizer*")):
         problems.append("no optimizer state (optimizer.bin)")
     needed = [f"random_states_{i}.pkl" for i in range(num_processes)]
     if list(path.glob("best_*.safetensors")) or _kept_best(path / TRAINER_STATE):

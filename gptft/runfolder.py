@@ -141,8 +141,17 @@ class RunLock:
         if folder.exists() and not folder.is_dir():
             raise GPTFTError(f"output_dir {folder}: not a folder")
         made = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / LOCK
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return cls._acquire(path, made)
+        except OSError as e:
+            raise GPTFTError(f"output_dir {folder}: cannot create {LOCK} there "
+                             f"({e.strerror or e})") from None
+
+    @classmethod
+    def _acquire(cls, path: Path, made: bool) -> RunLock:
+        folder = path.parent
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

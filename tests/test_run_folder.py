@@ -208,3 +208,12 @@ def test_a_run_that_fails_late_is_not_served(data, tmp_path, capsys, monkeypatch
     monkeypatch.undo()
     assert _finetune(data, out, "train.resume=true", "train.max_steps=3") == 0  # resumed: served
     assert main(["classify", str(out), "win cash now"]) == 0
+
+
+def test_an_output_dir_that_cannot_be_made_is_one_line(data, tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder\n")
+    assert _finetune(data, tmp_path / "file" / "run") == 2
+    assert f"output_dir {tmp_path / 'file' / 'run'}: cannot create {LOCK} there" in _error_line(capsys)
+    assert _finetune(data, tmp_path / "file") == 2
+    assert f"output_dir {tmp_path / 'file'}: not a folder" in _error_line(capsys)
+    assert (tmp_path / "file").read_text() == "a file, not a folder\n"
