@@ -290,11 +290,11 @@ def test_resuming_an_earlier_checkpoint_moves_the_abandoned_later_ones_aside(ref
 
 def test_a_new_run_over_an_earlier_one_starts_without_its_checkpoints(data, tmp_path):
     out = tmp_path / "run"
-    assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.max_steps=8") == 0
-    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000008"]
-    assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.max_steps=4",
-                     "train.overwrite=true") == 0
+    assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.max_steps=4") == 0
     assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000004"]
+    assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.max_steps=2",
+                     "train.checkpoint_every=2", "train.overwrite=true") == 0
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000002"]
 
 
 # ---- damaged checkpoints: validated first, fallback, nothing deleted ------------------------------

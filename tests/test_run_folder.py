@@ -141,10 +141,11 @@ def test_a_symlinked_checkpoints_folder_is_refused(data, tmp_path, capsys):
 
 # ---- one run at a time ---------------------------------------------------------------------------
 
+@pytest.mark.slow  # a second process: ~10 s of start-up
 def test_two_runs_on_one_folder_one_refuses_naming_the_other(data, tmp_path, capsys):
     out = tmp_path / "run"
-    args = [*SHORT, f"data.path={data}", f"output_dir={out}", "train.max_steps=40",
-            "train.epochs=4", "train.checkpoint_every=5"]
+    args = [*SHORT, f"data.path={data}", f"output_dir={out}", "train.max_steps=12",
+            "train.checkpoint_every=5"]
     first = subprocess.Popen([sys.executable, "launch/finetune.py", *args], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -168,7 +169,7 @@ def test_two_runs_on_one_folder_one_refuses_naming_the_other(data, tmp_path, cap
             first.wait()
         first.stderr.close()
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "train/lr" in r] == list(range(1, 41))
+    assert [r["step"] for r in log if "train/lr" in r] == list(range(1, 13))
     assert not (out / LOCK).exists()  # released at the end
 
 
