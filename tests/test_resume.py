@@ -478,7 +478,7 @@ def _stopped_at(err: str, name: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_mid_epoch_saves_and_resumes_bit_for_bit(reference, data, tmp_path, sig):
     ref, _ = reference
     out = tmp_path / "stopped"
@@ -509,15 +509,25 @@ def _launch(out: Path, args: list[str], log: Path) -> subprocess.Popen:
                                 stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen, workers: list = ()) -> int:
+def _finish(proc: subprocess.Popen, workers: list = (), kill_first: bool = False) -> int:
+    """Wait for the launcher (or kill it and `workers` first), leaving no process behind."""
     try:
+        if kill_first:
+            _kill([*workers, proc])
         return proc.wait(timeout=300)
     finally:
-        for p in [proc, *workers]:
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill([proc, *workers])
+
+
+def _kill(procs: list) -> None:
+    """SIGKILL each process still running (a reaped launcher is left alone: its PID may be reused)."""
+    for p in procs:
+        if isinstance(p, subprocess.Popen) and p.poll() is not None:
+            continue
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.slow
@@ -577,7 +587,7 @@ def test_a_frozen_process_ends_the_run_with_a_timeout_message(data, tmp_path):
             assert time.monotonic() - stopped < 120, log.read_text()
             time.sleep(0.1)
     finally:
-        _finish(proc, workers)
+        _finish(proc, workers, kill_first=True)
 
 
 FAKE_SLURM = {  # just enough of srun / scancel / scontrol for launch/slurm.sh on one machine
