@@ -54,8 +54,8 @@ def finetune(job: Job, started: float | None = None) -> dict:
             # outputs can abort in its collective library's threads (gloo: SIGABRT at exit).
             accelerator.wait_for_everyone()
             return metrics
-        except RuntimeError as e:
-            if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+        except RuntimeError as e:  # gloo: "Timed out waiting ...", NCCL: "... timed out"
+            if accelerator.num_processes > 1 and "timed out" in str(e).lower():
                 raise GPTFTError(
                     f"another process did not answer within train.timeout_minutes="
                     f"{job.train.timeout_minutes:g} (a collective operation timed out: a process is "
