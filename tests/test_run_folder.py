@@ -218,3 +218,32 @@ def test_an_output_dir_that_cannot_be_made_is_one_line(data, tmp_path, capsys):
     assert _finetune(data, tmp_path / "file") == 2
     assert f"output_dir {tmp_path / 'file'}: not a folder" in _error_line(capsys)
     assert (tmp_path / "file").read_text() == "a file, not a folder\n"
+
+
+def test_without_flock_the_lock_files_pid_decides(tmp_path, monkeypatch, capsys):
+    """On a file system without ``flock`` (ENOLCK): a live PID on this host holds the folder, a
+    dead one is stale and taken over."""
+    import errno
+    import fcntl
+
+    from gptft.runfolder import RunLock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    out = tmp_path / "run"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK).write_text(json.dumps({"pid": live.pid, "host": os.uname().nodename}))
+        with pytest.raises(GPTFTError, match=f"in use by another gptft run \\(pid {live.pid} on "):
+            RunLock.acquire(out)
+    finally:
+        live.kill()
+        live.wait()
+    lock = RunLock.acquire(out)  # its PID is gone now
+    assert f"took over the stale lock {out / LOCK} of pid {live.pid}" in capsys.readouterr().err
+    assert json.loads((out / LOCK).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (out / LOCK).exists() and out.is_dir()
