@@ -7,7 +7,10 @@ unpickle), each process's best-so-far weights (``best_N.safetensors``) and the r
 ``.tmp-step-N`` and renamed, so a kill during a save leaves the previous checkpoints intact.
 
 ``resume_point(job, num_processes)`` finds and checks the checkpoint a resumption starts from
-before anything in the run folder changes; the trainer gets that ``ResumePoint``.
+before anything in the run folder changes (``validate_checkpoint``: every file there and readable;
+``train.resume=true`` falls back to the newest valid one); the trainer gets that ``ResumePoint``.
+Checkpoints later than the one resumed from are moved aside (``abandoned-step-N``) only once it
+has loaded. Symbolic links under ``checkpoints/`` are never taken for checkpoints nor followed.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,7 @@ RESUMABLE_CHANGES = ("train.resume", "output_dir", "train.epochs", "train.max_st
                      "train.eval_every", "train.eval_batches", "train.eval_batch_size",
                      "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
                      "train.checkpoint_epochs", "train.keep_last", "train.skip_nonfinite",
-                     "tracking.", "generate.")
+                     "train.overwrite", "train.timeout_minutes", "tracking.", "generate.")
 
 
 @dataclass
@@ -57,13 +61,17 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir()
-                  if re.fullmatch(r"step-\d+", p.name) and (p / CONFIG).is_file())
+    return sorted(p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name)
+                  and not p.is_symlink() and (p / CONFIG).is_file())
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     done = complete_checkpoints(Path(output_dir) / CHECKPOINTS)
     return done[-1] if done else None
+
+
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step-{step:08d}"
 
 
 def step_of(checkpoint: Path) -> int:
@@ -74,28 +82,50 @@ def prune_checkpoints(root: Path, keep_last: int, keep: Path | None = None) -> N
     """Delete all but the newest `keep_last` (≥ 1) complete checkpoints, never `keep` (the one
     just saved), and leftover temporary folders of saves cut short. Called right after a save
     completes, so the checkpoint a run resumed from goes only once a newer one is complete."""
+    if root.is_symlink():  # never delete through a link out of the run folder
+        return
     done = complete_checkpoints(root)
     for old in done[: max(0, len(done) - max(1, keep_last))]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
     for tmp in root.glob(".tmp-step-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resume_point(job: Job, num_processes: int) -> ResumePoint | None:
+def resume_point(job: Job, num_processes: int,
+                 warn: Callable[[str], None] = print) -> ResumePoint | None:
     """The checkpoint ``train.resume`` names (None when not resuming), checked against `job` and
     the number of processes (each one's data position and RNG are in it).
 
+    ``train.resume=true`` takes the newest valid checkpoint (``validate_checkpoint``), calling
+    `warn` about each newer one it skips; a named checkpoint that is damaged is an error.
     ``finetune`` calls it before touching the run folder, so a bad resumption changes nothing.
     """
     resume = job.train.resume
     if resume is False:
         return None
-    path = latest_checkpoint(job.output_dir) if resume is True else Path(resume)
-    if path is None:
-        raise GPTFTError(f"train.resume: no complete checkpoint in {Path(job.output_dir) / CHECKPOINTS}")
-    if not (path / CONFIG).is_file():
-        raise GPTFTError(f"train.resume: {path} is not a complete gptft checkpoint (no config.yaml)")
+    if resume is True:
+        root = Path(job.output_dir) / CHECKPOINTS
+        found = complete_checkpoints(root)
+        if not found:
+            raise GPTFTError(f"train.resume: no complete checkpoint in {root}")
+        skipped = []
+        for path in reversed(found):
+            problems = validate_checkpoint(path, num_processes)
+            if not problems:
+                break
+            skipped.append(f"{path.name}: {problems[0]}")
+            warn(f"warning: skipping the damaged checkpoint {path}: {'; '.join(problems)}")
+        else:
+            raise GPTFTError(f"train.resume: no valid checkpoint in {root} ({'; '.join(skipped)})")
+    else:
+        path = Path(resume)
+        if not (path / CONFIG).is_file():
+            raise GPTFTError(f"train.resume: {path} is not a complete gptft checkpoint (no config.yaml)")
+        problems = validate_checkpoint(path, num_processes)
+        if problems:
+            raise GPTFTError(f"train.resume: {path} is damaged: {'; '.join(problems)}")
     check_resumable(path / CONFIG, job)
     saved = read_json(path / TRAINER_STATE)
     if saved.get("num_processes") != num_processes:
@@ -103,6 +133,90 @@ def resume_point(job: Job, num_processes: int) -> ResumePoint | None:
                          f"process(es), this run has {num_processes}; launch with the same "
                          "--num_processes")
     return ResumePoint(path, saved)
+
+
+def validate_checkpoint(path: Path, num_processes: int) -> list[str]:
+    """What is wrong with checkpoint `path` (empty: nothing), read without loading any tensor:
+    every file there (weights, optimizer, each process's RNG state, the trainer state, each
+    process's best weights if any were kept), safetensors headers that parse and match the
+    file's size, torch files whose zip directory reads."""
+    problems = []
+    for name in (CONFIG, TRAINER_STATE):
+        problem = _json_or_yaml_problem(path / name)
+        if problem:
+            problems.append(problem)
+    # Accelerate's names: model.safetensors and optimizer.bin; under FSDP pytorch_model_fsdp*
+    # and optimizer* (files or sharded folders).
+    if not list(path.glob("model*.safetensors")) and not list(path.glob("pytorch_model*")):
+        problems.append("no model weights (model.safetensors)")
+    if not list(path.glob("optimizer*")):
+        problems.append("no optimizer state (optimizer.bin)")
+    needed = [f"random_states_{i}.pkl" for i in range(num_processes)]
+    if list(path.glob("best_*.safetensors")) or _kept_best(path / TRAINER_STATE):
+        needed += [f"best_{i}.safetensors" for i in range(num_processes)]
+    problems += [f"{name} missing" for name in needed if not (path / name).is_file()]
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix == ".safetensors":
+            problem = _safetensors_problem(f)
+        elif f.is_file() and f.suffix in (".bin", ".pkl", ".pt"):
+            problem = _torch_file_problem(f)
+        else:
+            continue
+        if problem:
+            problems.append(f"{f.name}: {problem}")
+    return problems
+
+
+def _kept_best(trainer_state: Path) -> bool:
+    """Whether the run had best weights to keep when it saved (then each process saved its own)."""
+    try:
+        return json.loads(trainer_state.read_text(encoding="utf-8"))["progress"]["best_value"] is not None
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _json_or_yaml_problem(path: Path) -> str | None:
+    import yaml
+
+    if not path.is_file():
+        return f"{path.name} missing"
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        return f"{path.name}: unreadable ({str(e).splitlines()[0]})"
+    if not isinstance(data, dict):
+        return f"{path.name}: not a mapping"
+    if path.name == TRAINER_STATE and not {"progress", "scheduler", "num_processes"} <= data.keys():
+        return f"{path.name}: incomplete"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file's header parses and its tensors end exactly at the file's end."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 + n:
+                return f"truncated ({size} bytes, header alone {8 + n})"
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return "not a safetensors file"
+    return None if size == 8 + n + end else f"truncated or padded ({size} bytes, expected {8 + n + end})"
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """A ``torch.save`` file (a zip archive) whose directory reads and whose members fit in it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            end = max((i.header_offset + i.compress_size for i in z.infolist()), default=0)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return "truncated or not a torch file"
+    return None if end <= path.stat().st_size else "truncated"
 
 
 def check_resumable(saved_config: Path, job: Job) -> None:
@@ -136,8 +250,8 @@ def save_checkpoint(accelerator, job: Job, step: int, trainer_state: dict[str, A
     """
     from gptft.io import save_safetensors
 
-    root = Path(job.output_dir) / CHECKPOINTS
-    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    final = checkpoint_path(job.output_dir, step)
+    root, tmp = final.parent, final.parent / f".tmp-{final.name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -156,19 +270,29 @@ def save_checkpoint(accelerator, job: Job, step: int, trainer_state: dict[str, A
 
 
 def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict | None:
-    """Load `point` into the prepared objects (model, optimizer, RNG, loaders) after removing the
-    abandoned run's checkpoints later than it in `output_dir` (the run folder being resumed
-    into; `point` may lie in another); return this process's best-so-far weights, if saved."""
+    """Load `point` into the prepared objects (model, optimizer, RNG, loaders); then, once it has
+    loaded, move the abandoned run's checkpoints later than it in `output_dir` (the run folder
+    being resumed into; `point` may lie in another) aside as ``abandoned-step-N``, so that
+    ``train.resume=true`` never picks them; return this process's best-so-far weights, if saved."""
     from gptft.io import load_safetensors
 
-    if accelerator.is_main_process:  # later checkpoints here belong to the abandoned run
+    try:
+        accelerator.load_state(str(point.path))
+        best = point.path / f"best_{accelerator.process_index}.safetensors"
+        best = load_safetensors(best) if best.is_file() else None
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise GPTFTError(f"cannot load checkpoint {point.path}: {str(e).splitlines()[0]}") from None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         for later in complete_checkpoints(output_dir / CHECKPOINTS):
             if step_of(later) > point.step:
-                shutil.rmtree(later, ignore_errors=True)
+                aside = later.with_name(f"abandoned-{later.name}")
+                shutil.rmtree(aside, ignore_errors=True)  # an older abandonment of the same step
+                later.rename(aside)
+                accelerator.print(f"moved the later checkpoint {later.name} of the abandoned run "
+                                  f"aside to {aside} (delete it when no longer needed)")
     accelerator.wait_for_everyone()
-    accelerator.load_state(str(point.path))
-    best = point.path / f"best_{accelerator.process_index}.safetensors"
-    return load_safetensors(best) if best.is_file() else None
+    return best
 
 
 def folder_bytes(path: Path) -> int:

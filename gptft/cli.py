@@ -1,18 +1,28 @@
 """The ``gptft`` command's entry point: parse (``gptft.commands``), run, and turn a
-``GPTFTError`` into one line on stderr and exit status 2."""
+``GPTFTError`` into one line on stderr and exit status 2 (a run stopped by a signal after saving
+a checkpoint: exit status 75, ``gptft.signals.EXIT_INTERRUPTED``; a second Ctrl-C: 130)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from gptft.commands import build_parser
 from gptft.errors import GPTFTError
+from gptft.signals import EXIT_INTERRUPTED, Interrupted
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args._run(args) or 0
+    except Interrupted as e:  # stopped on a signal, with a checkpoint to resume from
+        if os.environ.get("RANK", "0") == "0":  # one line, from the main process of a launch
+            print(f"gptft {args.command}: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"gptft {args.command}: interrupted", file=sys.stderr)
+        return 130
     except GPTFTError as e:
         print(f"gptft {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -105,7 +105,14 @@ class TrainConfig:
     keep_last: int = 1
     """Checkpoints to keep (older ones are pruned once a newer one is complete)."""
     resume: bool | str = False
-    """true: resume from the latest checkpoint in output_dir; a path: from that checkpoint."""
+    """true: resume from the latest valid checkpoint in output_dir (a damaged newer one is skipped
+    with a warning); a path: from that checkpoint."""
+    overwrite: bool = False
+    """Let a new run replace an earlier gptft run in output_dir (only the files gptft wrote there
+    go); false: a new run needs a new or empty folder."""
+    timeout_minutes: float = 30.0
+    """How long a process waits for the others in a collective operation (multi-process runs)
+    before the run stops with an error: more than the longest checkpoint save or evaluation."""
     seed: int = 123
     """Seed of the model initialisation, dropout and the data order."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -126,7 +133,7 @@ class TrainConfig:
     def problems(self) -> list[str]:
         out = positive(self, "epochs", "max_steps", "batch_size", "grad_accum_steps", "lr",
                         "log_every", "keep_last", "max_grad_norm", "eval_batches", "eval_batch_size",
-                        "checkpoint_minutes")
+                        "checkpoint_minutes", "timeout_minutes")
         out += non_negative(self, "weight_decay", "warmup_steps", "eval_every", "checkpoint_every")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             out.append(f"betas: two numbers in [0, 1) (got {self.betas})")

@@ -1,18 +1,24 @@
 """Run a fine-tuning job to the end: ``finetune(load_job("configs/spam.yaml"))``.
 
-The order matters: every check that can fail (a resumption that cannot be, bad data, bad weights)
-runs before the run folder is touched.
+The order matters: the run folder is locked first (``gptft.runfolder``: one run at a time), then
+every check that can fail (a resumption that cannot be, bad data, bad weights, a folder that is
+not a new or empty one or an earlier gptft run) runs before the run folder is touched.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from accelerate.utils import set_seed
 
 from gptft.checkpoints import resume_point
 from gptft.config import Job, job_to_dict
+from gptft.errors import GPTFTError
+from gptft.runfolder import RunLock, check_new_run
+from gptft.signals import watch_parent
 from gptft.tasks import get_task
 from gptft.tasks.base import run_task, start_run_folder
 from gptft.timing import Phases
@@ -26,22 +32,72 @@ def finetune(job: Job, started: float | None = None) -> dict:
     command passes its process's start (``gptft.timing.process_start``); default: now.
     """
     phases = Phases(started if started is not None else time.time())
+    watch_parent()
     accelerator = make_accelerator(job)
-    # A resumption that cannot be (no checkpoint, changed config, other process count) fails first.
-    resume = resume_point(job, accelerator.num_processes)
-    set_seed(job.train.seed)
-    task = get_task(job.task).task_class()(job, accelerator)  # reads data and weights
-    start_run_folder(job, accelerator)
-    if job.tracking.wandb:
-        accelerator.init_trackers(job.tracking.project, config=job_to_dict(job), init_kwargs={
-            "wandb": {"name": job.tracking.run_name or Path(job.output_dir).name,
-                      "tags": job.tracking.tags, "dir": job.output_dir}})
+    resuming_here = _resumes_in_place(job)
+    lock = _on_main(accelerator, lambda: RunLock.acquire(job.output_dir))
     try:
-        metrics = run_task(task, resume, phases)
-        # Every process leaves together: a rank that exits while the main one still writes
-        # outputs can abort in its collective library's threads (gloo: SIGABRT at exit).
-        accelerator.wait_for_everyone()
-        return metrics
+        # A resumption that cannot be (no checkpoint, changed config, other process count) fails first.
+        resume = resume_point(job, accelerator.num_processes, warn=_warn(accelerator))
+        set_seed(job.train.seed)
+        task = get_task(job.task).task_class()(job, accelerator)  # reads data and weights
+        _on_main(accelerator, lambda: check_new_run(Path(job.output_dir), job.train.overwrite,
+                                                    resuming_here))
+        start_run_folder(job, accelerator, resuming=resuming_here)
+        if job.tracking.wandb:
+            accelerator.init_trackers(job.tracking.project, config=job_to_dict(job), init_kwargs={
+                "wandb": {"name": job.tracking.run_name or Path(job.output_dir).name,
+                          "tags": job.tracking.tags, "dir": job.output_dir}})
+        try:
+            metrics = run_task(task, resume, phases)
+            # Every process leaves together: a rank that exits while the main one still writes
+            # outputs can abort in its collective library's threads (gloo: SIGABRT at exit).
+            accelerator.wait_for_everyone()
+            return metrics
+        except RuntimeError as e:  # gloo: "Timed out waiting ...", NCCL: "... timed out"
+            if accelerator.num_processes > 1 and "timed out" in str(e).lower():
+                raise GPTFTError(
+                    f"another process did not answer within train.timeout_minutes="
+                    f"{job.train.timeout_minutes:g} (a collective operation timed out: a process is "
+                    "stuck, stopped or gone); the last checkpoint can be resumed with "
+                    "train.resume=true") from None
+            raise
+        finally:
+            accelerator.end_training()
+            accelerator.state.destroy_process_group()  # no-op without a process group
     finally:
-        accelerator.end_training()
-        accelerator.state.destroy_process_group()  # no-op without a process group
+        if lock is not None:
+            lock.release()
+
+
+def _resumes_in_place(job: Job) -> bool:
+    """Whether the job resumes a run of its own ``output_dir`` (``train.resume=true``, or a path
+    inside it)."""
+    resume = job.train.resume
+    if resume is False:
+        return False
+    return resume is True or Path(job.output_dir).resolve() in Path(resume).resolve().parents
+
+
+def _on_main(accelerator, fn: Callable):
+    """``fn()`` on the main process; its ``GPTFTError`` raised on every process."""
+    result, error = None, [None]
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except GPTFTError as e:
+            error = [str(e)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(error)
+    if error[0] is not None:
+        raise GPTFTError(error[0])
+    return result
+
+
+def _warn(accelerator) -> Callable[[str], None]:
+    def warn(message: str) -> None:
+        if accelerator.is_main_process:
+            print(message, file=sys.stderr, flush=True)
+    return warn

@@ -17,6 +17,7 @@ import torch.nn as nn
 from gptft.errors import GPTFTError
 from gptft.io import load_safetensors, read_json, save_safetensors, write_json
 from gptft.model import GPT, GPTConfig
+from gptft.runfolder import check_finished
 
 META_FILE = "gptft.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -32,14 +33,19 @@ def save_model(run_dir: str | os.PathLike, model: nn.Module | dict[str, torch.Te
     write_json(run_dir / META_FILE, meta)
 
 
-def load_meta(run_dir: str | os.PathLike, produces: str | None = None) -> dict[str, Any]:
+def load_meta(run_dir: str | os.PathLike, produces: str | None = None,
+              require_finished: bool = True) -> dict[str, Any]:
     """Read ``gptft.json``; when `produces` is given (``lm`` or ``classifier``, see
-    ``gptft.tasks.TaskSpec``), check the run's task makes such a model."""
+    ``gptft.tasks.TaskSpec``), check the run's task makes such a model. A run that has not
+    finished (``gptft.runfolder``) is refused unless `require_finished` is false (a run reading
+    its own final weights to write its outputs)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise GPTFTError(f"{run_dir}: run folder not found")
     if not (run_dir / META_FILE).is_file():
         raise GPTFTError(f"{run_dir}: not a finished gptft run (no {META_FILE}; did training end?)")
+    if require_finished:
+        check_finished(run_dir)  # a run that failed or still runs may mix two runs' files
     meta = read_json(run_dir / META_FILE)
     if produces is not None:
         _check_produces(run_dir, meta.get("task"), produces)
@@ -83,17 +89,18 @@ def is_run_folder(path: str | os.PathLike) -> bool:
 
 
 def load_gpt(run_dir: str | os.PathLike, device: str | torch.device | None = None,
-             **overrides) -> tuple[GPT, dict[str, Any]]:
+             require_finished: bool = True, **overrides) -> tuple[GPT, dict[str, Any]]:
     """The GPT language model of a run (e.g. instruction tuning), in eval mode, with its metadata.
 
     Args:
         run_dir: a finished run of a task that produces a language model.
         device: where to build it (default: the CPU); the weights are loaded without a random
             initialisation first.
+        require_finished: refuse a run that has not finished (see ``load_meta``).
         **overrides: ``GPTConfig`` fields that do not change the weights (``drop_rate``,
             ``pad_vocab_multiple``: the embedding table's padding rows are zeros).
     """
-    meta = load_meta(run_dir, produces="lm")
+    meta = load_meta(run_dir, produces="lm", require_finished=require_finished)
     config = GPTConfig(**{**meta["model"], **overrides})
     path = Path(run_dir) / WEIGHTS_FILE
     state = load_safetensors(path)

@@ -9,7 +9,7 @@ accumulation and any number of processes give the same update as one big batch.
 A plain step never waits for the device: the finite check, the loss and the counters stay on it
 (a non-finite step is skipped on the device by the fused AdamW's ``found_inf``) and are read at
 logging steps only. Checkpoints (``gptft.checkpoints``) are saved by step count, by time and at
-epoch ends as configured.
+epoch ends as configured, and at the step where a stop signal is agreed (``gptft.signals``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,13 +28,14 @@ from typing import Any, Protocol
 import torch
 import torch.nn as nn
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from gptft import checkpoints
 from gptft.checkpoints import ResumePoint
 from gptft.config import Job
 from gptft.errors import GPTFTError
+from gptft.signals import Interrupted, StopRequest
 from gptft.timing import Phases
 
 # Where every process holds whole gradients, already averaged by backward().
@@ -104,7 +106,8 @@ class TrainState:
 
 
 def make_accelerator(job: Job) -> Accelerator:
-    """The Accelerator for a job: device, mixed precision and the W&B tracker."""
+    """The Accelerator for a job: device, mixed precision, the W&B tracker and the collective
+    timeout (``train.timeout_minutes``)."""
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and later (fp32 jobs)
     torch.backends.cudnn.allow_tf32 = True
     # cuDNN's attention builds a plan for every new sequence length (~0.3 s each on an H200);
@@ -116,6 +119,7 @@ def make_accelerator(job: Job) -> Accelerator:
         log_with="wandb" if job.tracking.wandb else None,
         project_dir=job.output_dir,
         dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned memory on CUDA
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=job.train.timeout_minutes))],
     )
 
 
@@ -190,6 +194,8 @@ class Trainer:
         self._first_bad = torch.full((), -1, dtype=torch.long, device=dev)
         self._window = torch.zeros(2, device=dev)  # loss sum and steps since the last log
         self._last_save = time.time()
+        self._saved_step = -1
+        self.stop = StopRequest(dev)
 
     def _total_steps(self) -> int:
         per_epoch = math.ceil(len(self.train_loader) / self.cfg.grad_accum_steps)
@@ -206,6 +212,7 @@ class Trainer:
                    disable=not self.accelerator.is_local_main_process, dynamic_ncols=True)
         self.phases.add("startup", self.phases.elapsed())
         begin = time.perf_counter()
+        self.stop.install()
         try:
             while self.state.epoch < self.cfg.epochs and not self._done():
                 for micro_batches in self._epoch_batches():
@@ -216,14 +223,26 @@ class Trainer:
                         begin = None
                     bar.update(1)
                     self._after_step(loss, bar)
+                    if self.stop.due():
+                        self._interrupt()
                     if self._done():
                         break
                 else:
                     self._end_epoch()
             self._check_finite()
         finally:
+            self.stop.restore()
             bar.close()  # also on an error: its message then starts a line of its own
         self._restore_best()
+
+    def _interrupt(self) -> None:
+        """Every process agreed to stop after this step: save it (unless just saved) and stop."""
+        path = checkpoints.checkpoint_path(self.output_dir, self.state.step)
+        if self._saved_step != self.state.step:
+            path = self.save_checkpoint()
+        raise Interrupted(f"stopped by {self.stop.name or 'a signal'} at step {self.state.step}: "
+                          f"checkpoint {path} saved; continue with the same command and "
+                          "train.resume=true")
 
     def _first_step(self, begin: float) -> None:
         seconds = time.perf_counter() - begin
@@ -253,7 +272,12 @@ class Trainer:
         self.model.train()
         acc = self.accelerator
         counts = torch.stack([self.task.count(b) for b in micro_batches])
-        total = acc.reduce(counts.sum().float(), reduction="sum").clamp(min=1)
+        # One reduction carries the loss units and the stop votes (gptft.signals) of all processes.
+        summed = acc.reduce(torch.stack([counts.sum().float(),
+                                         torch.full((), self.stop.vote(), device=acc.device)]),
+                            reduction="sum")
+        total = summed[0].clamp(min=1)
+        self.stop.record(summed[1])
         loss_sum = torch.zeros((), device=acc.device)
         for i, batch in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
@@ -479,6 +503,7 @@ class Trainer:
                                                self.best)
         seconds = time.perf_counter() - begin
         self._last_save = time.time()
+        self._saved_step = self.state.step
         if self.accelerator.is_main_process:
             size = checkpoints.folder_bytes(path)
             self.accelerator.print(f"checkpoint {path.name}: {size / 2**20:.1f} MiB in {seconds:.1f} s")

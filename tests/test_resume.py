@@ -268,9 +268,10 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     assert [p.name for p in complete_checkpoints(root)] == ["step-00000006", "step-00000012"]
 
 
-def test_resuming_an_earlier_checkpoint_drops_the_abandoned_later_ones(reference, data, tmp_path):
-    """Resuming step 16 of a folder that also holds a later checkpoint (an abandoned run's): the
-    later one goes, so that ``train.resume=true`` afterwards never picks it."""
+def test_resuming_an_earlier_checkpoint_moves_the_abandoned_later_ones_aside(reference, data, tmp_path):
+    """Resuming step 16 of a folder that also holds a later checkpoint (an abandoned run's): once
+    step 16 has loaded, the later one is moved aside (kept, not deleted), so that
+    ``train.resume=true`` afterwards never picks it."""
     import shutil
 
     ref, _ = reference
@@ -281,17 +282,89 @@ def test_resuming_an_earlier_checkpoint_drops_the_abandoned_later_ones(reference
     assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.keep_last=100",
                      f"train.resume={checkpoint}") == 0
     assert not (out / "checkpoints" / "step-00000099").exists()
+    aside = out / "checkpoints" / "abandoned-step-00000099"
+    assert _snapshot(aside) == _snapshot(ref / "checkpoints" / "step-00000020")
     assert latest_checkpoint(out) == out / "checkpoints" / "step-00000020"
     assert_same_weights(ref, out)
 
 
-def test_a_new_run_starts_without_an_earlier_runs_checkpoints(data, tmp_path):
+def test_a_new_run_over_an_earlier_one_starts_without_its_checkpoints(data, tmp_path):
     out = tmp_path / "run"
-    old = out / "checkpoints" / "step-00000500"
-    old.mkdir(parents=True)
-    (old / "config.yaml").write_text("task: classification\n")
     assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.max_steps=4") == 0
     assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000004"]
+    assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.max_steps=2",
+                     "train.checkpoint_every=2", "train.overwrite=true") == 0
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000002"]
+
+
+# ---- damaged checkpoints: validated first, fallback, nothing deleted ------------------------------
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {  # each leaves the checkpoint's config.yaml: it still looks complete
+    "model truncated": lambda c: _truncate(c / "model.safetensors"),
+    "model removed": lambda c: (c / "model.safetensors").unlink(),
+    "optimizer truncated": lambda c: _truncate(c / "optimizer.bin"),
+    "rng state removed": lambda c: (c / "random_states_0.pkl").unlink(),
+    "trainer state truncated": lambda c: _truncate(c / "trainer_state.json"),
+    "best weights removed": lambda c: (c / "best_0.safetensors").unlink(),
+}
+
+
+def _run_with(ref: Path, out: Path, steps: tuple[int, ...]) -> Path:
+    """A copy of the reference run folder holding only the checkpoints of `steps`."""
+    import shutil
+
+    shutil.copytree(ref, out, ignore=lambda d, names: [
+        n for n in names if n.startswith("step-") and int(n[5:]) not in steps])
+    return out
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(reference, data, tmp_path, capsys,
+                                                               damage):
+    ref, _ = reference
+    out = _run_with(ref, tmp_path / "run", (16, 20))
+    newest = out / "checkpoints" / "step-00000020"
+    DAMAGES[damage](newest)
+    damaged = _snapshot(newest)
+    assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.keep_last=100",
+                     "train.max_steps=17", "train.resume=true") == 0
+    captured = capsys.readouterr()
+    warnings = [x for x in captured.err.splitlines() if x.startswith("warning: skipping")]
+    assert len(warnings) == 1 and str(newest) in warnings[0], captured.err
+    assert f"resumed from {out / 'checkpoints' / 'step-00000016'} (step 16" in captured.out
+    assert _snapshot(out / "checkpoints" / "abandoned-step-00000020") == damaged  # kept, aside
+    assert latest_checkpoint(out) == out / "checkpoints" / "step-00000016"
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 17
+
+
+def test_no_valid_checkpoint_or_a_damaged_named_one_stops_with_one_line(reference, data, tmp_path,
+                                                                       capsys):
+    ref, _ = reference
+    out = _run_with(ref, tmp_path / "run", (16, 20))
+    DAMAGES["rng state removed"](out / "checkpoints" / "step-00000020")
+    DAMAGES["optimizer truncated"](out / "checkpoints" / "step-00000016")
+    before = _snapshot(out)
+    args = [*SPAM, f"data.path={data}", f"output_dir={out}", "train.keep_last=100"]
+    assert _finetune(*args, "train.resume=true") == 2
+    line = _error_line(capsys)
+    assert f"train.resume: no valid checkpoint in {out / 'checkpoints'}" in line
+    assert "step-00000020: random_states_0.pkl missing" in line
+    assert "step-00000016: optimizer.bin: truncated" in line
+    assert _snapshot(out) == before
+    # A named, damaged checkpoint older than an intact one: one line, the later one kept.
+    out = _run_with(ref, tmp_path / "named", (16, 20))
+    DAMAGES["model truncated"](out / "checkpoints" / "step-00000016")
+    before = _snapshot(out)
+    assert _finetune(*args[:-2], f"output_dir={out}", "train.keep_last=100",
+                     f"train.resume={out / 'checkpoints' / 'step-00000016'}") == 2
+    line = _error_line(capsys)
+    assert f"train.resume: {out / 'checkpoints' / 'step-00000016'} is damaged: " in line
+    assert "model.safetensors: truncated" in line
+    assert _snapshot(out) == before  # step-00000020 still there, untouched
 
 
 # ---- a loss that is not finite -------------------------------------------------------------------
@@ -376,3 +449,204 @@ def test_no_pickle_loading_in_the_package():
             if re.search(r"\byaml\.(load|unsafe_load)\(", code):
                 problems.append(f"{path.name}:{n}: yaml.load (use safe_load)")
     assert not problems, "\n".join(problems)
+
+
+# ---- stop signals: a checkpoint at the interrupted step, one line, then resume -------------------
+
+def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:
+    """Wait until the run has logged `step` (log.jsonl), failing if it ends first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            lines = (out / "log.jsonl").read_text().splitlines()
+            if any(json.loads(x)["step"] >= step for x in lines if x.endswith("}")):
+                return
+        except (OSError, ValueError):
+            pass
+        assert proc.poll() is None, f"the run ended before step {step}"
+        assert time.monotonic() < deadline, f"step {step} not reached within {timeout} s"
+        time.sleep(0.01)
+
+
+def _stopped_at(err: str, name: str) -> int:
+    """The step of the run's one line ``stopped by NAME at step S`` (no traceback from gptft)."""
+    lines = [x for x in err.splitlines() if "stopped by" in x]
+    assert len(lines) == 1 and lines[0].startswith(f"gptft finetune: stopped by {name} at step "), err
+    assert "KeyboardInterrupt" not in err and 'File "' + str(ROOT) not in err, err
+    assert "train.resume=true" in lines[0]
+    return int(re.search(r"at step (\d+)", lines[0]).group(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_mid_epoch_saves_and_resumes_bit_for_bit(reference, data, tmp_path, sig):
+    ref, _ = reference
+    out = tmp_path / "stopped"
+    args = [*SPAM, f"data.path={data}", f"output_dir={out}", "train.keep_last=1"]
+    proc = subprocess.Popen([sys.executable, "launch/finetune.py", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(proc, out, 2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err  # gptft.signals.EXIT_INTERRUPTED
+    step = _stopped_at(err, sig.name)
+    assert 2 <= step < 20 and latest_checkpoint(out) == out / "checkpoints" / f"step-{step:08d}"
+    assert not (out / "model.safetensors").exists()
+
+    assert _finetune(*args, "train.resume=true") == 0
+    assert_same_weights(ref, out)
+    for name in ("metrics.json", "log.jsonl"):
+        assert run_results(out, name) == run_results(ref, name), name
+
+
+def _launch(out: Path, args: list[str], log: Path) -> subprocess.Popen:
+    """A 2-process ``accelerate launch`` in a session of its own (a process group to signal)."""
+    from conftest import cpu_launch_env, free_port, launcher
+
+    with open(log, "a") as f:
+        return subprocess.Popen(launcher("--num_processes", "2", "--main_process_port", str(free_port()))
+                                + [*args, f"output_dir={out}"], cwd=ROOT, env=cpu_launch_env(),
+                                stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, workers: list = (), kill_first: bool = False) -> int:
+    """Wait for the launcher (or kill it and `workers` first), leaving no process behind."""
+    try:
+        if kill_first:
+            _kill([*workers, proc])
+        return proc.wait(timeout=300)
+    finally:
+        _kill([proc, *workers])
+
+
+def _kill(procs: list) -> None:
+    """SIGKILL each process still running (a reaped launcher is left alone: its PID may be reused)."""
+    for p in procs:
+        if isinstance(p, subprocess.Popen) and p.poll() is not None:
+            continue
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_two_processes_stop_on_a_signal_or_a_dead_launcher_and_resume_bit_for_bit(data, tmp_path):
+    """2 processes: the launcher SIGKILLed (its workers get SIGTERM from the parent-death watch,
+    save and stop); resumed, then SIGTERM to every process of the run (as ``scancel`` does);
+    resumed to the end: equal, bit for bit, to an uninterrupted 2-process run."""
+    import psutil
+
+    args = [*SPAM, "train.batch_size=2", f"data.path={data}", "train.keep_last=1"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert _finish(_launch(ref, args, tmp_path / "ref.log")) == 0, (tmp_path / "ref.log").read_text()
+
+    log = tmp_path / "run.log"
+    proc = _launch(out, args, log)
+    _wait_for_step(proc, out, 2)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) == 2
+    proc.kill()  # the launcher dies: its workers must not run on
+    gone, alive = psutil.wait_procs(workers, timeout=120)
+    assert not alive, "a worker ran on after its launcher died"
+    first = _stopped_at(log.read_text(), "SIGTERM")
+    assert latest_checkpoint(out) == out / "checkpoints" / f"step-{first:08d}"
+
+    log.write_text("")
+    proc = _launch(out, [*args, "train.resume=true"], log)
+    _wait_for_step(proc, out, first + 2)
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        p.send_signal(signal.SIGTERM)  # every process of the run, as scancel does
+    _finish(proc)
+    second = _stopped_at(log.read_text(), "SIGTERM")
+    assert first < second < 20 and latest_checkpoint(out) == out / "checkpoints" / f"step-{second:08d}"
+
+    assert _finish(_launch(out, [*args, "train.resume=true"], log)) == 0, log.read_text()
+    assert_same_weights(ref, out)
+    for name in ("metrics.json", "log.jsonl"):
+        assert run_results(out, name) == run_results(ref, name), name
+
+
+@pytest.mark.slow
+def test_a_frozen_process_ends_the_run_with_a_timeout_message(data, tmp_path):
+    """Rank 1 SIGSTOPped: rank 0 stops after ``train.timeout_minutes`` (here 6 s) with one line."""
+    import psutil
+
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    proc = _launch(out, [*SPAM, "train.batch_size=2", f"data.path={data}", "train.timeout_minutes=0.1"],
+                   log)
+    workers = []
+    try:
+        _wait_for_step(proc, out, 2)
+        workers = sorted(psutil.Process(proc.pid).children(recursive=True), key=lambda p: p.pid)
+        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+        rank1.suspend()
+        stopped = time.monotonic()
+        expected = "gptft finetune: error: another process did not answer within train.timeout_minutes=0.1"
+        while expected not in log.read_text():
+            assert time.monotonic() - stopped < 120, log.read_text()
+            time.sleep(0.1)
+    finally:
+        _finish(proc, workers, kill_first=True)
+
+
+FAKE_SLURM = {  # just enough of srun / scancel / scontrol for launch/slurm.sh on one machine
+    "srun": """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done      # srun's own options
+SLURM_NODEID=0 setsid "$@" &                 # the job step: a process group of its own
+echo $! > "$FAKE_SLURM/step.pid"
+wait $!
+""",
+    "scancel": """#!/bin/bash
+echo "scancel $*" >> "$FAKE_SLURM/calls"
+tree() { for c in $(ps -o pid= --ppid "$1"); do tree "$c"; done; echo "$1"; }
+kill -"${1#--signal=}" $(tree "$(cat "$FAKE_SLURM/step.pid")")   # every process of step 0
+""",
+    "scontrol": """#!/bin/bash
+if [ "$1" = show ]; then echo 127.0.0.1; else echo "scontrol $*" >> "$FAKE_SLURM/calls"; fi
+""",
+}
+
+
+@pytest.mark.slow
+def test_slurm_script_saves_before_the_time_limit_and_requeues(data, tmp_path):
+    """launch/slurm.sh under a stand-in SLURM: SIGUSR1 to the batch script (``--signal=B:USR1``)
+    reaches the training processes, which save and stop; the script requeues the job; the
+    requeued job (``SLURM_RESTART_COUNT=1``) resumes and finishes."""
+    from conftest import cpu_launch_env, free_port
+
+    fake = tmp_path / "slurm"
+    fake.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    accelerate_config = tmp_path / "cpu-ddp.yaml"
+    accelerate_config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\n"
+                                 "mixed_precision: 'no'\nuse_cpu: true\nmain_training_function: main\n")
+    out = tmp_path / "run"
+    env = {**cpu_launch_env(), "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM": str(fake),
+           "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
+           "SLURM_CPUS_PER_TASK": "1", "GPUS_PER_NODE": "2", "MAIN_PROCESS_PORT": str(free_port()),
+           "ACCELERATE_CONFIG": str(accelerate_config)}
+    args = ["bash", "launch/slurm.sh", *SPAM, "train.batch_size=2", f"data.path={data}",
+            f"output_dir={out}"]
+    log = tmp_path / "job.out"
+    with open(log, "w") as f:
+        job = subprocess.Popen(args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_step(job, out, 2)
+        job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 does
+        assert job.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if job.poll() is None:
+            os.killpg(int((fake / "step.pid").read_text()), signal.SIGKILL)
+            job.kill()
+    step = _stopped_at(log.read_text(), "SIGUSR1")
+    assert latest_checkpoint(out) == out / "checkpoints" / f"step-{step:08d}"
+    assert (fake / "calls").read_text().splitlines() == ["scancel --signal=USR1 42.0",
+                                                         "scontrol requeue 42"]
+    result = subprocess.run(args, cwd=ROOT, env={**env, "SLURM_RESTART_COUNT": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resumed from {out / 'checkpoints' / f'step-{step:08d}'}" in result.stdout
+    assert (out / "model.safetensors").is_file()

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
+from gptft import runfolder
 from gptft.checkpoints import ResumePoint
 from gptft.config import Job, ModelConfig, job_to_yaml
 from gptft.data.collate import length_buckets
@@ -125,6 +126,7 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
     metrics["time"] = phases.report()
     if acc.is_main_process:
         write_json(Path(job.output_dir) / "metrics.json", metrics)
+        runfolder.mark(Path(job.output_dir), "finished")  # last: the final files form one set
     acc.print(task.summary(metrics))
     acc.print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in metrics["time"].items()))
     return metrics
@@ -175,16 +177,16 @@ def eval_batch_size(job: Job) -> int:
     return job.train.eval_batch_size or 4 * job.train.batch_size
 
 
-def start_run_folder(job: Job, accelerator: Accelerator) -> None:
-    """Create ``output_dir`` and write the resolved ``config.yaml`` (main process)."""
-    import shutil
-
+def start_run_folder(job: Job, accelerator: Accelerator, resuming: bool = False) -> None:
+    """Mark ``output_dir`` as a running gptft run and write the resolved ``config.yaml`` (main
+    process), after ``gptft.runfolder.check_new_run`` allowed it; a new run with
+    ``train.overwrite`` first removes the earlier run's files (only those gptft wrote)."""
     out = Path(job.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not job.train.resume:  # a new run: an earlier run's log and checkpoints go
-            (out / "log.jsonl").unlink(missing_ok=True)
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        if not resuming and job.train.overwrite:
+            runfolder.reset_run_folder(out)
+        runfolder.mark(out, "running")  # readers refuse the folder until the run has finished
         write_text(out / "config.yaml", job_to_yaml(job, CONFIG_HEADER.format(path=out / "config.yaml")))
     accelerator.wait_for_everyone()
 

@@ -133,7 +133,9 @@ class InstructionTask(TaskBase):
         from gptft.generate import generate_texts
 
         acc, out = self.accelerator, Path(self.job.output_dir)
-        model, _ = load_gpt(out)  # the final weights, whole on every process (also after FSDP)
+        # The final weights, whole on every process (also after FSDP); the run is not marked
+        # finished until its outputs are written.
+        model, _ = load_gpt(out, require_finished=False)
         model.to(acc.device)
         records = self.splits.test
         indices = list(range(len(records)))

@@ -1,0 +1,234 @@
+"""The run folder (``output_dir``) is the user's: gptft touches only folders it made, one run at a time.
+
+- ``.gptft-run`` (JSON) marks a folder gptft made; its ``state`` is ``running`` from the moment a
+  run starts changing the folder and ``finished`` once every final file (weights, ``gptft.json``,
+  metrics, outputs) is written: readers (``gptft.runs``) refuse a run that is not finished, so a
+  failed run never serves an earlier run's model beside its own config.
+- A new run goes only into a missing or empty folder, or (``train.overwrite=true``) into an earlier
+  gptft run, of which it removes only the files gptft writes (``RUN_FILES``, ``adapter/``'s files,
+  ``checkpoints/step-N``...): never a user's file, never through a symbolic link.
+- ``.gptft-lock`` is held (``flock``) by the main process for the whole job and names its PID and
+  host, so a second run on the same folder stops with one line; the kernel frees the lock of a
+  process that died (a stale lock file is taken over).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from gptft.errors import GPTFTError
+from gptft.io import write_json
+
+MARKER = ".gptft-run"
+LOCK = ".gptft-lock"
+# Files a run writes at the top of its folder (every task), and those of ``adapter/``.
+RUN_FILES = ("config.yaml", "log.jsonl", "model.safetensors", "gptft.json", "metrics.json",
+             "responses.json", "loss.png", "accuracy.png", "reward_margin.png", "reward_accuracy.png")
+ADAPTER_FILES = ("adapter.safetensors", "adapter_config.json")
+# Folders under checkpoints/ that gptft makes: checkpoints, saves cut short, abandoned checkpoints.
+CHECKPOINT_DIR = re.compile(r"(\.tmp-|abandoned-)?step-\d+")
+
+
+def is_gptft_run(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+def run_state(folder: Path) -> str | None:
+    """The ``state`` in `folder`'s marker (``running`` / ``finished``), or None without one."""
+    try:
+        return json.loads((folder / MARKER).read_text(encoding="utf-8")).get("state")
+    except (OSError, ValueError, AttributeError):
+        return None if not (folder / MARKER).exists() else "unreadable"
+
+
+def check_new_run(folder: Path, overwrite: bool, resuming_here: bool) -> None:
+    """Raise unless a run may start in `folder` (read-only: called before anything changes).
+
+    A folder is fine when missing, empty (bar the lock), a gptft run being resumed
+    (`resuming_here`), or any gptft run with `overwrite`.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise GPTFTError(f"output_dir {folder}: not a folder")
+    if (folder / "checkpoints").is_symlink():
+        raise GPTFTError(f"{folder / 'checkpoints'}: a symbolic link; gptft keeps (and prunes) "
+                         "checkpoints inside the run folder only: remove the link")
+    others = sorted(p.name for p in folder.iterdir() if p.name != LOCK) if folder.is_dir() else []
+    if not others or resuming_here:
+        return
+    if not is_gptft_run(folder):
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise GPTFTError(f"output_dir {folder}: not empty and not a gptft run folder (it holds "
+                         f"{shown}; no {MARKER}); choose a new or empty output_dir")
+    if not overwrite:
+        state = run_state(folder)
+        how = "" if state == "finished" else "; continue it with train.resume=true"
+        raise GPTFTError(f"output_dir {folder}: holds a {state or 'earlier'} gptft run; "
+                         f"set train.overwrite=true to replace it{how}, or choose another output_dir")
+
+
+def reset_run_folder(folder: Path) -> None:
+    """Remove what an earlier gptft run wrote in `folder` (a new run with ``train.overwrite``):
+    its known files and checkpoint folders, never a symbolic link's target or anything else."""
+    for name in RUN_FILES:
+        _remove_file(folder / name)
+    adapter = folder / "adapter"
+    if adapter.is_dir() and not adapter.is_symlink():
+        for name in ADAPTER_FILES:
+            _remove_file(adapter / name)
+        _rmdir_if_empty(adapter)
+    root = folder / "checkpoints"
+    if root.is_dir() and not root.is_symlink():
+        for p in root.iterdir():
+            if CHECKPOINT_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+        _rmdir_if_empty(root)
+
+
+def mark(folder: Path, state: str) -> None:
+    """Write the marker: ``running`` (before the folder changes) or ``finished`` (last of all)."""
+    from gptft import __version__
+
+    write_json(folder / MARKER, {"gptft": __version__, "state": state,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def check_finished(folder: Path) -> None:
+    """Raise unless `folder`'s run finished (a folder without a marker is taken as written by
+    hand or by an earlier gptft, and accepted)."""
+    state = run_state(folder)
+    if state not in (None, "finished"):
+        raise GPTFTError(f"{folder}: this run has not finished ({MARKER} says {state}); its files "
+                         "may mix two runs: resume it with train.resume=true or run it again")
+
+
+def _remove_file(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+# ---- the lock ------------------------------------------------------------------------------------
+
+class RunLock:
+    """An exclusive lock on a run folder, held by this process until ``release``.
+
+    ``acquire`` creates ``.gptft-lock`` and takes ``flock`` on it (freed by the kernel if this
+    process dies), writing this process's PID, host and start time for the message another run
+    gets. On a file system without ``flock`` the file's PID is checked instead: a lock of a PID
+    that no longer runs on this host is stale and taken over.
+    """
+
+    def __init__(self, path: Path, fd: int, made_folder: bool):
+        self.path, self.fd, self.made_folder = path, fd, made_folder
+
+    @classmethod
+    def acquire(cls, folder: str | os.PathLike) -> RunLock:
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise GPTFTError(f"output_dir {folder}: not a folder")
+        made = not folder.exists()
+        path = folder / LOCK
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return cls._acquire(path, made)
+        except OSError as e:
+            raise GPTFTError(f"output_dir {folder}: cannot create {LOCK} there "
+                             f"({e.strerror or e})") from None
+
+    @classmethod
+    def _acquire(cls, path: Path, made: bool) -> RunLock:
+        folder = path.parent
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                _lock(fd, path)
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:  # not a file another run unlinked
+                    break
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                os.close(fd)
+                if made:
+                    _rmdir_if_empty(folder)
+                raise
+            os.close(fd)
+        previous = _holder(fd)
+        if previous.get("pid") not in (None, os.getpid()):
+            print(f"gptft: took over the stale lock {path} of pid {previous.get('pid')} on "
+                  f"{previous.get('host')} (no longer running)", file=sys.stderr)
+        text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text.encode(), 0)
+        return cls(path, fd, made)
+
+    def release(self) -> None:
+        """Remove the lock file (this process's) and free the lock."""
+        if self.fd < 0:
+            return
+        try:
+            if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+        if self.made_folder:
+            _rmdir_if_empty(self.path.parent)  # a run that failed before writing anything
+
+
+def _lock(fd: int, path: Path) -> None:
+    """flock `fd`, or raise naming the holder; without flock support, check the holder's PID."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        _in_use(path, _holder(fd))
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    holder = _holder(fd)  # no flock here: the PID in the file decides
+    if holder.get("pid") is not None and holder.get("pid") != os.getpid() and (
+            holder.get("host") != socket.gethostname() or _alive(holder["pid"])):
+        _in_use(path, holder)
+
+
+def _in_use(path: Path, holder: dict) -> None:
+    raise GPTFTError(f"output_dir {path.parent} is in use by another gptft run (pid "
+                     f"{holder.get('pid', '?')} on {holder.get('host', '?')}, started "
+                     f"{holder.get('started', '?')}); wait for it to end or choose another "
+                     f"output_dir (if that run is gone, delete {path})")
+
+
+def _holder(fd: int) -> dict:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,111 @@
+"""Stop on a signal with a checkpoint, and stop when the launcher dies.
+
+SIGTERM (SLURM's preemption and time limit, ``scancel``, ``kill``), SIGINT (Ctrl-C) and SIGUSR1
+(``sbatch --signal``) only ask the run to stop: the handler sets a flag. Each training step adds
+this process's flag to the sum the processes already reduce at the step's start (its number of
+loss units), so every process learns of the request at the same step; the trainer then saves a
+checkpoint of that step and raises ``Interrupted``, which the command line turns into one line
+and exit status ``EXIT_INTERRUPTED``. On a CUDA device the summed flag is copied to the host
+without waiting and read one step later, so a step still never waits for the device.
+
+A second Ctrl-C while the run stops raises ``KeyboardInterrupt`` (the command line prints one
+line); repeated SIGTERM / SIGUSR1 (a launcher forwarding the signal it got) are ignored.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+from collections import deque
+from typing import Any
+
+from gptft.errors import GPTFTError
+
+EXIT_INTERRUPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request, resumable; try again
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+PR_SET_PDEATHSIG = 1
+
+
+class Interrupted(GPTFTError):
+    """The run stopped on a signal after saving a checkpoint (exit status ``EXIT_INTERRUPTED``)."""
+
+
+class StopRequest:
+    """The signal-set stop flag of this process, and the agreement on it across processes.
+
+    ``install`` (main thread only) replaces the handlers of ``STOP_SIGNALS`` until ``restore``.
+    Each step, ``vote()`` gives this process's flag as a number to add to the step's reduction,
+    ``record(total)`` keeps the reduced sum, and ``due()`` says (alike on every process) whether
+    to stop now.
+    """
+
+    def __init__(self, device: Any):
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+        self._lag = 1 if getattr(device, "type", "cpu") == "cuda" else 0
+        self._pending: deque = deque()
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in STOP_SIGNALS:
+            self._old[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum and signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the checkpoint
+        self.signum = self.signum or signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def vote(self) -> float:
+        return 1.0 if self.signum else 0.0
+
+    def record(self, total) -> None:
+        """Keep the step's reduced flag sum (a device scalar); on CUDA copy it to pinned host
+        memory without waiting, to be read a step later."""
+        import torch
+
+        if self._lag:
+            host = torch.empty((), dtype=total.dtype, pin_memory=True)
+            host.copy_(total, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((host, event))
+        else:
+            self._pending.append((total, None))
+
+    def due(self) -> bool:
+        """Whether some process asked to stop at the step whose sum is read now (the same step
+        on every process)."""
+        if len(self._pending) <= self._lag:
+            return False
+        value, event = self._pending.popleft()
+        if event is not None:
+            event.synchronize()  # recorded a step ago: done, or nearly
+        return bool(value.item() > 0)
+
+
+def watch_parent() -> None:
+    """Under a launcher (``accelerate launch`` / torchrun), get SIGTERM when the launcher dies
+    (Linux ``PR_SET_PDEATHSIG``), so an orphaned worker saves and stops instead of running on."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the watch was set
+        os.kill(os.getpid(), signal.SIGTERM)
