@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +19,39 @@ if TYPE_CHECKING:  # torch and safetensors are imported where weights are read o
     import torch
 
 
+def check_file(path: str | os.PathLike, what: str = "file") -> None:
+    """Raise one clear error unless `path` is a regular file (following symlinks), saying what it
+    is instead: missing, a folder, or a FIFO / socket / device (which would block or mislead)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise GPTFTError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise GPTFTError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or
+            stat.S_ISBLK(mode) else "a special file")
+    raise GPTFTError(f"{path}: is {kind}, not a {what}")
+
+
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                          errno.EPERM, errno.EIO, errno.ENOTDIR, errno.EISDIR})
+"""Errors of a failed write that are the user's to fix (space, quota, permissions, paths)."""
+
+
+def write_error(path: str | os.PathLike, error: OSError, what: str = "") -> GPTFTError:
+    """The one-line error for a failed write of `path` (disk full, permission denied, a path
+    under a file, ...): the file, what failed, and that nothing was replaced."""
+    reason = error.strerror or str(error)
+    if error.errno == errno.ENOSPC:
+        reason += " (free some space or choose another folder)"
+    where = f" the {what}" if what else ""
+    return GPTFTError(f"{path}: cannot write{where}: {reason}; nothing was replaced")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the body succeeds.
@@ -24,15 +59,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A crash or kill while writing leaves the previous file (if any) untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
     os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, usual_mode())  # mkstemp (and safetensors) make it owner-only: open()'s mode
-        os.replace(tmp, path)
+        try:
+            yield Path(tmp)
+        except OSError as e:  # disk full, quota, permission: one line, the old file kept
+            if e.errno in WRITE_ERRNOS:
+                raise write_error(path, e) from None
+            raise
+        try:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, usual_mode())  # mkstemp (and safetensors) make it owner-only: open()'s mode
+            os.replace(tmp, path)
+        except OSError as e:
+            raise write_error(path, e) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -92,8 +138,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise GPTFTError(f"{path}: weights file not found")
+    check_file(path, "weights file")
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
@@ -105,10 +150,11 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file with an error that names the file and the line on failure."""
     path = Path(path)
-    if not path.is_file():
-        raise GPTFTError(f"{path}: file not found")
+    check_file(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise GPTFTError(f"{path}: cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise GPTFTError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
