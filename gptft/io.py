@@ -140,11 +140,33 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     check_file(path, "weights file")
     try:
-        return load_file(str(path), device="cpu")
+        state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise GPTFTError(
             f"{path}: not a readable safetensors file (truncated or corrupted?): {e}"
         ) from None
+    check_finite(state, path)
+    return state
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Refuse weights holding NaN or infinite values, naming the tensors (damaged weights would
+    otherwise surface later as a non-finite loss blamed on the learning rate)."""
+    import torch
+
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise GPTFTError(f"{source}: tensor {', '.join(bad[:3])}{more} holds NaN or infinite values; "
+                         "the weights are damaged")
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """``read_json`` of a file that must hold one JSON object (a config, an index, a state)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise GPTFTError(f"{path}: expected a JSON object {{...}}, found a {type(data).__name__}")
+    return data
 
 
 def read_json(path: str | os.PathLike) -> Any:
