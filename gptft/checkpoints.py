@@ -21,7 +21,7 @@ from typing import Any
 
 from gptft.config import Job, job_to_dict, job_to_yaml
 from gptft.errors import GPTFTError
-from gptft.io import read_json, write_json, write_text
+from gptft.io import read_json_object, write_json, write_text, writing
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -97,7 +97,11 @@ def resume_point(job: Job, num_processes: int) -> ResumePoint | None:
     if not (path / CONFIG).is_file():
         raise GPTFTError(f"train.resume: {path} is not a complete gptft checkpoint (no config.yaml)")
     check_resumable(path / CONFIG, job)
-    saved = read_json(path / TRAINER_STATE)
+    saved = read_json_object(path / TRAINER_STATE)
+    problems = _state_problems(saved)
+    if problems:
+        raise GPTFTError(f"{path / TRAINER_STATE}: damaged ({'; '.join(problems)}); resume from "
+                         "another checkpoint (train.resume=PATH) or start afresh")
     if saved.get("num_processes") != num_processes:
         raise GPTFTError(f"cannot resume from {path}: it was saved by {saved.get('num_processes')} "
                          f"process(es), this run has {num_processes}; launch with the same "
@@ -110,7 +114,15 @@ def check_resumable(saved_config: Path, job: Job) -> None:
     (old → new), bar the ``RESUMABLE_CHANGES``."""
     import yaml
 
-    saved = _flatten(yaml.safe_load(saved_config.read_text(encoding="utf-8")))
+    try:
+        data = yaml.safe_load(saved_config.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        data = e
+    if not isinstance(data, dict):
+        raise GPTFTError(f"{saved_config}: not a saved configuration ("
+                         f"{'empty' if data is None else 'unreadable'}); the checkpoint is damaged: "
+                         "resume from another one (train.resume=PATH) or start afresh")
+    saved = _flatten(data)
     now = _flatten(job_to_dict(job))
     missing = object()
     diffs = [f"{k} {_show(saved.get(k, missing))} → {_show(now.get(k, missing))}"
@@ -141,7 +153,12 @@ def save_checkpoint(accelerator, job: Job, step: int, trainer_state: dict[str, A
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        with writing(tmp, "checkpoint"):  # disk full: one line; the previous checkpoint is kept
+            accelerator.save_state(str(tmp))
+    except GPTFTError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if best is not None:
         save_safetensors(best, tmp / f"best_{accelerator.process_index}.safetensors")
     accelerator.wait_for_everyone()
@@ -169,6 +186,22 @@ def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict |
     accelerator.load_state(str(point.path))
     best = point.path / f"best_{accelerator.process_index}.safetensors"
     return load_safetensors(best) if best.is_file() else None
+
+
+def _state_problems(saved: dict) -> list[str]:
+    """What is wrong with a ``trainer_state.json``'s progress counters and schedule state."""
+    from gptft.trainer import TrainState
+    from gptft.validation import build
+
+    if not isinstance(saved.get("progress"), dict):
+        return ["progress: missing or not an object"]
+    _, problems = build(TrainState, saved["progress"], "progress")
+    if not problems:
+        problems = [f"progress.{k}: must be >= 0 (got {v})" for k, v in saved["progress"].items()
+                    if k != "best_step" and isinstance(v, int | float) and v < 0]
+    if not isinstance(saved.get("scheduler"), dict):
+        problems.append("scheduler: missing or not an object")
+    return problems
 
 
 def folder_bytes(path: Path) -> int:

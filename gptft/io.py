@@ -42,14 +42,36 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, 
 """Errors of a failed write that are the user's to fix (space, quota, permissions, paths)."""
 
 
-def write_error(path: str | os.PathLike, error: OSError, what: str = "") -> GPTFTError:
+def write_error(path: str | os.PathLike, error: Exception, what: str = "") -> GPTFTError:
     """The one-line error for a failed write of `path` (disk full, permission denied, a path
     under a file, ...): the file, what failed, and that nothing was replaced."""
-    reason = error.strerror or str(error)
-    if error.errno == errno.ENOSPC:
-        reason += " (free some space or choose another folder)"
+    reason = getattr(error, "strerror", None) or str(error).strip()
+    if getattr(error, "errno", None) == errno.ENOSPC or "os error 28" in reason:
+        reason = "No space left on device (free some space or choose another folder)"
     where = f" the {what}" if what else ""
     return GPTFTError(f"{path}: cannot write{where}: {reason}; nothing was replaced")
+
+
+def is_write_failure(error: Exception) -> bool:
+    """Whether `error`, raised while writing a file, is the disk's or the user's to fix (full,
+    read-only, no permission) rather than a bug: an ``OSError`` with such an errno, or the same
+    reported by safetensors' (``os error N``) or torch's writers (``file write failed``)."""
+    if isinstance(error, OSError):
+        return error.errno in WRITE_ERRNOS
+    text = str(error)
+    return (type(error).__name__ == "SafetensorError" and "os error" in text) or (
+        isinstance(error, RuntimeError) and ("file write failed" in text or "unexpected pos" in text))
+
+
+@contextmanager
+def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """Turn a failed write under `path` (disk full, no permission, ...) into one ``GPTFTError``."""
+    try:
+        yield
+    except Exception as e:
+        if is_write_failure(e):
+            raise write_error(path, e, what) from None
+        raise
 
 
 @contextmanager
@@ -66,12 +88,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise write_error(path, e) from None
     os.close(fd)
     try:
-        try:
+        with writing(path):  # disk full, quota, permission: one line, the old file kept
             yield Path(tmp)
-        except OSError as e:  # disk full, quota, permission: one line, the old file kept
-            if e.errno in WRITE_ERRNOS:
-                raise write_error(path, e) from None
-            raise
         try:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
