@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from gptft.errors import GPTFTError
-from gptft.io import usual_mode, writing
+from gptft.io import make_folder, usual_mode, writing
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -43,8 +43,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite
     _check_target(run_dir, out_dir, overwrite)
     model, _ = load_gpt(run_dir)
     target = out_dir.resolve()
-    with writing(out_dir, "export"):  # a path under a file, no permission: one line
-        target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent)  # a path under a file, no permission: one line
+    with writing(out_dir, "export"):
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     os.chmod(tmp, usual_mode(folder=True))  # mkdtemp makes it owner-only
     try:

@@ -74,6 +74,20 @@ def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
         raise
 
 
+def make_folder(folder: str | os.PathLike) -> None:
+    """``mkdir -p`` with one clear error when a file stands where a folder must be, or the folder
+    cannot be made (no permission, read-only disk)."""
+    folder = Path(folder)
+    for existing in (p for p in (folder, *folder.parents) if p.exists()):
+        if not existing.is_dir():
+            raise GPTFTError(f"{existing}: is a file, not a folder, so {folder} cannot be created")
+        break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(folder, e) from None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the body succeeds.
@@ -81,8 +95,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A crash or kill while writing leaves the previous file (if any) untouched.
     """
     path = Path(path)
+    make_folder(path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise write_error(path, e) from None

@@ -38,7 +38,8 @@ def load_meta(run_dir: str | os.PathLike, produces: str | None = None) -> dict[s
     ``gptft.tasks.TaskSpec``), check the run's task makes such a model."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise GPTFTError(f"{run_dir}: run folder not found")
+        raise GPTFTError(f"{run_dir}: " + ("is a file, not a run folder" if run_dir.exists()
+                                           else "run folder not found"))
     if not (run_dir / META_FILE).is_file():
         raise GPTFTError(f"{run_dir}: not a finished gptft run (no {META_FILE}; did training end?)")
     meta = read_json_object(run_dir / META_FILE)
