@@ -834,3 +834,53 @@ def test_long_text_instruction_trains(tmp_path):
                      "generate.max_new_tokens=2", "train.batch_size=32")
     assert main(argv) == 0
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+# ---- issue 12: what a user sees before training; a real full disk; empty texts -------------------
+
+def test_class_counts_are_printed_before_training(tmp_path, capsys):
+    p = _good_csv(tmp_path / "data.csv")
+    assert main(_finetune(tmp_path, tmp_path / "run", "spam-tiny.yaml", f"data.path={p}",
+                          "train.max_steps=1")) == 0
+    out = capsys.readouterr().out
+    assert f"{p}: 20 rows; classes: ham 10, spam 10\n" in out
+    assert "balanced to 10 rows per class (the size of 'ham'): 20 of 20 rows kept (100%)" in out
+    assert out.index("classes:") < out.index("trainable parameters")
+
+
+def test_classify_skips_empty_texts_with_a_note(tmp_path, capsys):
+    run = _classification_run(tmp_path / "clf")
+    assert main(["classify", str(run), "hello", "   ", "", "win cash"]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[2] for line in out.splitlines()] == ["hello", "win cash"]
+    assert err == "note: text 2, 3 of 4 is empty: not labelled\n"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 4 MiB tmpfs: a real ENOSPC (needs root and mount; skipped elsewhere)."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if not shutil.which("mount") or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("over, culprit", [
+    ((), "model.safetensors: cannot write: No space left on device"),
+    (("train.checkpoint_every=1",), ".tmp-step-00000001: cannot write the checkpoint: No space left"),
+])
+def test_real_disk_full_is_one_line(tiny_disk, tmp_path, capsys, over, culprit):
+    out = tiny_disk / "run"  # the tiny model's 6.4 MB embedding table does not fit
+    assert main(_finetune(tmp_path, out, "spam-tiny.yaml", *over)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("gptft finetune: error: ") and culprit in last
+    assert not (out / "model.safetensors").exists()
+    assert not any((out / "checkpoints").glob("*"))  # the half-written checkpoint was removed

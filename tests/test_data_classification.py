@@ -423,3 +423,16 @@ def test_balancing_that_keeps_too_little_is_refused_unless_allowed(tmp_path):
     assert len(all_labels(splits)) == 60
     unbalanced = load(path, labels=listed, balance=False)
     assert "warning: class 'Spam' has only 20 row(s)" in unbalanced.notes[1]
+
+
+def test_a_1mb_csv_field_is_accepted(tmp_path):
+    """csv's default field cap (128 KiB) would refuse it with a misleading quoting hint."""
+    big = "word " * 200_000  # 1 MB
+    rows = [(big if i == 3 else f"text {i}", "spam" if i % 2 else "ham") for i in range(20)]
+    path = tmp_path / "big.csv"
+    path.write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in rows), encoding="utf-8")
+    splits = load(path)
+    assert big in all_texts(splits)
+    texts = tmp_path / "texts.csv"
+    texts.write_text(f'text\n"{big}"\nshort\n', encoding="utf-8")
+    assert read_texts_file(texts) == [big, "short"]
