@@ -27,6 +27,7 @@ def finetune(job: Job, started: float | None = None) -> dict:
     """
     phases = Phases(started if started is not None else time.time())
     accelerator = make_accelerator(job)
+    warn_if_fsdp_ignored(accelerator)
     # A resumption that cannot be (no checkpoint, changed config, other process count) fails first.
     resume = resume_point(job, accelerator.num_processes)
     set_seed(job.train.seed)
@@ -45,3 +46,18 @@ def finetune(job: Job, started: float | None = None) -> dict:
     finally:
         accelerator.end_training()
         accelerator.state.destroy_process_group()  # no-op without a process group
+
+
+def warn_if_fsdp_ignored(accelerator) -> None:
+    """Say so when the launcher asked for FSDP (``distributed_type: FSDP``) but Accelerate runs
+    plain data parallelism: it shards only on accelerators (GPUs and the like); CPU processes over
+    gloo are ``MULTI_CPU``, i.e. DDP, every process holding the whole model (docs/distributed.md)."""
+    import os
+
+    from accelerate.utils import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and accelerator.distributed_type != DistributedType.FSDP:
+        accelerator.print(f"warning: FSDP was requested, but Accelerate runs these processes as "
+                          f"{accelerator.distributed_type.value} (data parallel, no sharding): "
+                          "it shards only on GPUs / accelerators, see docs/distributed.md")
