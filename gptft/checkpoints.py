@@ -13,6 +13,7 @@ before anything in the run folder changes; the trainer gets that ``ResumePoint``
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -182,8 +183,17 @@ def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict |
         for later in complete_checkpoints(output_dir / CHECKPOINTS):
             if step_of(later) > point.step:
                 shutil.rmtree(later, ignore_errors=True)
+    from safetensors import SafetensorError
+
     accelerator.wait_for_everyone()
-    accelerator.load_state(str(point.path))
+    try:
+        accelerator.load_state(str(point.path))
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError, OSError,
+            SafetensorError) as e:
+        # torch's own text would recommend weights_only=False, i.e. running the file's code
+        raise GPTFTError(f"{point.path}: the checkpoint cannot be loaded ({type(e).__name__}: a "
+                         "damaged or foreign file); resume from another checkpoint "
+                         "(train.resume=PATH) or start afresh") from None
     best = point.path / f"best_{accelerator.process_index}.safetensors"
     return load_safetensors(best) if best.is_file() else None
 

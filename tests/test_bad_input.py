@@ -884,3 +884,32 @@ def test_real_disk_full_is_one_line(tiny_disk, tmp_path, capsys, over, culprit):
     assert last.startswith("gptft finetune: error: ") and culprit in last
     assert not (out / "model.safetensors").exists()
     assert not any((out / "checkpoints").glob("*"))  # the half-written checkpoint was removed
+
+
+@pytest.mark.slow  # a training run, then two resumes
+def test_a_foreign_checkpoint_file_is_one_line_without_torchs_advice(tmp_path, capsys):
+    """torch's unpickling error recommends weights_only=False (running the file's code): never shown."""
+    import pickle
+    import shutil
+
+    run = tmp_path / "run"
+    assert main(_finetune(tmp_path, run, "spam-tiny.yaml", "train.checkpoint_every=1",
+                          "train.max_steps=1")) == 0
+    good = run / "checkpoints" / "step-00000001"
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    for name, content in (("optimizer.bin", pickle.dumps(Payload())),
+                          ("model.safetensors", (good / "model.safetensors").read_bytes()[:500])):
+        damaged = tmp_path / f"damaged-{name}"
+        shutil.copytree(good, damaged)
+        (damaged / name).write_bytes(content)
+        capsys.readouterr()
+        assert main(_finetune(tmp_path, tmp_path / "resumed", "spam-tiny.yaml", "train.max_steps=1",
+                              "train.checkpoint_every=1", f"train.resume={damaged}")) == 2
+        out, err = capsys.readouterr()
+        assert "this ran" not in out + err and "weights_only" not in err and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith(f"gptft finetune: error: {damaged}: the "
+                                                       "checkpoint cannot be loaded")
