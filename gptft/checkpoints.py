@@ -13,7 +13,6 @@ before anything in the run folder changes; the trainer gets that ``ResumePoint``
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -188,9 +187,10 @@ def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict |
     accelerator.wait_for_everyone()
     try:
         accelerator.load_state(str(point.path))
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError, OSError,
-            SafetensorError) as e:
-        # torch's own text would recommend weights_only=False, i.e. running the file's code
+    except Exception as e:  # torch's own text would recommend weights_only=False (running the file)
+        failed = (EOFError, RuntimeError, ValueError, KeyError, OSError, SafetensorError)
+        if not isinstance(e, failed) and type(e).__name__ != "UnpicklingError":
+            raise
         raise GPTFTError(f"{point.path}: the checkpoint cannot be loaded ({type(e).__name__}: a "
                          "damaged or foreign file); resume from another checkpoint "
                          "(train.resume=PATH) or start afresh") from None
