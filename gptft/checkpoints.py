@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,9 @@ def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict |
 
     accelerator.wait_for_everyone()
     try:
-        accelerator.load_state(str(point.path))
+        with warnings.catch_warnings():  # torch's notes on a foreign pickle protocol: ours is below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            accelerator.load_state(str(point.path))
     except Exception as e:  # torch's own text would recommend weights_only=False (running the file)
         failed = (EOFError, RuntimeError, ValueError, KeyError, OSError, SafetensorError)
         if not isinstance(e, failed) and type(e).__name__ != "UnpicklingError":

@@ -891,6 +891,7 @@ def test_a_foreign_checkpoint_file_is_one_line_without_torchs_advice(tmp_path, c
     """torch's unpickling error recommends weights_only=False (running the file's code): never shown."""
     import pickle
     import shutil
+    import warnings
 
     run = tmp_path / "run"
     assert main(_finetune(tmp_path, run, "spam-tiny.yaml", "train.checkpoint_every=1",
@@ -907,8 +908,11 @@ def test_a_foreign_checkpoint_file_is_one_line_without_torchs_advice(tmp_path, c
         shutil.copytree(good, damaged)
         (damaged / name).write_bytes(content)
         capsys.readouterr()
-        assert main(_finetune(tmp_path, tmp_path / "resumed", "spam-tiny.yaml", "train.max_steps=1",
-                              "train.checkpoint_every=1", f"train.resume={damaged}")) == 2
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(_finetune(tmp_path, tmp_path / "resumed", "spam-tiny.yaml", "train.max_steps=1",
+                                  "train.checkpoint_every=1", f"train.resume={damaged}")) == 2
+        assert not [w for w in caught if "pickle" in str(w.message)]
         out, err = capsys.readouterr()
         assert "this ran" not in out + err and "weights_only" not in err and "Traceback" not in err
         assert err.strip().splitlines()[-1].startswith(f"gptft finetune: error: {damaged}: the "
