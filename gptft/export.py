@@ -51,6 +51,11 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite
         with writing(out_dir, "export"):  # disk full: one line, OUT_DIR as it was
             model.save_pretrained(tmp)
             _replace_dir(tmp, target)
+    except GPTFTError as e:  # a file of the temporary folder: name OUT_DIR instead
+        if not hasattr(e, "reason"):
+            raise
+        raise GPTFTError(f"{out_dir}: cannot write the export: {e.reason}; nothing was "
+                         "replaced") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

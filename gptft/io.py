@@ -49,7 +49,9 @@ def write_error(path: str | os.PathLike, error: Exception, what: str = "") -> GP
     if getattr(error, "errno", None) == errno.ENOSPC or "os error 28" in reason:
         reason = "No space left on device (free some space or choose another folder)"
     where = f" the {what}" if what else ""
-    return GPTFTError(f"{path}: cannot write{where}: {reason}; nothing was replaced")
+    error = GPTFTError(f"{path}: cannot write{where}: {reason}; nothing was replaced")
+    error.reason = reason  # for a caller that names a larger whole (an export folder)
+    return error
 
 
 def is_write_failure(error: Exception) -> bool:

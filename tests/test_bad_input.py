@@ -552,7 +552,7 @@ def case_checkpoint_vocab_differs_from_tokenizer(tmp, out):
     args = ["--config", str(CONFIGS / "spam-tiny.yaml"), "model.weights=pretrained", f"model.checkpoint={hf}",
             *[f"model.{k}=null" for k in ("n_layers", "emb_dim", "n_heads", "context_length")]]
     return (["finetune", *args, *SHORT, f"output_dir={out}"],
-            [str(hf), "vocab_size is 1,000, but the tokenizer has 50,257 tokens"])
+            [f"{hf / 'config.json'}: vocab_size is 1,000, but the tokenizer has 50,257 tokens"])
 
 
 def _nan_weights(path: Path, name: str) -> None:
@@ -720,7 +720,8 @@ def case_export_under_a_file(tmp, out):
 def case_export_disk_full(tmp, out, mp):
     run = _instruction_run(tmp / "lm")
     disk_full(mp)
-    return ["export", str(run), str(tmp / "exported")], ["No space left on device", "nothing was replaced"]
+    return (["export", str(run), str(tmp / "exported")],
+            [f"{tmp / 'exported'}: cannot write the export: No space left on device"])
 
 
 def case_export_permission_denied(tmp, out, mp):

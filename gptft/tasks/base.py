@@ -134,7 +134,8 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, device: torch.device | None = N
     if cfg.weights == "pretrained":
         model = GPT.from_pretrained(cfg.checkpoint or cfg.name, device=device, drop_rate=cfg.drop_rate,
                                     pad_vocab_multiple=cfg.pad_vocab_multiple)
-        check_vocab(model.config.vocab_size, vocab_size, f"{cfg.checkpoint or cfg.name}: config.json")
+        check_vocab(model.config.vocab_size, vocab_size,
+                    Path(cfg.checkpoint) / "config.json" if cfg.checkpoint else cfg.name)
         return model
     shape = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
              if getattr(cfg, k) is not None}
