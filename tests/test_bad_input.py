@@ -918,3 +918,13 @@ def test_a_foreign_checkpoint_file_is_one_line_without_torchs_advice(tmp_path, c
         assert "this ran" not in out + err and "weights_only" not in err and "Traceback" not in err
         assert err.strip().splitlines()[-1].startswith(f"gptft finetune: error: {damaged}: the "
                                                        "checkpoint cannot be loaded")
+
+
+def test_classify_reads_a_1mb_csv_field(tmp_path, capsys):
+    """csv's default cap (128 KiB a field) refused it with a wrong "quote the field" hint."""
+    run = _classification_run(tmp_path / "clf")
+    texts = tmp_path / "texts.csv"
+    texts.write_text('text\n"' + "word " * 200_000 + '"\nshort one\n', encoding="utf-8")
+    assert main(["classify", str(run), "--file", str(texts)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].endswith("\tword word word word word word word word word word word wo...")
