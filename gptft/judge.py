@@ -361,7 +361,7 @@ def score_records(records: list[dict], judge: Judge, key: str = DEFAULTS.key,
         try:
             reply = judge.ask(judge_prompt(record, key))
         except RecordError as e:
-            problem, reply = _clip(judge.redact(str(e))), None
+            problem = _clip(judge.redact(str(e)))
         except UnreachableError as e:
             bar.close()
             raise GPTFTError(judge.redact(_unreachable_message(judge, str(e)))) from None
