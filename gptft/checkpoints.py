@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 from gptft.config import Job, job_to_dict, job_to_yaml
 from gptft.errors import GPTFTError
-from gptft.io import read_json, write_json, write_text
+from gptft.io import read_json_object, write_json, write_text, writing
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -127,7 +128,11 @@ def resume_point(job: Job, num_processes: int,
         if problems:
             raise GPTFTError(f"train.resume: {path} is damaged: {'; '.join(problems)}")
     check_resumable(path / CONFIG, job)
-    saved = read_json(path / TRAINER_STATE)
+    saved = read_json_object(path / TRAINER_STATE)
+    problems = _state_problems(saved)
+    if problems:
+        raise GPTFTError(f"{path / TRAINER_STATE}: damaged ({'; '.join(problems)}); resume from "
+                         "another checkpoint (train.resume=PATH) or start afresh")
     if saved.get("num_processes") != num_processes:
         raise GPTFTError(f"cannot resume from {path}: it was saved by {saved.get('num_processes')} "
                          f"process(es), this run has {num_processes}; launch with the same "
@@ -185,6 +190,8 @@ def _json_or_yaml_problem(path: Path) -> str | None:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
         return f"{path.name}: unreadable ({str(e).splitlines()[0]})"
+    if data is None:
+        return f"{path.name}: empty"
     if not isinstance(data, dict):
         return f"{path.name}: not a mapping"
     if path.name == TRAINER_STATE and not {"progress", "scheduler", "num_processes"} <= data.keys():
@@ -224,7 +231,15 @@ def check_resumable(saved_config: Path, job: Job) -> None:
     (old → new), bar the ``RESUMABLE_CHANGES``."""
     import yaml
 
-    saved = _flatten(yaml.safe_load(saved_config.read_text(encoding="utf-8")))
+    try:
+        data = yaml.safe_load(saved_config.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        data = e
+    if not isinstance(data, dict):
+        raise GPTFTError(f"{saved_config}: not a saved configuration ("
+                         f"{'empty' if data is None else 'unreadable'}); the checkpoint is damaged: "
+                         "resume from another one (train.resume=PATH) or start afresh")
+    saved = _flatten(data)
     now = _flatten(job_to_dict(job))
     missing = object()
     diffs = [f"{k} {_show(saved.get(k, missing))} → {_show(now.get(k, missing))}"
@@ -255,7 +270,12 @@ def save_checkpoint(accelerator, job: Job, step: int, trainer_state: dict[str, A
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        with writing(tmp, "checkpoint"):  # disk full: one line; the previous checkpoint is kept
+            accelerator.save_state(str(tmp))
+    except GPTFTError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if best is not None:
         save_safetensors(best, tmp / f"best_{accelerator.process_index}.safetensors")
     accelerator.wait_for_everyone()
@@ -274,14 +294,23 @@ def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict |
     loaded, move the abandoned run's checkpoints later than it in `output_dir` (the run folder
     being resumed into; `point` may lie in another) aside as ``abandoned-step-N``, so that
     ``train.resume=true`` never picks them; return this process's best-so-far weights, if saved."""
+    from safetensors import SafetensorError
+
     from gptft.io import load_safetensors
 
     try:
-        accelerator.load_state(str(point.path))
+        with warnings.catch_warnings():  # torch's notes on a foreign pickle protocol: ours is below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            accelerator.load_state(str(point.path))
         best = point.path / f"best_{accelerator.process_index}.safetensors"
         best = load_safetensors(best) if best.is_file() else None
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
-        raise GPTFTError(f"cannot load checkpoint {point.path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # torch's own text would recommend weights_only=False (running the file)
+        failed = (EOFError, RuntimeError, ValueError, KeyError, OSError, SafetensorError)
+        if not isinstance(e, failed) and type(e).__name__ != "UnpicklingError":
+            raise
+        raise GPTFTError(f"{point.path}: the checkpoint cannot be loaded ({type(e).__name__}: a "
+                         "damaged or foreign file); resume from another checkpoint "
+                         "(train.resume=PATH) or start afresh") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for later in complete_checkpoints(output_dir / CHECKPOINTS):
@@ -293,6 +322,22 @@ def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict |
                                   f"aside to {aside} (delete it when no longer needed)")
     accelerator.wait_for_everyone()
     return best
+
+
+def _state_problems(saved: dict) -> list[str]:
+    """What is wrong with a ``trainer_state.json``'s progress counters and schedule state."""
+    from gptft.trainer import TrainState
+    from gptft.validation import build
+
+    if not isinstance(saved.get("progress"), dict):
+        return ["progress: missing or not an object"]
+    _, problems = build(TrainState, saved["progress"], "progress")
+    if not problems:
+        problems = [f"progress.{k}: must be >= 0 (got {v})" for k, v in saved["progress"].items()
+                    if k != "best_step" and isinstance(v, int | float) and v < 0]
+    if not isinstance(saved.get("scheduler"), dict):
+        problems.append("scheduler: missing or not an object")
+    return problems
 
 
 def folder_bytes(path: Path) -> int:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from gptft.model import GPT, GPTConfig
-from gptft.runs import load_meta, load_state_into
+from gptft.errors import GPTFTError
+from gptft.model import GPT
+from gptft.runs import META_FILE, load_meta, load_state_into, model_config
 from gptft.tokenizer import Tokenizer
 
 
@@ -66,6 +68,16 @@ class Classifier:
 def load_classifier(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
     """Rebuild the classifier saved in a run folder: ``load_classifier(RUN).predict([...])``."""
     meta = load_meta(run_dir, produces="classifier")
-    model = GPTClassifier(GPT(GPTConfig(**meta["model"])), len(meta["labels"]))
+    config = model_config(meta, run_dir)
+    _check_classifier_meta(meta, Path(run_dir) / META_FILE)
+    model = GPTClassifier(GPT(config), len(meta["labels"]))
     load_state_into(model, run_dir)
     return Classifier(model, meta["labels"], meta["max_length"], Tokenizer(meta["tokenizer"]), device)
+
+
+def _check_classifier_meta(meta: dict, path: Path) -> None:
+    labels, max_length = meta.get("labels"), meta.get("max_length")
+    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels)):
+        raise GPTFTError(f"{path}: 'labels' must be a list of two or more class names (got {labels!r})")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise GPTFTError(f"{path}: 'max_length' must be a positive integer (got {max_length!r})")

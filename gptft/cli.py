@@ -1,6 +1,7 @@
 """The ``gptft`` command's entry point: parse (``gptft.commands``), run, and turn a
-``GPTFTError`` into one line on stderr and exit status 2 (a run stopped by a signal after saving
-a checkpoint: exit status 75, ``gptft.signals.EXIT_INTERRUPTED``; a second Ctrl-C: 130)."""
+``GPTFTError`` (or an OSError naming a file the user must fix: no permission, a full disk, a path
+under a file) into one line on stderr and exit status 2 (a run stopped by a signal after saving a
+checkpoint: exit status 75, ``gptft.signals.EXIT_INTERRUPTED``; a second Ctrl-C: 130)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 
 from gptft.commands import build_parser
 from gptft.errors import GPTFTError
+from gptft.io import WRITE_ERRNOS
 from gptft.signals import EXIT_INTERRUPTED, Interrupted
 
 
@@ -25,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except GPTFTError as e:
         print(f"gptft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the user must fix (no permission, a full disk, a path under a file)
+        if e.filename is None or e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"gptft {args.command}: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
 
 

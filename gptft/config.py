@@ -11,6 +11,7 @@ key, type and range with ``gptft.validation``, reporting all problems at once in
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from gptft.errors import GPTFTError
+from gptft.io import check_file
 from gptft.validation import build, non_negative, positive
 
 
@@ -216,22 +218,30 @@ Job = JobConfig
 
 # ---- reading and writing jobs ----------------------------------------------------------------------
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Map dotted keys of a YAML document to their (1-based) line numbers."""
+def _key_lines(text: str) -> tuple[dict[str, int], list[str]]:
+    """Map dotted keys of a YAML document to their (1-based) line numbers, and list the keys
+    given twice in one mapping (YAML keeps the last silently: a second ``train:`` would replace
+    the first section wholesale) as ``line N: duplicate key 'train' (first at line M)``."""
     lines: dict[str, int] = {}
+    duplicates: list[str] = []
 
     def walk(node, prefix):
         if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for k, v in node.value:
                 key = f"{prefix}.{k.value}" if prefix else str(k.value)
-                lines[key] = k.start_mark.line + 1
+                line = k.start_mark.line + 1
+                if key in seen:
+                    duplicates.append(f"{line}: duplicate key {key!r} (first at line {seen[key]})")
+                seen.setdefault(key, line)
+                lines.setdefault(key, line)
                 walk(v, key)
 
     try:
         walk(yaml.compose(text), "")
     except yaml.YAMLError:
         pass
-    return lines
+    return lines, duplicates
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -269,6 +279,21 @@ def _apply_overrides(data: dict, overrides: dict[str, Any]) -> list[str]:
     return bad
 
 
+PATH_KEYS = frozenset({"output_dir", "path", "train_path", "val_path", "test_path", "checkpoint",
+                       "resume"})
+"""Keys (in any section) that hold a file or folder path: a leading ``~`` means the home folder."""
+
+
+def _expand_home(obj: Any) -> None:
+    """Expand a leading ``~`` in the path keys of `obj` and its sections, as a shell would."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _expand_home(value)
+        elif f.name in PATH_KEYS and isinstance(value, str) and value.startswith("~"):
+            setattr(obj, f.name, os.path.expanduser(value))
+
+
 def job_from_dict(data: dict, source: str = "config", overrides: dict[str, Any] | None = None,
                   lines: dict[str, int] | None = None) -> Job:
     """Build and validate a job from plain data plus dotted overrides; raise one error listing all."""
@@ -282,6 +307,7 @@ def job_from_dict(data: dict, source: str = "config", overrides: dict[str, Any] 
     spec = get_task(data.get("task", DEFAULT_TASK), f"{source}: task")
     job, more = build(spec.job_class(), data)
     errors += more
+    _expand_home(job)
     if errors:
         lines = lines or {}
 
@@ -299,11 +325,12 @@ def job_from_dict(data: dict, source: str = "config", overrides: dict[str, Any] 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> Job:
     """Read a YAML job file, apply ``key=value`` overrides and validate everything."""
     path = Path(path)
-    if not path.is_file():
-        raise GPTFTError(f"{path}: config file not found")
+    check_file(path, "config file")
     try:
         text = path.read_text(encoding="utf-8")
         data = yaml.safe_load(text)
+    except OSError as e:
+        raise GPTFTError(f"{path}: cannot read the config file: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise GPTFTError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
@@ -312,7 +339,10 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Job:
         raise GPTFTError(f"{path}{where}: YAML syntax error: {getattr(e, 'problem', e)}") from None
     if data is None:
         raise GPTFTError(f"{path}: empty config file")
-    return job_from_dict(data, str(path), parse_overrides(overrides or []), _key_lines(text))
+    lines, duplicates = _key_lines(text)
+    if duplicates:
+        raise GPTFTError(f"{path}:" + f"; {path}:".join(duplicates) + " (YAML would keep only the last)")
+    return job_from_dict(data, str(path), parse_overrides(overrides or []), lines)
 
 
 def job_to_dict(job: Job) -> dict:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from gptft.errors import GPTFTError
-from gptft.io import usual_mode
+from gptft.io import make_folder, usual_mode, writing
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -43,12 +43,19 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite
     _check_target(run_dir, out_dir, overwrite)
     model, _ = load_gpt(run_dir)
     target = out_dir.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    make_folder(target.parent)  # a path under a file, no permission: one line
+    with writing(out_dir, "export"):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     os.chmod(tmp, usual_mode(folder=True))  # mkdtemp makes it owner-only
     try:
-        model.save_pretrained(tmp)
-        _replace_dir(tmp, target)
+        with writing(out_dir, "export"):  # disk full: one line, OUT_DIR as it was
+            model.save_pretrained(tmp)
+            _replace_dir(tmp, target)
+    except GPTFTError as e:  # a file of the temporary folder: name OUT_DIR instead
+        if not hasattr(e, "reason"):
+            raise
+        raise GPTFTError(f"{out_dir}: cannot write the export: {e.reason}; nothing was "
+                         "replaced") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -34,6 +34,7 @@ def finetune(job: Job, started: float | None = None) -> dict:
     phases = Phases(started if started is not None else time.time())
     watch_parent()
     accelerator = make_accelerator(job)
+    warn_if_fsdp_ignored(accelerator)
     resuming_here = _resumes_in_place(job)
     lock = _on_main(accelerator, lambda: RunLock.acquire(job.output_dir))
     try:
@@ -101,3 +102,18 @@ def _warn(accelerator) -> Callable[[str], None]:
         if accelerator.is_main_process:
             print(message, file=sys.stderr, flush=True)
     return warn
+
+
+def warn_if_fsdp_ignored(accelerator) -> None:
+    """Say so when the launcher asked for FSDP (``distributed_type: FSDP``) but Accelerate runs
+    plain data parallelism: it shards only on accelerators (GPUs and the like); CPU processes over
+    gloo are ``MULTI_CPU``, i.e. DDP, every process holding the whole model (docs/distributed.md)."""
+    import os
+
+    from accelerate.utils import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and accelerator.distributed_type != DistributedType.FSDP:
+        accelerator.print(f"warning: FSDP was requested, but Accelerate runs these processes as "
+                          f"{accelerator.distributed_type.value} (data parallel, no sharding): "
+                          "it shards only on GPUs / accelerators, see docs/distributed.md")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from gptft.errors import GPTFTError
-from gptft.io import read_json
+from gptft.io import read_json_object
 
 HUB_REPOS = {
     "gpt2-small": "openai-community/gpt2",
@@ -52,8 +52,7 @@ def weight_files(folder: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        return [folder / s for s in shards]
+        return _shards(folder, index)
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise GPTFTError(
             f"{folder}: only pickle weights (*.bin / *.pt) found; gptft reads safetensors only. "
@@ -61,3 +60,20 @@ def weight_files(folder: Path) -> list[Path]:
             "GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
         )
     raise GPTFTError(f"{folder}: no model.safetensors; {HINT}")
+
+
+def _shards(folder: Path, index: Path) -> list[Path]:
+    """The shard files an index names, each checked to be a file inside `folder` (an index naming
+    ``../x`` or ``/etc/x`` is refused, not followed)."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise GPTFTError(f"{index}: 'weight_map' must be an object of tensor name -> shard file name")
+    root = folder.resolve()
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        shard = (folder / name).resolve()
+        if Path(name).is_absolute() or root not in shard.parents:
+            raise GPTFTError(f"{index}: shard {name!r} is outside the checkpoint folder {folder}; "
+                             "an index may only name files inside it")
+        shards.append(folder / name)
+    return shards

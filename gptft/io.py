@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +19,77 @@ if TYPE_CHECKING:  # torch and safetensors are imported where weights are read o
     import torch
 
 
+def check_file(path: str | os.PathLike, what: str = "file") -> None:
+    """Raise one clear error unless `path` is a regular file (following symlinks), saying what it
+    is instead: missing, a folder, or a FIFO / socket / device (which would block or mislead)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise GPTFTError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise GPTFTError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or
+            stat.S_ISBLK(mode) else "a special file")
+    raise GPTFTError(f"{path}: is {kind}, not a {what}")
+
+
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                          errno.EPERM, errno.EIO, errno.ENOTDIR, errno.EISDIR})
+"""Errors of a failed write that are the user's to fix (space, quota, permissions, paths)."""
+
+
+def write_error(path: str | os.PathLike, error: Exception, what: str = "") -> GPTFTError:
+    """The one-line error for a failed write of `path` (disk full, permission denied, a path
+    under a file, ...): the file, what failed, and that nothing was replaced."""
+    reason = getattr(error, "strerror", None) or str(error).strip()
+    if getattr(error, "errno", None) == errno.ENOSPC or "os error 28" in reason:
+        reason = "No space left on device (free some space or choose another folder)"
+    where = f" the {what}" if what else ""
+    error = GPTFTError(f"{path}: cannot write{where}: {reason}; nothing was replaced")
+    error.reason = reason  # for a caller that names a larger whole (an export folder)
+    return error
+
+
+def is_write_failure(error: Exception) -> bool:
+    """Whether `error`, raised while writing a file, is the disk's or the user's to fix (full,
+    read-only, no permission) rather than a bug: an ``OSError`` with such an errno, or the same
+    reported by safetensors' (``os error N``) or torch's writers (``file write failed``)."""
+    if isinstance(error, OSError):
+        return error.errno in WRITE_ERRNOS
+    text = str(error)
+    return (type(error).__name__ == "SafetensorError" and "os error" in text) or (
+        isinstance(error, RuntimeError) and ("file write failed" in text or "unexpected pos" in text))
+
+
+@contextmanager
+def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """Turn a failed write under `path` (disk full, no permission, ...) into one ``GPTFTError``."""
+    try:
+        yield
+    except Exception as e:
+        if is_write_failure(e):
+            raise write_error(path, e, what) from None
+        raise
+
+
+def make_folder(folder: str | os.PathLike) -> None:
+    """``mkdir -p`` with one clear error when a file stands where a folder must be, or the folder
+    cannot be made (no permission, read-only disk)."""
+    folder = Path(folder)
+    for existing in (p for p in (folder, *folder.parents) if p.exists()):
+        if not existing.is_dir():
+            raise GPTFTError(f"{existing}: is a file, not a folder, so {folder} cannot be created")
+        break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(folder, e) from None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the body succeeds.
@@ -24,15 +97,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A crash or kill while writing leaves the previous file (if any) untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_folder(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
     os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, usual_mode())  # mkstemp (and safetensors) make it owner-only: open()'s mode
-        os.replace(tmp, path)
+        with writing(path):  # disk full, quota, permission: one line, the old file kept
+            yield Path(tmp)
+        try:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, usual_mode())  # mkstemp (and safetensors) make it owner-only: open()'s mode
+            os.replace(tmp, path)
+        except OSError as e:
+            raise write_error(path, e) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -92,23 +172,45 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise GPTFTError(f"{path}: weights file not found")
+    check_file(path, "weights file")
     try:
-        return load_file(str(path), device="cpu")
+        state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise GPTFTError(
             f"{path}: not a readable safetensors file (truncated or corrupted?): {e}"
         ) from None
+    check_finite(state, path)
+    return state
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Refuse weights holding NaN or infinite values, naming the tensors (damaged weights would
+    otherwise surface later as a non-finite loss blamed on the learning rate)."""
+    import torch
+
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise GPTFTError(f"{source}: tensor {', '.join(bad[:3])}{more} holds NaN or infinite values; "
+                         "the weights are damaged")
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """``read_json`` of a file that must hold one JSON object (a config, an index, a state)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise GPTFTError(f"{path}: expected a JSON object {{...}}, found a {type(data).__name__}")
+    return data
 
 
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file with an error that names the file and the line on failure."""
     path = Path(path)
-    if not path.is_file():
-        raise GPTFTError(f"{path}: file not found")
+    check_file(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise GPTFTError(f"{path}: cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise GPTFTError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:

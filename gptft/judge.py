@@ -11,7 +11,9 @@ import http.client
 import json
 import os
 import re
+import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,7 +45,7 @@ class JudgeOptions:
     api_key_env: str | None = "OPENAI_API_KEY"
     """Environment variable holding the API key (openai API only)."""
     timeout: float = 60.0
-    """Seconds to wait for each reply."""
+    """Seconds one request may take in all (a server trickling its reply is cut off)."""
     retries: int = 3
     """Further attempts after a connection error, timeout, HTTP 429 or 5xx."""
     retry_delay: float = 1.0
@@ -155,20 +157,45 @@ class Judge:
         request = urllib.request.Request(
             self.endpoint, data=json.dumps(self.body(prompt)).encode(), headers=headers, method="POST"
         )
+        watchdog = _Watchdog(self.timeout)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return self._read_ollama(response) if self.api == "ollama" else self._read_openai(response)
+            return self._exchange(request, watchdog)
         except urllib.error.HTTPError as e:
+            if 300 <= e.code < 400:  # not followed: the request and the key go to --url only
+                raise RecordError(f"{self.endpoint} redirects (HTTP {e.code}) to "
+                                  f"{e.headers.get('Location')}; redirects are not followed, so the "
+                                  "request and any API key go only to --url: pass the new address "
+                                  "as --url") from None
             detail = f"HTTP {e.code} from {self.endpoint}: {_snippet(e)}"
             if e.code == 429 or e.code >= 500:
                 raise _Transient(detail) from None
             raise RecordError(detail) from None
-        except urllib.error.URLError as e:  # no connection (refused, unknown host, connect timeout)
-            raise _Transient(f"cannot connect to {self.endpoint}: {e.reason}", unreachable=True) from None
-        except TimeoutError:
-            raise _Transient(f"no reply from {self.endpoint} within {self.timeout:g} s") from None
-        except (ConnectionError, http.client.HTTPException) as e:
-            raise _Transient(f"connection to {self.endpoint} failed: {type(e).__name__}: {e}") from None
+        except (RecordError, OSError, http.client.HTTPException) as e:
+            if watchdog.fired:
+                raise _Transient(f"no complete reply from {self.endpoint} within {self.timeout:g} s"
+                                 ) from None
+            if isinstance(e, RecordError):
+                raise
+            if isinstance(e, urllib.error.URLError):  # no connection (refused, unknown host, ...)
+                raise _Transient(f"cannot connect to {self.endpoint}: {e.reason}",
+                                 unreachable=True) from None
+            if isinstance(e, TimeoutError):
+                raise _Transient(f"no complete reply from {self.endpoint} within {self.timeout:g} s"
+                                 ) from None
+            raise _Transient(f"connection to {self.endpoint} failed: {type(e).__name__}: {e}"
+                             ) from None
+        finally:
+            watchdog.cancel()
+
+    def _exchange(self, request: urllib.request.Request, watchdog: _Watchdog) -> str:
+        """Send `request` and read the whole reply before `watchdog`'s deadline."""
+        opener = urllib.request.build_opener(_DeadlineHTTPHandler(watchdog),
+                                             _DeadlineHTTPSHandler(watchdog), _NoRedirects())
+        with opener.open(request, timeout=self.timeout) as response:
+            reply = self._read_ollama(response) if self.api == "ollama" else self._read_openai(response)
+        if watchdog.fired:  # the socket was shut mid-reply: what was read is incomplete
+            raise TimeoutError
+        return reply
 
     def _read_ollama(self, response) -> str:
         parts = []
@@ -190,6 +217,67 @@ class Judge:
             return str(reply["choices"][0]["message"]["content"])
         except (KeyError, IndexError, TypeError):
             raise RecordError(f"unexpected reply: {json.dumps(reply)}") from None
+
+
+class _Watchdog:
+    """The overall deadline of one request: `seconds` after it starts, the connection's socket is
+    shut down, so a server that trickles bytes (each within the socket timeout) cannot hold a
+    request for longer."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+        self.fired = False
+        self._timer: threading.Timer | None = None
+
+    def arm(self, sock: socket.socket) -> None:
+        self._timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), self._fire, (sock,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self, sock: socket.socket) -> None:
+        self.fired = True
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read, which then ends
+        except OSError:
+            pass
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class _Deadline:
+    """A urllib handler mix-in whose connections arm a `_Watchdog` once connected."""
+
+    def __init__(self, watchdog: _Watchdog):
+        super().__init__()
+        self.watchdog = watchdog
+
+    def do_open(self, http_class, req, **kwargs):
+        watchdog = self.watchdog
+
+        class Connection(http_class):
+            def connect(self):
+                super().connect()
+                watchdog.arm(self.sock)
+
+        return super().do_open(Connection, req, **kwargs)
+
+
+class _DeadlineHTTPHandler(_Deadline, urllib.request.HTTPHandler):
+    pass
+
+
+class _DeadlineHTTPSHandler(_Deadline, urllib.request.HTTPSHandler):
+    pass
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: urllib would copy the Authorization header to another host (and turn the
+    POST into a GET); the 3xx is reported instead."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
 
 
 class _Transient(Exception):
@@ -219,59 +307,84 @@ def _snippet(error: urllib.error.HTTPError) -> str:
 
 
 def load_records(path: str | os.PathLike, key: str = DEFAULTS.key) -> list[dict]:
-    """Read a responses file (a JSON array) and check every record; one error lists the problems."""
+    """Read a responses file (a JSON array) and check every record; one error lists each distinct
+    problem once, with the records that have it."""
     records = [r.value for r in read_json_records(path, "json")]
-    problems = []
+    problems: list[tuple[int, str]] = []
     for i, record in enumerate(records):
         if not isinstance(record, dict):
-            problems.append(f"record {i}: not a JSON object")
+            problems.append((i, "not a JSON object"))
             continue
         for name in ("instruction", "output", key):
             if not isinstance(record.get(name), str):
-                problems.append(f"record {i}: {name!r} " + ("is not a string" if name in record
-                                                             else "is missing"))
+                problems.append((i, f"{name!r} " + ("is not a string" if name in record
+                                                    else "is missing")))
         if record.get("input") is not None and not isinstance(record["input"], str):
-            problems.append(f"record {i}: 'input' is not a string")
+            problems.append((i, "'input' is not a string"))
     if problems:
-        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-        raise GPTFTError(f"{path}: " + "; ".join(problems[:10]) + more)
+        raise GPTFTError(f"{path}: " + "; ".join(grouped(problems)))
     return records
+
+
+def grouped(problems: list[tuple[int, str]], shown: int = 5) -> list[str]:
+    """``record 3: PROBLEM`` or ``records 0, 1, 2, 3, 4 and 15 more: PROBLEM``, once per distinct
+    problem (in order of first appearance)."""
+    by_problem: dict[str, list[int]] = {}
+    for index, problem in problems:
+        by_problem.setdefault(problem, []).append(index)
+    out = []
+    for problem, indices in by_problem.items():
+        more = f" and {len(indices) - shown} more" if len(indices) > shown else ""
+        which = ", ".join(map(str, indices[:shown])) + more
+        out.append(f"record{'s' if len(indices) > 1 else ''} {which}: {problem}")
+    return out
 
 
 def score_records(records: list[dict], judge: Judge, key: str = DEFAULTS.key,
                   warn: Callable[[str], None] | None = None) -> list[int | None]:
-    """Scores of `records` (None where the judge gave no usable reply, each reported to `warn`).
+    """Scores of `records` (None where the judge gave no usable reply).
 
-    An empty response scores 0 without asking the judge. `warn` defaults to printing to stderr.
+    An empty response scores 0 without asking the judge. Each distinct problem is reported to
+    `warn` once when first met, and at the end with the other records that had it. `warn` defaults
+    to printing to stderr (above a progress bar over the records, shown on a terminal).
     """
-    warn = warn or _print_err
+    from tqdm.auto import tqdm
+
+    bar = tqdm(records, desc="judging", unit="record", leave=False, disable=None, file=sys.stderr)
+    warn = warn or (lambda line: bar.write(line, file=sys.stderr))
     scores: list[int | None] = []
-    for i, record in enumerate(records):
+    failures: list[tuple[int, str]] = []
+    for i, record in enumerate(bar):
         if not record[key].strip():
             scores.append(0)
             continue
         try:
             reply = judge.ask(judge_prompt(record, key))
         except RecordError as e:
-            warn(_clip(judge.redact(f"record {i}: {e}")))
-            scores.append(None)
-            continue
+            problem = _clip(judge.redact(str(e)))
         except UnreachableError as e:
+            bar.close()
             raise GPTFTError(judge.redact(_unreachable_message(judge, str(e)))) from None
-        score = parse_score(reply)
-        if score is None:
-            warn(f"record {i}: reply is not an integer score: {_clip(judge.redact(reply.strip()))!r}")
+        else:
+            score = parse_score(reply)
+            problem = (None if score is not None else "reply is not an integer score: "
+                       f"{_clip(judge.redact(reply.strip()))!r}")
+        if problem is not None:
+            if all(p != problem for _, p in failures):
+                warn(f"record {i}: {problem}")
+            failures.append((i, problem))
+            score = None
         scores.append(score)
+    bar.close()
+    repeated = [(i, p) for i, p in failures if sum(q == p for _, q in failures) > 1]
+    for line in grouped(repeated):
+        warn(f"the same problem for {line}")
     return scores
 
 
 def _clip(text: str, limit: int = 300) -> str:
     """`text` cut to `limit` characters (after redaction, so no partial key survives)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _print_err(line: str) -> None:
-    print(line, file=sys.stderr)
 
 
 def _unreachable_message(judge: Judge, detail: str) -> str:
@@ -305,35 +418,46 @@ def judge_file(
         api: ``ollama`` (``/api/chat``) or ``openai`` (``/v1/chat/completions``).
         api_key_env: environment variable holding the API key sent as a Bearer token (openai
             API only; unset or empty: no Authorization header).
-        timeout: seconds to wait for each reply.
+        timeout: seconds a request may take in all (connecting, sending, reading the reply).
         retries: further attempts after a connection error, timeout, HTTP 429 or 5xx.
         retry_delay: first backoff delay in seconds; it doubles with each retry.
         key: the record key holding the response to score.
         output: where to write the scored records (atomically); default: `path` itself.
         warn: receives one line per record left unscored (default: printed to stderr).
 
+    A record the judge fails on keeps the score an earlier run gave it (else gets null); each
+    request has an overall deadline of `timeout` seconds; redirects are not followed.
+
     Returns:
         One score per record: 0..100, or None where the judge's reply was unusable.
 
     Raises:
-        GPTFTError: bad file or records, or an unreachable server (nothing is written then).
+        GPTFTError: bad file or records, an unreachable server, or no response scored at all
+            (nothing is written then), or the file cannot be written (the old one is kept).
     """
     records = load_records(path, key)
     api_key = os.environ.get(api_key_env) if api == "openai" and api_key_env else None
     judge = Judge(url, model, api, api_key or None, timeout, retries, retry_delay)
     scores = score_records(records, judge, key, warn)
+    asked = [s for r, s in zip(records, scores, strict=True) if r[key].strip()]
+    if asked and all(s is None for s in asked):
+        raise GPTFTError(f"the judge scored none of the {len(asked)} responses it was asked about "
+                         f"(see the problems above); {path} was left unchanged")
     for record, score in zip(records, scores, strict=True):
-        record["score"] = score
-    target = Path(output) if output is not None else Path(path)
-    try:
-        write_json(target, records)
-    except OSError as e:
-        raise GPTFTError(f"{target}: cannot write the scores: {e}") from None
+        if score is not None or not _is_score(record.get("score")):
+            record["score"] = score  # a failure keeps an earlier run's score
+    write_json(Path(output) if output is not None else Path(path), records)
     return scores
 
 
+def _is_score(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 100
+
+
 def summary(scores: list[int | None]) -> str:
-    """The two summary lines: number of scores, and their average over the scored records."""
+    """The two summary lines: number of scores, and their average over the scored records only."""
     got = [s for s in scores if s is not None]
-    average = f"{sum(got) / len(got):.2f}" if got else "n/a"
-    return f"Number of scores: {len(got)} of {len(scores)}\nAverage score: {average}"
+    if not got:
+        return f"Number of scores: 0 of {len(scores)}\nAverage score: n/a (no record scored)"
+    return (f"Number of scores: {len(got)} of {len(scores)}\n"
+            f"Average score: {sum(got) / len(got):.2f} (over the {len(got)} scored records)")

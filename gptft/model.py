@@ -240,6 +240,9 @@ class GPTConfig:
     @classmethod
     def from_hf_config(cls, hf: dict, source: str = "config.json", **overrides) -> GPTConfig:
         """Read a Hugging Face ``GPT2Config`` dict (``config.json``)."""
+        if not isinstance(hf, dict):
+            raise GPTFTError(f"{source}: expected a JSON object of GPT-2 settings, found a "
+                             f"{type(hf).__name__}")
         problems = []
         if hf.get("model_type", "gpt2") != "gpt2":
             problems.append(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
@@ -260,7 +263,10 @@ class GPTConfig:
             )
         except KeyError as e:
             raise GPTFTError(f"{source}: missing key {e.args[0]!r}") from None
-        return cls(**{**base, **overrides})
+        try:
+            return cls(**{**base, **overrides})
+        except GPTFTError as e:
+            raise GPTFTError(f"{source}: {e}") from None
 
     def to_hf_config(self) -> dict:
         """The equivalent Hugging Face ``GPT2Config`` dict, for ``save_pretrained``."""

@@ -7,6 +7,7 @@ module names; the tied ``lm_head.weight`` is stored once as ``wte.weight``) and 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from gptft.errors import GPTFTError
-from gptft.io import load_safetensors, read_json, save_safetensors, write_json
+from gptft.io import load_safetensors, read_json_object, save_safetensors, write_json
 from gptft.model import GPT, GPTConfig
 from gptft.runfolder import check_finished
 
@@ -41,15 +42,45 @@ def load_meta(run_dir: str | os.PathLike, produces: str | None = None,
     its own final weights to write its outputs)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise GPTFTError(f"{run_dir}: run folder not found")
+        raise GPTFTError(f"{run_dir}: " + ("is a file, not a run folder" if run_dir.exists()
+                                           else "run folder not found"))
     if not (run_dir / META_FILE).is_file():
         raise GPTFTError(f"{run_dir}: not a finished gptft run (no {META_FILE}; did training end?)")
     if require_finished:
         check_finished(run_dir)  # a run that failed or still runs may mix two runs' files
-    meta = read_json(run_dir / META_FILE)
+    meta = read_json_object(run_dir / META_FILE)
     if produces is not None:
         _check_produces(run_dir, meta.get("task"), produces)
     return meta
+
+
+def model_config(meta: dict[str, Any], run_dir: str | os.PathLike, **overrides) -> GPTConfig:
+    """The ``GPTConfig`` of a run's ``gptft.json`` (plus `overrides`), every field checked, and its
+    vocabulary checked against the run's tokenizer; one error names the file and the field."""
+    from gptft.tokenizer import Tokenizer
+
+    path = Path(run_dir) / META_FILE
+    model, known = meta.get("model"), {f.name for f in dataclasses.fields(GPTConfig)}
+    if not isinstance(model, dict):
+        raise GPTFTError(f"{path}: 'model' must be an object of model settings (got {model!r})")
+    if set(model) - known:
+        raise GPTFTError(f"{path}: model: unknown key(s) {', '.join(sorted(set(model) - known))}")
+    if not isinstance(meta.get("tokenizer", "gpt2"), str):
+        raise GPTFTError(f"{path}: 'tokenizer' must be a tokenizer name (got {meta['tokenizer']!r})")
+    try:
+        config = GPTConfig(**{**model, **overrides})
+    except GPTFTError as e:
+        raise GPTFTError(f"{path}: {e}") from None
+    check_vocab(config.vocab_size, Tokenizer(meta.get("tokenizer", "gpt2")).vocab_size, path)
+    return config
+
+
+def check_vocab(model_vocab: int, tokenizer_vocab: int, source: str | os.PathLike) -> None:
+    """A model whose vocabulary is smaller than the tokenizer's would fail mid-training (an index
+    out of range); one that differs at all was not trained with this tokenizer."""
+    if model_vocab != tokenizer_vocab:
+        raise GPTFTError(f"{source}: vocab_size is {model_vocab:,}, but the tokenizer has "
+                         f"{tokenizer_vocab:,} tokens (gptft uses GPT-2's BPE: 50,257)")
 
 
 def _check_produces(run_dir: Path, task: object, produces: str) -> None:
@@ -101,7 +132,7 @@ def load_gpt(run_dir: str | os.PathLike, device: str | torch.device | None = Non
             ``pad_vocab_multiple``: the embedding table's padding rows are zeros).
     """
     meta = load_meta(run_dir, produces="lm", require_finished=require_finished)
-    config = GPTConfig(**{**meta["model"], **overrides})
+    config = model_config(meta, run_dir, **overrides)
     path = Path(run_dir) / WEIGHTS_FILE
     state = load_safetensors(path)
     if len(state.get("wte.weight", ())) >= config.vocab_size:  # re-pad to this config's multiple

@@ -165,7 +165,12 @@ def in_range(obj: Any, name: str, low: float, high: float, *, high_open: bool = 
 
 
 def split_problems(split: list[float]) -> list[str]:
-    """Problems of a (train, val, test) fractions list."""
-    if len(split) != 3 or any(f < 0 for f in split) or abs(sum(split) - 1) > 1e-6 or split[0] == 0:
-        return [f"split: three non-negative fractions (train, val, test) summing to 1 (got {split})"]
+    """Problems of a (train, val, test) fractions list: each split is needed (the validation one
+    picks the best weights, the test one gives the final metrics), so none may be 0."""
+    if len(split) != 3 or any(f < 0 for f in split) or abs(sum(split) - 1) > 1e-6:
+        return [f"split: three fractions (train, val, test) > 0 summing to 1 (got {split})"]
+    empty = [name for name, f in zip(("train", "validation", "test"), split, strict=True) if f == 0]
+    if empty:
+        return [f"split: the {' and '.join(empty)} fraction must be > 0 (got {split}): validation "
+                "picks the best weights and the test split gives the final metrics"]
     return []

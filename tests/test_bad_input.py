@@ -9,7 +9,9 @@ those the first line names the file and every problem line names file and field.
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -50,8 +52,16 @@ def finished_run(tmp_path) -> Path:
     return run
 
 
+PROGRESS = re.compile(r"\d+/\d+ \[[\d:]+<")  # a progress bar's line ("2/5 [00:01<00:02, ...")
+_OPEN = io.open  # the real one: `deny` may have replaced io.open when a snapshot is taken
+
+
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    def read(path: Path) -> bytes:
+        with _OPEN(path, "rb") as f:
+            return f.read()
+
+    return {str(p.relative_to(folder)): read(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _classification_run(folder: Path) -> Path:
@@ -292,18 +302,508 @@ def case_generate_classification_run(tmp, out):
             [str(run), "a classification run, not an instruction or preference run"])
 
 
+# ---- issue 12: every listed traceback is one line; what was accepted silently is refused --------
+# Permission errors are simulated (these tests run as root, whom file modes do not stop): `deny`
+# makes the calls the OS would refuse raise the same PermissionError. Disk-full errors are
+# simulated at the writer (safetensors' own error text); test_real_disk_full uses a real tmpfs.
+
+def deny(mp, target: Path, writes_only: bool = False) -> None:
+    """Raise PermissionError (EACCES) for opening `target` (or, with `writes_only`, for creating,
+    writing, renaming or deleting anything under it), as a folder or file without permission would."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    def under(path) -> bool:
+        p = os.path.abspath(os.fspath(path)) if isinstance(path, (str, bytes, os.PathLike)) else ""
+        return p == str(target) or p.startswith(str(target) + os.sep)
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+
+    real_open, real_os_open = io.open, os.open
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if under(file) and (not writes_only or any(c in mode for c in "wax+")):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def fake_os_open(path, flags, *args, **kwargs):
+        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        if under(path) and (not writes_only or writing):
+            refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    mp.setattr(io, "open", fake_open)
+    mp.setattr(builtins, "open", fake_open)
+    mp.setattr(os, "open", fake_os_open)
+    for name in ("mkdir", "unlink", "remove", "rmdir", "replace", "rename"):
+        real = getattr(os, name)
+
+        def guarded(path, *args, _real=real, **kwargs):
+            if under(path) or (args and under(args[0])):
+                refuse(path)
+            return _real(path, *args, **kwargs)
+
+        mp.setattr(os, name, guarded)
+
+
+def disk_full(mp) -> None:
+    """Every safetensors write fails as on a full disk (safetensors' own error)."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    import accelerate.utils.other
+    import safetensors.torch
+
+    mp.setattr(safetensors.torch, "save_file", full)
+    mp.setattr(accelerate.utils.other, "safe_save_file", full)
+
+
+def _fifo(path: Path) -> Path:
+    import os
+
+    os.mkfifo(path)
+    return path
+
+
+def _yaml(tmp, text: str) -> Path:
+    p = tmp / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+def case_duplicate_section(tmp, out):
+    p = _yaml(tmp, "task: classification\ntrain:\n  lr: 0.1\ntrain:\n  epochs: 1\n")
+    return ["finetune", "--config", str(p)], [f"{p}:4: duplicate key 'train' (first at line 2)"]
+
+
+def case_duplicate_key_in_section(tmp, out):
+    p = _yaml(tmp, "task: classification\ntrain:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n")
+    return ["finetune", "--config", str(p)], [f"{p}:5: duplicate key 'train.lr' (first at line 3)"]
+
+
+def case_override_into_a_path(tmp, out):
+    return _finetune(tmp, out, "spam-tiny.yaml", "data.path.x=1"), ["data.path is a value, not a section"]
+
+
+def case_override_into_output_dir(tmp, out):
+    return _finetune(tmp, out, "spam-tiny.yaml", "output_dir.x=1"), ["output_dir is a value, not a section"]
+
+
+def case_lr_inf(tmp, out):
+    return _finetune(tmp, out, "spam-tiny.yaml", "train.lr=inf"), ["train.lr: must be a finite number"]
+
+
+def case_lr_nan(tmp, out):
+    return _finetune(tmp, out, "spam-tiny.yaml", "train.lr=.nan"), ["train.lr: must be a finite number"]
+
+
+def case_weight_decay_nan(tmp, out):
+    return (_finetune(tmp, out, "spam-tiny.yaml", "train.weight_decay=nan"),
+            ["train.weight_decay: must be a finite number"])
+
+
+def case_classification_val_fraction_0(tmp, out):
+    return (_finetune(tmp, out, "spam-tiny.yaml", "data.split=[0.8,0,0.2]"),
+            ["data.split: the validation fraction must be > 0"])
+
+
+def case_classification_test_fraction_0(tmp, out):
+    return (_finetune(tmp, out, "spam-tiny.yaml", "data.split=[0.8,0.2,0]"),
+            ["data.split: the test fraction must be > 0"])
+
+
+def case_instruction_test_fraction_0(tmp, out):
+    return (_finetune(tmp, out, "instruct-tiny.yaml", "data.split=[0.9,0.1,0.0]"),
+            ["data.split: the test fraction must be > 0"])
+
+
+def case_preference_val_fraction_0(tmp, out):
+    return (_finetune(tmp, out, "dpo-tiny.yaml", "data.split=[0.9,0,0.1]"),
+            ["data.split: the validation fraction must be > 0"])
+
+
+def case_config_is_a_folder(tmp, out):
+    return ["finetune", "--config", str(tmp)], [f"{tmp}: is a folder, not a config file"]
+
+
+def case_config_is_a_fifo(tmp, out):
+    p = _fifo(tmp / "job.yaml")
+    return ["finetune", "--config", str(p)], [f"{p}: is a FIFO (named pipe), not a config file"]
+
+
+def case_config_permission_denied(tmp, out, mp):
+    p = _yaml(tmp, "task: classification\n")
+    deny(mp, p)
+    return ["finetune", "--config", str(p)], [f"{p}: cannot read the config file: Permission denied"]
+
+
+def case_config_not_a_mapping(tmp, out):
+    p = _yaml(tmp, "- task\n- classification\n")
+    return ["finetune", "--config", str(p)], [str(p), "expected a mapping of sections"]
+
+
+def case_tilde_is_the_home_folder(tmp, out, mp):
+    mp.setenv("HOME", str(tmp / "home"))
+    return (_finetune(tmp, out, "spam-tiny.yaml", "data.path=~/mail.csv"),
+            [f"{tmp / 'home' / 'mail.csv'}: data file not found"])
+
+
+def case_data_is_a_folder(tmp, out):
+    return _finetune(tmp, out, "spam-tiny.yaml", f"data.path={tmp}"), [f"{tmp}: is a folder, not a data file"]
+
+
+def case_data_is_a_fifo(tmp, out):
+    p = _fifo(tmp / "data.csv")
+    return (_finetune(tmp, out, "spam-tiny.yaml", f"data.path={p}"),
+            [f"{p}: is a FIFO (named pipe), not a data file"])
+
+
+def case_data_permission_denied(tmp, out, mp):
+    p = _good_csv(tmp / "data.csv")
+    deny(mp, p)
+    return (_finetune(tmp, out, "spam-tiny.yaml", f"data.path={p}"),
+            [f"{p}: cannot read the data file: Permission denied"])
+
+
+def case_instruction_data_is_a_folder(tmp, out):
+    return (_finetune(tmp, out, "instruct-tiny.yaml", f"data.path={tmp}"),
+            [f"{tmp}: is a folder, not a data file"])
+
+
+def _typo_csv(tmp) -> Path:
+    rows = [(f"message {i} {'win cash' if i % 2 else 'see you'}", "spam" if i % 2 else "ham")
+            for i in range(80)]
+    rows[7] = ("message 7 win cash", "Spam")
+    return _csv(tmp / "data.csv", rows)
+
+
+def case_mistyped_label_is_named(tmp, out):
+    p = _typo_csv(tmp)
+    return (_finetune(tmp, out, "spam-tiny.yaml", f"data.path={p}"),
+            [str(p), "class 'Spam' has 1 row(s) (line 9) against 39 of 'spam': a typo of 'spam'?"])
+
+
+def case_balance_would_discard_most_rows(tmp, out):
+    p = _typo_csv(tmp)
+    return (_finetune(tmp, out, "spam-tiny.yaml", f"data.path={p}", "data.labels=[ham,spam,Spam]"),
+            [str(p), "data.balance would keep only 3 of 80 rows", "data.balance_min_kept"])
+
+
+def _hf_edit(tmp, edit) -> list[str]:
+    """finetune from a Hugging Face folder after `edit(folder)`."""
+    hf = _hf_folder(tmp / "hf")
+    edit(hf)
+    return ["--config", str(CONFIGS / "spam-tiny.yaml"), "model.weights=pretrained",
+            f"model.checkpoint={hf}", *[f"model.{k}=null" for k in ("n_layers", "emb_dim", "n_heads",
+                                                                     "context_length")]]
+
+
+def _pretrained(tmp, out, edit, *over):
+    args = _hf_edit(tmp, edit)
+    return ["finetune", *args, *SHORT, f"output_dir={out}", *over]
+
+
+def case_hf_config_is_a_list(tmp, out):
+    return (_pretrained(tmp, out, lambda hf: (hf / "config.json").write_text("[1, 2]")),
+            [str(tmp / "hf" / "config.json"), "expected a JSON object of GPT-2 settings, found a list"])
+
+
+def case_hf_config_negative_layers(tmp, out):
+    def edit(hf):
+        cfg = json.loads((hf / "config.json").read_text())
+        (hf / "config.json").write_text(json.dumps({**cfg, "n_layer": -2}))
+    return (_pretrained(tmp, out, edit),
+            [str(tmp / "hf" / "config.json"), "n_layers must be a positive integer (got -2)"])
+
+
+def _sharded(hf: Path, weight_map) -> None:
+    (hf / "model.safetensors").rename(hf / "model-00001-of-00001.safetensors")
+    (hf / "model.safetensors.index.json").write_text(json.dumps(weight_map))
+
+
+def case_shard_index_is_a_list(tmp, out):
+    return (_pretrained(tmp, out, lambda hf: _sharded(hf, ["model-00001-of-00001.safetensors"])),
+            [str(tmp / "hf" / "model.safetensors.index.json"), "expected a JSON object"])
+
+
+def case_shard_outside_the_folder(tmp, out):
+    (tmp / "outside.safetensors").write_bytes(b"")
+    index = {"weight_map": {"transformer.wte.weight": "../outside.safetensors"}}
+    return (_pretrained(tmp, out, lambda hf: _sharded(hf, index)),
+            ["model.safetensors.index.json", "shard '../outside.safetensors' is outside the checkpoint"])
+
+
+def case_shard_absolute_path(tmp, out):
+    index = {"weight_map": {"transformer.wte.weight": "/etc/hostname"}}
+    return (_pretrained(tmp, out, lambda hf: _sharded(hf, index)),
+            ["model.safetensors.index.json", "shard '/etc/hostname' is outside the checkpoint"])
+
+
+def case_checkpoint_vocab_differs_from_tokenizer(tmp, out):
+    transformers = pytest.importorskip("transformers")
+    hf = tmp / "hf"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=1000, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(hf)
+    args = ["--config", str(CONFIGS / "spam-tiny.yaml"), "model.weights=pretrained", f"model.checkpoint={hf}",
+            *[f"model.{k}=null" for k in ("n_layers", "emb_dim", "n_heads", "context_length")]]
+    return (["finetune", *args, *SHORT, f"output_dir={out}"],
+            [f"{hf / 'config.json'}: vocab_size is 1,000, but the tokenizer has 50,257 tokens"])
+
+
+def _nan_weights(path: Path, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    state[name][0, 0] = float("nan")
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def case_pretrained_nan_weights(tmp, out):
+    name = "transformer.h.1.mlp.c_fc.weight"
+    return (_pretrained(tmp, out, lambda hf: _nan_weights(hf / "model.safetensors", name)),
+            [str(tmp / "hf" / "model.safetensors"), f"tensor {name} holds NaN or infinite values"])
+
+
+def case_classify_nan_weights(tmp, out):
+    run = _classification_run(tmp / "clf")
+    _nan_weights(run / "model.safetensors", "head.weight")
+    return ["classify", str(run), "hello"], [str(run / "model.safetensors"), "tensor head.weight holds NaN"]
+
+
+def _edit_meta(run: Path, **changes) -> Path:
+    meta = json.loads((run / "gptft.json").read_text())
+    for key, value in changes.items():
+        if "__" in key:
+            section, field = key.split("__")
+            meta[section][field] = value
+        else:
+            meta[key] = value
+    (run / "gptft.json").write_text(json.dumps(meta))
+    return run
+
+
+def case_gptft_json_is_a_list(tmp, out):
+    run = _classification_run(tmp / "clf")
+    (run / "gptft.json").write_text("[]")
+    return ["classify", str(run), "hello"], [str(run / "gptft.json"), "expected a JSON object"]
+
+
+def case_gptft_json_negative_max_length(tmp, out):
+    run = _edit_meta(_classification_run(tmp / "clf"), max_length=-5)
+    return (["classify", str(run), "hello"],
+            [str(run / "gptft.json"), "'max_length' must be a positive integer (got -5)"])
+
+
+def case_gptft_json_one_label(tmp, out):
+    run = _edit_meta(_classification_run(tmp / "clf"), labels=["ham"])
+    return ["classify", str(run), "hello"], [str(run / "gptft.json"), "'labels' must be a list of two"]
+
+
+def case_gptft_json_bad_model_field(tmp, out):
+    run = _edit_meta(_instruction_run(tmp / "lm"), model__n_layers="two")
+    return (["generate", str(run), "--instruction", "hi", "--max-new-tokens", "2"],
+            [str(run / "gptft.json"), "n_layers must be a positive integer (got 'two')"])
+
+
+def case_gptft_json_unknown_model_key(tmp, out):
+    run = _edit_meta(_instruction_run(tmp / "lm"), model__n_experts=8)
+    return (["generate", str(run), "--instruction", "hi"],
+            [str(run / "gptft.json"), "model: unknown key(s) n_experts"])
+
+
+def case_gptft_json_vocab_differs(tmp, out):
+    run = _edit_meta(_instruction_run(tmp / "lm"), model__vocab_size=50000)
+    return (["generate", str(run), "--instruction", "hi"],
+            [str(run / "gptft.json"), "vocab_size is 50,000, but the tokenizer has 50,257"])
+
+
+def case_weights_file_is_a_folder(tmp, out):
+    run = _classification_run(tmp / "clf")
+    (run / "model.safetensors").unlink()
+    (run / "model.safetensors").mkdir()
+    return ["classify", str(run), "hi"], [str(run / "model.safetensors"), "is a folder, not a weights file"]
+
+
+def _checkpoint_for(tmp, out, config_text: str | None = None, state=None) -> Path:
+    """A checkpoint folder of the job `_finetune(tmp, out)` describes (or with `config_text`),
+    its weight, optimizer and RNG files stand-ins that pass the checkpoint's validation."""
+    import torch
+    from safetensors.torch import save_file
+
+    from gptft.config import job_to_yaml, load_job
+
+    argv = _finetune(tmp, out)
+    ckpt = tmp / "ckpt" / "step-00000002"
+    ckpt.mkdir(parents=True)
+    job = load_job(argv[2], argv[3:])
+    (ckpt / "config.yaml").write_text(job_to_yaml(job) if config_text is None else config_text)
+    (ckpt / "trainer_state.json").write_text(json.dumps(state if state is not None else {
+        "progress": {"epoch": 0, "step": 2}, "scheduler": {}, "num_processes": 1}))
+    save_file({"x": torch.zeros(1)}, ckpt / "model.safetensors")
+    for name in ("optimizer.bin", "random_states_0.pkl"):
+        torch.save({}, ckpt / name)
+    return ckpt
+
+
+def case_resume_empty_checkpoint_config(tmp, out):
+    ckpt = _checkpoint_for(tmp, out, config_text="")
+    return (_finetune(tmp, out, "spam-tiny.yaml", f"train.resume={ckpt}"),
+            [str(ckpt), "is damaged: config.yaml: empty"])
+
+
+def case_resume_tampered_trainer_state(tmp, out):
+    ckpt = _checkpoint_for(tmp, out, state={"progress": {"step": "two"}, "scheduler": {},
+                                            "num_processes": 1})
+    return (_finetune(tmp, out, "spam-tiny.yaml", f"train.resume={ckpt}"),
+            [str(ckpt / "trainer_state.json"), "damaged (progress.step: expected an integer"])
+
+
+def case_resume_trainer_state_is_a_list(tmp, out):
+    ckpt = _checkpoint_for(tmp, out, state=[1, 2])
+    return (_finetune(tmp, out, "spam-tiny.yaml", f"train.resume={ckpt}"),
+            [str(ckpt), "is damaged: trainer_state.json: not a mapping"])
+
+
+def case_classify_batch_size_0(tmp, out):
+    run = _classification_run(tmp / "clf")
+    return ["classify", str(run), "hello", "--batch-size", "0"], ["--batch-size: must be > 0 (got 0)"]
+
+
+def case_classify_batch_size_negative(tmp, out):
+    run = _classification_run(tmp / "clf")
+    return ["classify", str(run), "hello", "--batch-size", "-1"], ["--batch-size: must be > 0 (got -1)"]
+
+
+def case_classify_file_is_a_folder(tmp, out):
+    run = _classification_run(tmp / "clf")
+    return ["classify", str(run), "--file", str(tmp)], [f"{tmp}: is a folder, not a data file"]
+
+
+def case_classify_file_is_a_fifo(tmp, out):
+    run = _classification_run(tmp / "clf")
+    p = _fifo(tmp / "texts.txt")
+    return ["classify", str(run), "--file", str(p)], [f"{p}: is a FIFO (named pipe), not a data file"]
+
+
+def case_classify_file_permission_denied(tmp, out, mp):
+    run = _classification_run(tmp / "clf")
+    p = tmp / "texts.txt"
+    p.write_text("hello\n")
+    deny(mp, p)
+    return (["classify", str(run), "--file", str(p)],
+            [f"{p}: cannot read the data file: Permission denied"])
+
+
+def case_classify_run_is_a_file(tmp, out):
+    p = tmp / "run.txt"
+    p.write_text("x")
+    return ["classify", str(p), "hello"], [f"{p}: is a file, not a run folder"]
+
+
+def case_generate_temperature_nan(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    return (["generate", str(run), "--instruction", "hi", "--temperature", "nan"],
+            ["--temperature: must be a finite number"])
+
+
+def case_generate_max_new_tokens_0(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    return (["generate", str(run), "--instruction", "hi", "--max-new-tokens", "0"],
+            ["--max-new-tokens: must be > 0 (got 0)"])
+
+
+def case_export_under_a_file(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    (tmp / "file").write_text("not a folder")
+    target = tmp / "file" / "exported"
+    return ["export", str(run), str(target)], [f"{tmp / 'file'}: is a file, not a folder"]
+
+
+def case_export_disk_full(tmp, out, mp):
+    run = _instruction_run(tmp / "lm")
+    disk_full(mp)
+    return (["export", str(run), str(tmp / "exported")],
+            [f"{tmp / 'exported'}: cannot write the export: No space left on device"])
+
+
+def case_export_permission_denied(tmp, out, mp):
+    run = _instruction_run(tmp / "lm")
+    (tmp / "locked").mkdir()
+    deny(mp, tmp / "locked", writes_only=True)
+    return (["export", str(run), str(tmp / "locked" / "exported")],
+            [str(tmp / "locked"), "Permission denied"])
+
+
+def case_final_save_disk_full(tmp, out, mp):
+    disk_full(mp)
+    return (_finetune(tmp, tmp / "run", "spam-tiny.yaml"),
+            [str(tmp / "run" / "model.safetensors"), "cannot write: No space left on device"])
+
+
+def case_checkpoint_disk_full(tmp, out, mp):
+    disk_full(mp)
+    return (_finetune(tmp, tmp / "run", "spam-tiny.yaml", "train.checkpoint_every=1"),
+            [str(tmp / "run" / "checkpoints" / ".tmp-step-00000001"),
+             "cannot write the checkpoint: No space left on device"])
+
+
+def case_output_dir_permission_denied(tmp, out, mp):
+    deny(mp, out, writes_only=True)
+    return _finetune(tmp, out, "spam-tiny.yaml"), [str(out), "Permission denied"]
+
+
+def case_output_dir_under_a_file(tmp, out):
+    (tmp / "file").write_text("x")
+    target = tmp / "file" / "run"
+    return _finetune(tmp, target, "spam-tiny.yaml"), [str(tmp / "file"), "Not a directory"]
+
+
+def case_judge_responses_is_a_folder(tmp, out):
+    return ["judge", str(tmp)], [f"{tmp}: is a folder, not a data file"]
+
+
+def case_judge_timeout_nan(tmp, out):
+    p = tmp / "r.json"
+    p.write_text(json.dumps([{"instruction": "a", "output": "b", "model_response": "c"}]))
+    return ["judge", str(p), "--timeout", "nan"], ["timeout: must be a finite number"]
+
+
+def case_judge_output_under_a_file(tmp, out):
+    import socket
+
+    p = tmp / "r.json"
+    p.write_text(json.dumps([{"instruction": "a", "output": "b", "model_response": ""}]))  # scores 0
+    (tmp / "file").write_text("x")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"  # never asked: the response is empty
+    return (["judge", str(p), "--url", url, "--output", str(tmp / "file" / "scored.json")],
+            [f"{tmp / 'file'}: is a file, not a folder"])
+
+
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_gives_one_clean_error(name, tmp_path, finished_run, capsys):
-    argv, words = CASES[name](tmp_path, finished_run)
-    before = _snapshot(finished_run)
+def test_bad_input_gives_one_clean_error(name, tmp_path, finished_run, capsys, monkeypatch):
+    case = CASES[name]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    wants_mp = case.__code__.co_argcount == 3
+    argv, words = case(inputs, finished_run, monkeypatch) if wants_mp else case(inputs, finished_run)
+    before = _snapshot(tmp_path)  # the finished run and every file the user gave
     capsys.readouterr()  # drop what building the input printed (transformers' progress bars)
-    assert main(argv) == 2
+    status = main(argv)
+    monkeypatch.undo()
+    assert status == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if line.strip() and not PROGRESS.search(line)]
     assert lines[0].startswith(f"gptft {argv[0]}: error: ")
     if "problem(s) in the configuration" in lines[0]:  # config errors: one problem per line
         assert all(line.startswith("  ") for line in lines[1:]) and len(lines) >= 2
@@ -313,7 +813,10 @@ def test_bad_input_gives_one_clean_error(name, tmp_path, finished_run, capsys):
         text = lines[0]
     for word in words:
         assert word in text, (word, err)
-    assert _snapshot(finished_run) == before
+    after = _snapshot(tmp_path)
+    new_run = {k: v for k, v in after.items() if k.startswith("inputs/run/")}  # a fresh output_dir
+    assert {k: v for k, v in after.items() if k not in new_run} == before
+    assert not any(k.endswith(("model.safetensors", "metrics.json")) for k in new_run)
 
 
 # ---- texts far longer than the context are truncated, not an error -------------------------------
@@ -339,3 +842,96 @@ def test_long_text_instruction_trains(tmp_path):
                      "generate.max_new_tokens=2", "train.batch_size=32")
     assert main(argv) == 0
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+# ---- issue 12: what a user sees before training; a real full disk; empty texts -------------------
+
+def test_class_counts_are_printed_before_training(tmp_path, capsys):
+    p = _good_csv(tmp_path / "data.csv")
+    assert main(_finetune(tmp_path, tmp_path / "run", "spam-tiny.yaml", f"data.path={p}",
+                          "train.max_steps=1")) == 0
+    out = capsys.readouterr().out
+    assert f"{p}: 20 rows; classes: ham 10, spam 10\n" in out
+    assert "balanced to 10 rows per class (the size of 'ham'): 20 of 20 rows kept (100%)" in out
+    assert out.index("classes:") < out.index("trainable parameters")
+
+
+def test_classify_skips_empty_texts_with_a_note(tmp_path, capsys):
+    run = _classification_run(tmp_path / "clf")
+    assert main(["classify", str(run), "hello", "   ", "", "win cash"]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[2] for line in out.splitlines()] == ["hello", "win cash"]
+    assert err == "note: text 2, 3 of 4 is empty: not labelled\n"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 4 MiB tmpfs: a real ENOSPC (needs root and mount; skipped elsewhere)."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if not shutil.which("mount") or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("over, culprit", [
+    ((), "model.safetensors: cannot write: No space left on device"),
+    (("train.checkpoint_every=1",), ".tmp-step-00000001: cannot write the checkpoint: No space left"),
+])
+def test_real_disk_full_is_one_line(tiny_disk, tmp_path, capsys, over, culprit):
+    out = tiny_disk / "run"  # the tiny model's 6.4 MB embedding table does not fit
+    assert main(_finetune(tmp_path, out, "spam-tiny.yaml", *over)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("gptft finetune: error: ") and culprit in last
+    assert not (out / "model.safetensors").exists()
+    assert not any((out / "checkpoints").glob("*"))  # the half-written checkpoint was removed
+
+
+@pytest.mark.slow  # a training run, then two resumes
+def test_a_foreign_checkpoint_file_is_one_line_without_torchs_advice(tmp_path, capsys):
+    """torch's unpickling error recommends weights_only=False (running the file's code): never shown."""
+    import pickle
+    import shutil
+    import warnings
+
+    run = tmp_path / "run"
+    assert main(_finetune(tmp_path, run, "spam-tiny.yaml", "train.checkpoint_every=1",
+                          "train.max_steps=1")) == 0
+    good = run / "checkpoints" / "step-00000001"
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    for name, content in (("optimizer.bin", pickle.dumps(Payload())),
+                          ("model.safetensors", (good / "model.safetensors").read_bytes()[:500])):
+        damaged = tmp_path / f"damaged-{name}"
+        shutil.copytree(good, damaged)
+        (damaged / name).write_bytes(content)
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(_finetune(tmp_path, tmp_path / "resumed", "spam-tiny.yaml", "train.max_steps=1",
+                                  "train.checkpoint_every=1", f"train.resume={damaged}")) == 2
+        assert not [w for w in caught if "pickle" in str(w.message)]
+        out, err = capsys.readouterr()
+        assert "this ran" not in out + err and "weights_only" not in err and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith(f"gptft finetune: error: {damaged}: the "
+                                                       "checkpoint cannot be loaded")
+
+
+def test_classify_reads_a_1mb_csv_field(tmp_path, capsys):
+    """csv's default cap (128 KiB a field) refused it with a wrong "quote the field" hint."""
+    run = _classification_run(tmp_path / "clf")
+    texts = tmp_path / "texts.csv"
+    texts.write_text('text\n"' + "word " * 200_000 + '"\nshort one\n', encoding="utf-8")
+    assert main(["classify", str(run), "--file", str(texts)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].endswith("\tword word word word word word word word word word word wo...")

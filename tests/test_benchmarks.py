@@ -161,7 +161,8 @@ def test_e2e_phases_from_the_progress_bar():
     # ends at 13.5 (an end-of-epoch evaluation after step 10) and the last line at 15.
     times = {0: 2.0, 1: 3.5, **{k: 2.5 + k for k in range(2, 6)}, **{k: 4.0 + k for k in range(6, 11)}}
     stderr = [(t, bar.format(p=10 * n, n=n)) for n, t in times.items()] + [(15.5, bar.format(p=100, n=10))]
-    proc = e2e.Process(0, 17.0, 30.0, 0.0, [(1.0, "trainable parameters"), (16.0, "test accuracy 90%")], stderr)
+    proc = e2e.Process(0, 17.0, 30.0, 0.0, [(1.0, "trainable parameters"), (16.0, "test accuracy 90%")],
+                       stderr)
     phases, info = e2e.bar_phases(proc, {5, 10})
     assert info["median_step_s"] == pytest.approx(1.0) and info["steps_seen"] == 10
     assert phases["startup"] == 2.0 and phases["first_step"] == pytest.approx(1.5)

@@ -76,7 +76,7 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 def test_consistency_checks():
     with pytest.raises(GPTFTError, match="n_layers: only with weights=random"):
         job_from_dict({"task": "classification", "model": {"n_layers": 2}})
-    with pytest.raises(GPTFTError, match="split: three non-negative fractions"):
+    with pytest.raises(GPTFTError, match=r"split: three fractions \(train, val, test\) > 0 summing to 1"):
         job_from_dict({"task": "classification", "data": {"split": [0.5, 0.5, 0.5]}})
     with pytest.raises(GPTFTError, match="override 'lr': expected dotted.key=value"):
         load_job(CONFIGS[0], ["lr"])

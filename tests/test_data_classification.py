@@ -382,3 +382,57 @@ def test_read_texts_file_errors(tmp_path, name, content, where, message):
 def test_read_texts_file_missing(tmp_path):
     with raises_at(str(tmp_path / "x.txt"), "not found"):
         read_texts_file(tmp_path / "x.txt")
+
+
+# ---- class counts, mistyped labels, balancing that would discard nearly everything --------------
+
+
+def _sms_with_typos(tmp_path, typos: int = 20):
+    """The SMS file with the first `typos` spam labels typed 'Spam' (a third class)."""
+    lines, n = [], 0
+    for line in shared_path(*SMS).read_text(encoding="utf-8").splitlines():
+        if line.startswith("spam\t") and n < typos:
+            line, n = "Spam" + line[4:], n + 1
+        lines.append(line)
+    path = tmp_path / "sms.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_class_counts_and_balancing_are_noted():
+    splits = load(shared_path(*SMS))
+    assert splits.counts == {"ham": 4827, "spam": 747}
+    assert splits.notes[0].endswith("5,574 rows; classes: ham 4,827, spam 747")
+    assert splits.notes[1] == ("balanced to 747 rows per class (the size of 'spam'): 1,494 of 5,574 "
+                               "rows kept (27%)")
+
+
+def test_a_tiny_class_named_like_another_is_a_likely_typo(tmp_path):
+    path = _sms_with_typos(tmp_path)
+    with raises_at(str(path), "class 'Spam' has 20 row(s) (lines 3, 6, 9, 10, 12 and 15 more) "
+                              "against 727 of 'spam': a typo of 'spam'?"):
+        load(path, balance=False)
+
+
+def test_balancing_that_keeps_too_little_is_refused_unless_allowed(tmp_path):
+    path = _sms_with_typos(tmp_path)
+    listed = ["ham", "spam", "Spam"]  # listed: no longer a typo, but balancing keeps 60 rows
+    with raises_at(str(path), "data.balance would keep only 60 of 5,574 rows (1.1%"):
+        load(path, labels=listed)
+    splits = load(path, labels=listed, balance_min_kept=0.0)
+    assert len(all_labels(splits)) == 60
+    unbalanced = load(path, labels=listed, balance=False)
+    assert "warning: class 'Spam' has only 20 row(s)" in unbalanced.notes[1]
+
+
+def test_a_1mb_csv_field_is_accepted(tmp_path):
+    """csv's default field cap (128 KiB) would refuse it with a misleading quoting hint."""
+    big = "word " * 200_000  # 1 MB
+    rows = [(big if i == 3 else f"text {i}", "spam" if i % 2 else "ham") for i in range(20)]
+    path = tmp_path / "big.csv"
+    path.write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in rows), encoding="utf-8")
+    splits = load(path)
+    assert big in all_texts(splits)
+    texts = tmp_path / "texts.csv"
+    texts.write_text(f'text\n"{big}"\nshort\n', encoding="utf-8")
+    assert read_texts_file(texts) == [big, "short"]

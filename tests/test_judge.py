@@ -21,7 +21,8 @@ RECORDS = [
     {"instruction": "Say nothing.", "input": "", "output": "", "model_response": "  "},
     {"instruction": "Spell 'cat'.", "input": "", "output": "C-A-T", "model_response": "meh"},
 ]
-REPLIES = {"good": "85", "great": "Score: 100\n", "meh": "I would say it is fine", "bad": "12"}
+REPLIES = {"good": "85", "great": "Score: 100\n", "meh": "I would say it is fine", "bad": "12",
+           "slow": "50"}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -31,12 +32,20 @@ class Handler(BaseHTTPRequestHandler):
         server = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        if server.redirect:
+            self.send_response(302)
+            self.send_header("Location", server.redirect + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         status = server.statuses.pop(0) if server.statuses else 200
         response = body["messages"][0]["content"].split("score the model response `")[1].split("`")[0]
         if response == "leak":  # an error that echoes the credentials, as some servers do
             status = 401
         if response == "slow":
             time.sleep(0.5)
+        if response == "trickle":  # one byte every 50 ms, each well within the socket timeout
+            return self._trickle()
         if status != 200:
             padding = "." * 150 if response == "leak" else ""  # a long message, cut by the client
             echo = self.headers.get("Authorization")
@@ -61,6 +70,22 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def do_GET(self):  # what urllib turns a redirected POST into: recorded, then refused
+        self.server.requests.append({"path": self.path, "headers": dict(self.headers), "body": None})
+        self._send(404, b'{"error": "not found"}')
+
+    def _trickle(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        try:
+            for _ in range(200):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:  # the client hung up
+            pass
+
     def log_message(self, *args):
         pass
 
@@ -75,9 +100,19 @@ def _no_proxy(monkeypatch):
 
 @pytest.fixture
 def server():
+    yield from _serve()
+
+
+@pytest.fixture
+def other_server():
+    """A second server on another port: another origin."""
+    yield from _serve()
+
+
+def _serve():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
-    httpd.requests, httpd.statuses = [], []
+    httpd.requests, httpd.statuses, httpd.redirect = [], [], None
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
     thread.start()
@@ -121,10 +156,12 @@ def test_parse_score(reply, score):
 
 def test_ollama_scores_are_written_back(server, responses, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)  # not sent to Ollama
-    assert main(["judge", str(responses), "--url", server.url + "/", "--model", "llama3", *FAST]) == 0
+    assert main(["judge", str(responses), "--url", server.url + "/", "--model", "llama3", *FAST]) == 1
     out, err = capsys.readouterr()
-    assert out == "Number of scores: 3 of 4\nAverage score: 61.67\n"
-    assert err == "record 3: reply is not an integer score: 'I would say it is fine'\n"
+    assert out == "Number of scores: 3 of 4\nAverage score: 61.67 (over the 3 scored records)\n"
+    assert err.splitlines() == ["record 3: reply is not an integer score: 'I would say it is fine'",
+                                "gptft judge: 1 of 4 records not scored (problems above; a record keeps "
+                                "the score of an earlier run, if any); run again to retry them"]
     scored = json.loads(responses.read_text())
     assert [r["score"] for r in scored] == [85, 100, 0, None]
     assert [{k: v for k, v in r.items() if k != "score"} for r in scored] == RECORDS
@@ -145,9 +182,9 @@ def test_openai_api_sends_the_key_and_never_shows_it(server, responses, tmp_path
     out_file = tmp_path / "scored.json"
     args = ["judge", str(responses), "--url", server.url, "--model", "gpt-4o", "--api", "openai",
             "--api-key-env", "JUDGE_KEY", "--output", str(out_file), *FAST]
-    assert main(args) == 0
+    assert main(args) == 1  # one record not scored
     out, err = capsys.readouterr()
-    assert "Number of scores: 2 of 3\nAverage score: 92.50" in out
+    assert "Number of scores: 2 of 3\nAverage score: 92.50 (over the 2 scored records)" in out
     assert "record 2: HTTP 401" in err and "Authorization: Bearer ***" in err
     assert KEY not in out + err + out_file.read_text()
     assert responses.read_bytes() == before
@@ -191,12 +228,13 @@ def test_client_error_is_not_retried(server, responses):
 
 
 def test_timeout_is_retried_then_reported(server, responses):
-    responses.write_text(json.dumps([{**RECORDS[0], "model_response": "slow"}]), encoding="utf-8")
+    responses.write_text(json.dumps([{**RECORDS[0], "model_response": "slow"}, RECORDS[0]]),
+                         encoding="utf-8")
     lines = []
     scores = judge_file(responses, server.url, "llama3", timeout=0.1, retries=1, retry_delay=0.001,
                         warn=lines.append)
-    assert scores == [None] and len(server.requests) == 2
-    assert "no reply from" in lines[0] and "(after 2 attempts)" in lines[0]
+    assert scores == [None, 85] and len(server.requests) == 3
+    assert "no complete reply from" in lines[0] and "(after 2 attempts)" in lines[0]
 
 
 def test_unreachable_server_is_one_clear_error(responses, capsys):
@@ -238,7 +276,66 @@ def test_failed_write_leaves_the_file_intact(server, responses, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(gptft.io.os, "replace", fail)
-    with pytest.raises(GPTFTError, match="cannot write the scores: disk full"):
+    with pytest.raises(GPTFTError, match="responses.json: cannot write: disk full; nothing was replaced"):
         judge_file(responses, server.url, "llama3", warn=lambda line: None)
     assert responses.read_bytes() == before
     assert [p.name for p in responses.parent.iterdir()] == [responses.name]  # no temporary file left
+
+
+# ---- hostile or failing servers -----------------------------------------------------------------
+
+def test_cross_origin_redirect_is_not_followed_and_the_key_not_sent(server, other_server, responses,
+                                                                     capsys, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", KEY)
+    server.redirect = other_server.url  # 302 to another port: another origin
+    before = responses.read_bytes()
+    assert main(["judge", str(responses), "--url", server.url, "--api", "openai",
+                 "--api-key-env", "JUDGE_KEY", "--retries", "0", *FAST]) == 2
+    assert other_server.requests == []  # neither the request nor the key went there
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+    err = capsys.readouterr().err
+    assert f"redirects (HTTP 302) to {other_server.url}/v1/chat/completions" in err
+    assert "the same problem for records 0, 1, 3" in err and KEY not in err
+    assert err.strip().splitlines()[-1].startswith("gptft judge: error: the judge scored none of the 3")
+    assert responses.read_bytes() == before
+
+
+def test_trickling_server_is_cut_off_at_the_deadline(server, responses):
+    responses.write_text(json.dumps([{**RECORDS[0], "model_response": "trickle"}, RECORDS[1]]))
+    lines = []
+    start = time.monotonic()
+    scores = judge_file(responses, server.url, "llama3", timeout=0.5, retries=1, retry_delay=0.001,
+                        warn=lines.append)
+    elapsed = time.monotonic() - start
+    assert scores == [None, 100]
+    assert 1.0 <= elapsed < 3  # two attempts of 0.5 s each; the trickle would last 10 s
+    assert lines[0].startswith("record 0: no complete reply from") and "within 0.5 s" in lines[0]
+    assert "(after 2 attempts)" in lines[0]
+
+
+def test_all_failing_server_exits_non_zero_and_keeps_earlier_scores(server, responses, capsys):
+    scored = [{**r, "score": 50 + i} for i, r in enumerate(RECORDS)]
+    responses.write_text(json.dumps(scored, indent=1))
+    before = responses.read_bytes()
+    server.statuses = [500] * 3
+    assert main(["judge", str(responses), "--url", server.url, "--retries", "0", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "record 0: HTTP 500" in err and "the same problem for records 0, 1, 3" in err
+    assert "the judge scored none of the 3 responses" in err and "left unchanged" in err
+    assert responses.read_bytes() == before
+
+
+def test_partly_failing_run_keeps_earlier_scores_of_the_failed_records(server, responses, capsys):
+    responses.write_text(json.dumps([{**r, "score": 50 + i} for i, r in enumerate(RECORDS)]))
+    server.statuses = [500]  # record 0 fails; record 3's reply is not a score
+    assert main(["judge", str(responses), "--url", server.url, "--retries", "0", *FAST]) == 1
+    out, err = capsys.readouterr()
+    assert out == "Number of scores: 2 of 4\nAverage score: 50.00 (over the 2 scored records)\n"
+    assert "2 of 4 records not scored" in err
+    assert [r["score"] for r in json.loads(responses.read_text())] == [50, 100, 0, 53]
+
+
+def test_wrong_key_is_one_problem_not_one_per_record(tmp_path, responses, capsys):
+    assert main(["judge", str(responses), "--key", "mine", "--url", closed_port_url()]) == 2
+    err = capsys.readouterr().err
+    assert err.count("'mine' is missing") == 1 and "records 0, 1, 2, 3: 'mine' is missing" in err

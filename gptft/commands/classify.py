@@ -26,6 +26,11 @@ def run(args: argparse.Namespace) -> int:
         from gptft.data.classification import read_texts_file
 
         texts += read_texts_file(args.file)
+    blank = [i + 1 for i, t in enumerate(texts) if not t.strip()]
+    if blank:  # nothing to classify in them: no label rather than a guess
+        print(f"note: text {', '.join(map(str, blank))} of {len(texts)} is empty: not labelled",
+              file=sys.stderr)
+        texts = [t for t in texts if t.strip()]
     if not texts:
         raise GPTFTError("no text to classify: give texts as arguments or --file")
     if args.batch_size <= 0:

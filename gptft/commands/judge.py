@@ -8,6 +8,7 @@ Start a local judge first: ``ollama serve`` and ``ollama pull llama3``.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from gptft.judge import APIS, DEFAULTS
 
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key-env", default=DEFAULTS.api_key_env, metavar="VAR",
                         help="environment variable holding the openai API key (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=DEFAULTS.timeout,
-                        help="seconds to wait for each reply (default: %(default)s)")
+                        help="seconds one request may take in all (default: %(default)s)")
     parser.add_argument("--retries", type=int, default=DEFAULTS.retries,
                         help="retries per request (default: %(default)s)")
     parser.add_argument("--retry-delay", type=float, default=DEFAULTS.retry_delay,
@@ -37,4 +38,10 @@ def run(args: argparse.Namespace) -> int:
                         timeout=args.timeout, retries=args.retries, retry_delay=args.retry_delay,
                         key=args.key, output=args.output)
     print(summary(scores))
+    missing = scores.count(None)
+    if missing:  # scored in part: the file holds what was scored; say so and fail
+        print(f"gptft judge: {missing} of {len(scores)} records not scored (problems above; a "
+              "record keeps the score of an earlier run, if any); run again to retry them",
+              file=sys.stderr)
+        return 1
     return 0

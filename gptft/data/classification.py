@@ -7,6 +7,7 @@ Files are read as UTF-8 (a leading byte-order mark is ignored). Every problem in
 
 from __future__ import annotations
 
+import difflib
 import io
 import zipfile
 import zlib
@@ -55,6 +56,10 @@ class ClassificationSplits:
     val: TextExamples
     test: TextExamples
     label_names: list[str]
+    counts: dict[str, int] = field(default_factory=dict)
+    """Rows of each class as read (before balancing; ready-made splits: the training file's)."""
+    notes: list[str] = field(default_factory=list)
+    """What a user should see before training: the class counts, balancing, a suspect class."""
 
 
 @dataclass
@@ -104,10 +109,14 @@ def load_classification_data(cfg: ClassificationData) -> ClassificationSplits:
 
     frame = pd.DataFrame({"text": rows.texts, "label": _label_indices(rows, names, cfg)})
     _check_classes(frame["label"].nunique(), rows.name)
+    counts = _counts(names, frame["label"].tolist())
+    notes = [f"{rows.name}: {len(frame):,} rows; " + _show_counts(counts)]
+    notes += _suspect_classes(counts, rows, cfg)
     if cfg.balance:
         frame = _balance(frame, cfg.seed)
+        notes.append(_check_balance(counts, len(frame), rows.name, cfg))
     train, val, test = _split(frame, cfg.split, cfg.seed, rows.name)
-    return ClassificationSplits(_examples(train), _examples(val), _examples(test), names)
+    return ClassificationSplits(_examples(train), _examples(val), _examples(test), names, counts, notes)
 
 
 class ClassificationDataset(Dataset):
@@ -349,6 +358,58 @@ def _check_classes(count: int, name: str) -> None:
                          "(check data.label_column)")
 
 
+def _counts(names: list[str], labels: list[int]) -> dict[str, int]:
+    return {name: labels.count(i) for i, name in enumerate(names)}
+
+
+def _show_counts(counts: dict[str, int]) -> str:
+    return "classes: " + ", ".join(f"{name} {n:,}" for name, n in counts.items())
+
+
+SUSPECT_RATIO = 0.05
+"""A class with fewer rows than this fraction of the next smallest one is suspect: a typo?"""
+
+
+def _suspect_classes(counts: dict[str, int], rows: _Rows, cfg: ClassificationData) -> list[str]:
+    """A class far smaller than the others whose name is close to another class's is an error
+    (``Spam`` beside ``spam``: a typo) unless ``data.labels`` lists it; one that is merely far
+    smaller is a warning note. A class of ``data.labels`` absent from the data is a note too."""
+    notes = [f"warning: class {name!r} of data.labels has no rows in {rows.name}"
+             for name, n in counts.items() if n == 0]
+    for name, n in counts.items():
+        others = [m for other, m in counts.items() if other != name and m > 0]
+        if n == 0 or not others or n >= SUSPECT_RATIO * min(others):
+            continue
+        spots = [w.removeprefix(rows.name + ":").strip()
+                 for w, label in zip(rows.where, rows.labels, strict=True) if label == name]
+        where = ("line" + "s" * (len(spots) > 1) + " " if all(p.isdigit() for p in spots) else ""
+                 ) + ", ".join(spots[:5]) + (f" and {len(spots) - 5} more" if len(spots) > 5 else "")
+        bigger = [o for o, m in counts.items() if m >= n / SUSPECT_RATIO]
+        close = difflib.get_close_matches(name.lower(), [o.lower() for o in bigger], n=1, cutoff=0.75)
+        if close and cfg.labels is None:
+            twin = next(o for o in bigger if o.lower() == close[0])
+            raise GPTFTError(f"{rows.name}: class {name!r} has {n} row(s) ({where}) against "
+                             f"{counts[twin]:,} of {twin!r}: a typo of {twin!r}? Fix the label, or "
+                             "list every class in data.labels to keep it")
+        notes.append(f"warning: class {name!r} has only {n} row(s) ({where}), far fewer than the "
+                     "others: a mistyped label?")
+    return notes
+
+
+def _check_balance(counts: dict[str, int], kept: int, name: str, cfg: ClassificationData) -> str:
+    """Refuse a balancing that keeps less than ``cfg.balance_min_kept`` of the rows."""
+    total = sum(counts.values())
+    smallest = min((n, c) for c, n in counts.items() if n > 0)
+    line = (f"balanced to {smallest[0]:,} rows per class (the size of {smallest[1]!r}): "
+            f"{kept:,} of {total:,} rows kept ({kept / total:.0%})")
+    if kept < cfg.balance_min_kept * total:
+        raise GPTFTError(f"{name}: data.balance would keep only {kept:,} of {total:,} rows "
+                         f"({kept / total:.1%}; {_show_counts(counts)}), less than "
+                         f"data.balance_min_kept={cfg.balance_min_kept:g}; fix a mistyped label, "
+                         "set data.balance=false, or lower data.balance_min_kept")
+    return line
+
+
 def _balance(frame: pd.DataFrame, seed: int) -> pd.DataFrame:
     import pandas as pd
 
@@ -388,4 +449,7 @@ def _ready_made_splits(cfg: ClassificationData) -> ClassificationSplits:
     names = _label_names(cfg, train)
     splits = [TextExamples(rows.texts, _label_indices(rows, names, cfg)) for rows in (train, val, test)]
     _check_classes(len(set(splits[0].labels)), train.name)
-    return ClassificationSplits(*splits, label_names=names)
+    counts = _counts(names, splits[0].labels)
+    notes = [f"{train.name}: {len(train.texts):,} rows; " + _show_counts(counts)]
+    notes += _suspect_classes(counts, train, cfg)
+    return ClassificationSplits(*splits, label_names=names, counts=counts, notes=notes)

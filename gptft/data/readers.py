@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gptft.errors import GPTFTError
+from gptft.io import check_file
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 MAX_REPORTED = 10  # invalid records listed in one error
@@ -26,9 +27,12 @@ def read_text(path: str | Path) -> str:
         GPTFTError: the file is missing, not UTF-8 (naming the line and byte), or empty.
     """
     path = Path(path)
-    if not path.is_file():
-        raise GPTFTError(f"{path}: data file not found")
-    return decode(path.read_bytes(), str(path))
+    check_file(path, "data file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise GPTFTError(f"{path}: cannot read the data file: {e.strerror or e}") from None
+    return decode(data, str(path))
 
 
 def decode(data: bytes, name: str) -> str:
@@ -50,6 +54,9 @@ def decode(data: bytes, name: str) -> str:
 def parse_table(text: str, name: str, delimiter: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header and the ``(line, fields)`` of each data row of a CSV/TSV text; blank lines skipped."""
     kind = "CSV" if delimiter == "," else "TSV"
+    # A field may be as long as the whole text (csv's default cap, 128 KiB, refuses a long document
+    # that JSON Lines would take); the cap is process-wide, so it is only ever raised.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     header: list[str] | None = None
     records: list[tuple[int, list[str]]] = []

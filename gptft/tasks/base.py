@@ -23,7 +23,7 @@ from gptft.data.collate import length_buckets
 from gptft.data.sampler import EpochBatchSampler
 from gptft.io import write_json, write_text
 from gptft.model import GPT, GPTConfig
-from gptft.runs import is_run_folder, load_gpt, save_model
+from gptft.runs import check_vocab, is_run_folder, load_gpt, save_model
 from gptft.timing import Phases
 from gptft.trainer import EpochContext, EpochReport, Trainer, use_compile
 
@@ -143,8 +143,11 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, device: torch.device | None = N
                             pad_vocab_multiple=cfg.pad_vocab_multiple)  # its shape from gptft.json
         return model.train()
     if cfg.weights == "pretrained":
-        return GPT.from_pretrained(cfg.checkpoint or cfg.name, device=device, drop_rate=cfg.drop_rate,
-                                   pad_vocab_multiple=cfg.pad_vocab_multiple)
+        model = GPT.from_pretrained(cfg.checkpoint or cfg.name, device=device, drop_rate=cfg.drop_rate,
+                                    pad_vocab_multiple=cfg.pad_vocab_multiple)
+        check_vocab(model.config.vocab_size, vocab_size,
+                    Path(cfg.checkpoint) / "config.json" if cfg.checkpoint else cfg.name)
+        return model
     shape = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
              if getattr(cfg, k) is not None}
     config = GPTConfig.from_name(cfg.name, vocab_size=vocab_size, drop_rate=cfg.drop_rate,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gptft.config import JobConfig
-from gptft.validation import positive, split_problems
+from gptft.validation import in_range, positive, split_problems
 
 
 @dataclass
@@ -30,6 +30,10 @@ class ClassificationData:
     """Ready-made test split."""
     balance: bool = True
     """Undersample every class to the size of the smallest (the book: 747 ham, 747 spam)."""
+    balance_min_kept: float = 0.1
+    """Balancing must keep at least this fraction of the rows, else it is an error (a few mistyped
+    labels make a tiny class that would cut every class down to its size); the SMS set keeps 27%.
+    0: no limit."""
     split: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
     """Train / validation / test fractions of a single file, after shuffling with ``seed``."""
     seed: int = 123
@@ -40,7 +44,8 @@ class ClassificationData:
     """Batch texts of similar length together (less padding), the batches in a random order."""
 
     def problems(self) -> list[str]:
-        return split_problems(self.split) + positive(self, "max_length")
+        return (split_problems(self.split) + positive(self, "max_length")
+                + in_range(self, "balance_min_kept", 0, 1))
 
 
 

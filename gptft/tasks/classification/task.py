@@ -32,6 +32,8 @@ class ClassificationTask(TaskBase):
         with accelerator.main_process_first():  # downloads happen once
             self.splits = load_classification_data(job.data)
             gpt = build_gpt(job.model, self.tokenizer.vocab_size, accelerator.device)
+        for note in self.splits.notes:  # class counts, balancing, a suspect class: before training
+            accelerator.print(note)
         context = gpt.config.context_length
         self.max_length = job.data.max_length or longest_length(self.splits.train, self.tokenizer)
         if self.max_length > context:
