@@ -92,6 +92,9 @@ class TrainConfig:
     eval_batch_size: int | None = None
     """Examples per evaluation batch on each process (no gradients: larger is faster); unset:
     4 x batch_size."""
+    final_eval_batches: int | None = None
+    """Evaluate the kept model on this many batches of each split at the end (unset: the whole
+    splits, the numbers to report; a bound gives a quick look after a short trial run)."""
     log_every: int = 10
     """Log the training loss every this many steps."""
     checkpoint_every: int = 0
@@ -121,7 +124,7 @@ class TrainConfig:
     def problems(self) -> list[str]:
         out = positive(self, "epochs", "max_steps", "batch_size", "grad_accum_steps", "lr",
                         "log_every", "keep_last", "max_grad_norm", "eval_batches", "eval_batch_size",
-                        "checkpoint_minutes")
+                        "final_eval_batches", "checkpoint_minutes")
         out += non_negative(self, "weight_decay", "warmup_steps", "eval_every", "checkpoint_every")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             out.append(f"betas: two numbers in [0, 1) (got {self.betas})")

@@ -305,7 +305,7 @@ def generate(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False, dynamic_ncols=True,
-               disable=not progress)
+               disable=None if progress else True)  # None: shown on a terminal only
     try:
         for start in range(0, len(order), size):
             batch = order[start : start + size]
