@@ -19,10 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``gptft`` parser: ``--version`` and one sub-parser per command."""
     parser = argparse.ArgumentParser(
         prog="gptft", description="Fine-tune GPT-2 models as text classifiers, instruction "
-        "followers and by preference (DPO), and use the runs.",
-        epilog="gptft COMMAND --help shows a command's flags.")
+        "followers and by preference (DPO), and use the runs.")
     parser.add_argument("--version", action="version", version=f"gptft {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                help="gptft COMMAND --help shows its flags")
     for name, module in COMMANDS.items():
         text = plain(module.__doc__)
         summary = text.splitlines()[0].split(": gptft ")[0].rstrip(".")  # without its example
