@@ -135,9 +135,9 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
 
 
 def rounded(value: Any, digits: int = 6) -> Any:
-    """Floats to `digits` significant digits (no float32 noise in ``metrics.json``), recursively."""
+    """Floats to `digits` decimals (no float32 noise in ``metrics.json``), recursively."""
     if isinstance(value, float):
-        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+        return round(value, digits) if math.isfinite(value) else value
     if isinstance(value, dict):
         return {k: rounded(v, digits) for k, v in value.items()}
     if isinstance(value, list):
