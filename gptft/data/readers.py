@@ -27,7 +27,10 @@ def read_text(path: str | Path) -> str:
     """
     path = Path(path)
     if not path.is_file():
-        raise GPTFTError(f"{path}: data file not found")
+        where = "" if path.is_absolute() else (
+            f" (a relative path is read from the working directory {Path.cwd()}, not from the "
+            "config file's folder)")
+        raise GPTFTError(f"{path}: data file not found{where}")
     return decode(path.read_bytes(), str(path))
 
 

@@ -178,8 +178,9 @@ def closing_summary(task: TaskBase, metrics: dict) -> str:
     time = metrics["time"]
     phases = ", ".join(f"{k.replace('_', ' ')} {duration(v)}" for k, v in time.items() if k != "total")
     bounded = metrics.get("final_eval_batches")
-    lines = [f"final evaluation of the kept model (step {metrics['best_step']} of "
-             f"{metrics['steps']}, the best by {task.best_metric}"
+    kept = (f"step {metrics['best_step']} of {metrics['steps']}, the best by {task.best_metric}"
+            if metrics["best_step"] >= 0 else f"the last weights, step {metrics['steps']}: no validation ran")
+    lines = [f"final evaluation of the kept model ({kept}"
              + (f"; at most {bounded} batches per split)" if bounded else ")") + ":",
              task.summary(metrics),
              f"elapsed: {duration(time['total'])} ({phases})",
