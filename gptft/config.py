@@ -66,7 +66,7 @@ class TrainConfig:
     epochs: int = 5
     """Passes over the training split."""
     max_steps: int | None = None
-    """Stop after this many optimizer steps (unset: run all epochs)."""
+    """Stop after this many optimizer steps (unset: run all epochs); the last step is validated."""
     batch_size: int = 8
     """Examples per micro-batch on each process; a step takes batch_size x processes x grad_accum_steps."""
     grad_accum_steps: int = 1
@@ -86,7 +86,8 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this; unset: no clipping."""
     eval_every: int = 50
-    """Evaluate on the validation split every this many steps (0: at epoch ends only)."""
+    """Evaluate on the validation split every this many steps (0: at epoch ends only), at epoch
+    ends and at the last step (once per step)."""
     eval_batches: int | None = None
     """Evaluate on this many batches during training (unset: the whole split)."""
     eval_batch_size: int | None = None

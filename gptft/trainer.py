@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -126,8 +127,12 @@ def make_accelerator(job: Job) -> Accelerator:
 
 def progress_disabled(accelerator: Accelerator) -> bool | None:
     """tqdm's ``disable`` for a bar: shown on the local main process when stderr is a terminal
-    (None lets tqdm check); a log file gets the per-evaluation lines instead of bar redraws."""
-    return None if accelerator.is_local_main_process else True
+    (None lets tqdm check), so a log file gets the per-evaluation lines instead of bar redraws;
+    ``GPTFT_PROGRESS=1`` shows it anyway (benchmarks time the steps by it), ``0`` never."""
+    if not accelerator.is_local_main_process:
+        return True
+    setting = os.environ.get("GPTFT_PROGRESS", "")
+    return {"1": False, "0": True}.get(setting)
 
 
 def format_metrics(metrics: dict[str, float], prefix: str = "") -> str:
@@ -248,6 +253,8 @@ class Trainer:
                         break
                 else:
                     self._end_epoch()
+            if self._done():  # stopped by max_steps: the last weights are validated too
+                self.evaluate_and_track()
             self._check_finite()
         finally:
             bar.close()  # also on an error: its message then starts a line of its own
