@@ -65,7 +65,7 @@ def run_figures(run_dir: Path, metrics: list[str], best_step: int | None = None,
     figures = {}
     for metric in metrics:
         fig, ax = plt.subplots(figsize=(6.4, 4))
-        drawn = []
+        drawn, starred = [], False
         for label, key, style, marker in curves_of(metric):
             data = points(rows, key)
             if data:
@@ -73,7 +73,7 @@ def run_figures(run_dir: Path, metrics: list[str], best_step: int | None = None,
                 ax.plot(x, y, linestyle=style, marker=marker, markersize=4, label=label)
                 drawn += y
             if key.startswith("val/") and best_step is not None:
-                _mark_best(ax, data, best_step)
+                starred = _mark_best(ax, data, best_step, legend=not starred) or starred
         if drawn and min(drawn) > 0 and max(drawn) / min(drawn) > 10:
             ax.set_yscale("log")  # a falling loss spans decades: a linear axis flattens its end
         if metric == "loss" and any("val/perplexity" in r for r in rows):
@@ -107,13 +107,16 @@ def plot_run(run_dir: Path, metrics: list[str], best_step: int | None = None,
     return written
 
 
-def _mark_best(ax, data: list[tuple[int, int, float]], best_step: int) -> None:
-    """A star on the validation point whose weights the run kept (its value when measured)."""
+def _mark_best(ax, data: list[tuple[int, int, float]], best_step: int, legend: bool = True) -> bool:
+    """A star on the validation point whose weights the run kept (its value when measured);
+    whether there was one (`legend`: name it in the legend, once per figure)."""
     for x, step, y in data:
         if step == best_step:
+            label = f"kept (best) model, step {step}" if legend else "_kept"
             ax.plot([x], [y], linestyle="none", marker="*", markersize=12, color="gold",
-                    markeredgecolor="black", label=f"kept (best) model, step {step}", zorder=5)
-            return
+                    markeredgecolor="black", label=label, zorder=5)
+            return True
+    return False
 
 
 def _epoch_ticks(ax, rows: list[dict]) -> None:

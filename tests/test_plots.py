@@ -51,4 +51,10 @@ def test_preference_reward_curves(tmp_path):
     assert rewards["val chosen"][1] == [0.1, 0.2, 0.30000000000000004]
     assert rewards["val rejected"][1] == [-0.1, -0.2, -0.30000000000000004]
     assert _curves(figs["reward_margin"])["val"][1] == [r["val/reward_margin"] for r in rows]
+    # The kept step starred on both reward curves, named once in the legend.
+    stars = [line for line in figs["rewards"].axes[0].get_lines() if line.get_marker() == "*"]
+    assert [(list(s.get_xdata()), list(s.get_ydata())) for s in stars] == [([12], [0.30000000000000004]),
+                                                                          ([12], [-0.30000000000000004])]
+    assert [t.get_text() for t in figs["rewards"].axes[0].get_legend().get_texts()].count(
+        "kept (best) model, step 3") == 1
     assert figs["rewards"].axes[0].get_title() == f"{tmp_path.name}: rewards"
