@@ -148,3 +148,19 @@ def test_length_buckets():
     assert all(bucket_length(n, buckets) >= n for n in lengths)
     assert bucket_length(7, [4, 8, 16]) == 8 and bucket_length(20, [4, 8, 16], cap=32) == 32
     assert length_buckets([5, 500], cap=64) == [5, 64] and length_buckets([]) == []
+
+
+def test_progress_bars_follow_the_terminal(monkeypatch):
+    """Bars on a terminal only (tqdm decides: None), unless GPTFT_PROGRESS says; never off rank 0."""
+    from types import SimpleNamespace
+
+    from gptft.trainer import progress_disabled
+
+    main_process = SimpleNamespace(is_local_main_process=True)
+    other = SimpleNamespace(is_local_main_process=False)
+    monkeypatch.delenv("GPTFT_PROGRESS", raising=False)
+    assert progress_disabled(main_process) is None and progress_disabled(other) is True
+    monkeypatch.setenv("GPTFT_PROGRESS", "1")
+    assert progress_disabled(main_process) is False and progress_disabled(other) is True
+    monkeypatch.setenv("GPTFT_PROGRESS", "0")
+    assert progress_disabled(main_process) is True
