@@ -66,6 +66,7 @@ class EpochContext:
     autocast: Callable[[], Any]
     epochs: int = 0  # train.epochs
 
+
 class Task(Protocol):
     """What the trainer needs from a task."""
 
@@ -275,8 +276,7 @@ class Trainer:
         self.phases.seconds["train"] -= seconds
         self.phases.add("first_step", seconds)
         self.print(f"first step after {self.phases.elapsed():.1f} s "
-                               f"(start-up {self.phases.seconds['startup']:.1f} s, "
-                               f"first step {seconds:.1f} s)")
+                   f"(start-up {self.phases.seconds['startup']:.1f} s, first step {seconds:.1f} s)")
 
     def _done(self) -> bool:
         return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
