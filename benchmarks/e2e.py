@@ -118,7 +118,8 @@ def run_process(cmd: list[str], env: dict[str, str]) -> Process:
 
 
 def child_env(pythonpath: Path) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="0", TQDM_MINITERS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="0", TQDM_MINITERS="1",
+               GPTFT_PROGRESS="1")  # the training bar even though stderr is a pipe
     env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
 
@@ -208,7 +209,7 @@ def bar_phases(proc: Process, evaluated: set[int] | None) -> tuple[dict[str, flo
     last_bar = None
     for t, text in proc.stderr:
         m = BAR.match(text)
-        if m and m["desc"].strip().lower().startswith("train"):
+        if m and m["desc"].strip().lower().startswith(("train", "epoch")):  # "epoch 2/5": gptft
             seen.setdefault(int(m["n"]), t)
             last_bar = t
     info = {"bar_updates": len(seen)}

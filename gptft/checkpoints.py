@@ -38,6 +38,7 @@ CONFIG = "config.yaml"
 # same run, so it stops the resumption.
 RESUMABLE_CHANGES = ("train.resume", "output_dir", "train.epochs", "train.max_steps",
                      "train.eval_every", "train.eval_batches", "train.eval_batch_size",
+                     "train.final_eval_batches",
                      "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
                      "train.checkpoint_epochs", "train.keep_last", "train.skip_nonfinite",
                      "train.overwrite", "train.timeout_minutes", "tracking.", "generate.")

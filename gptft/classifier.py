@@ -4,7 +4,7 @@ labels texts with a finished run (``load_classifier(RUN).predict([...])``)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from gptft.errors import GPTFTError
 from gptft.model import GPT
-from gptft.runs import META_FILE, load_meta, load_state_into, model_config
+from gptft.runs import META_FILE, load_meta, load_state_into, model_config, resolve_device
 from gptft.tokenizer import Tokenizer
 
 
@@ -36,8 +36,11 @@ class GPTClassifier(nn.Module):
 
 @dataclass
 class Prediction:
+    """The most likely label, its probability, and every label's probability."""
+
     label: str
     probability: float
+    probabilities: dict[str, float] = field(default_factory=dict)
 
 
 class Classifier:
@@ -50,7 +53,7 @@ class Classifier:
 
     @torch.no_grad()
     def predict(self, texts: list[str], batch_size: int = 32) -> list[Prediction]:
-        """Label and probability of the most likely class for each text."""
+        """Label and probability of the most likely class for each text (and every class's)."""
         out = []
         for i in range(0, len(texts), batch_size):
             ids = [t[: self.max_length] or [self.tokenizer.eot_id]
@@ -61,12 +64,15 @@ class Classifier:
                 batch[row, : len(t)] = torch.tensor(t)
             probs = self.model(batch.to(self.device), lengths.to(self.device)).float().softmax(-1)
             p, k = probs.max(-1)
-            out += [Prediction(self.labels[j], float(q)) for j, q in zip(k.tolist(), p.tolist())]
+            out += [Prediction(self.labels[j], float(q), dict(zip(self.labels, row)))
+                    for j, q, row in zip(k.tolist(), p.tolist(), probs.tolist())]
         return out
 
 
 def load_classifier(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
-    """Rebuild the classifier saved in a run folder: ``load_classifier(RUN).predict([...])``."""
+    """Rebuild the classifier saved in a run folder: ``load_classifier(RUN).predict([...])``
+    (`device` "auto": a GPU when there is one)."""
+    device = resolve_device(device)
     meta = load_meta(run_dir, produces="classifier")
     config = model_config(meta, run_dir)
     _check_classifier_meta(meta, Path(run_dir) / META_FILE)
@@ -81,3 +87,35 @@ def _check_classifier_meta(meta: dict, path: Path) -> None:
         raise GPTFTError(f"{path}: 'labels' must be a list of two or more class names (got {labels!r})")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise GPTFTError(f"{path}: 'max_length' must be a positive integer (got {max_length!r})")
+
+
+def evaluate_classifier(run_dir: str | os.PathLike, path: str | os.PathLike, *, text_column: str = "text",
+                        label_column: str = "label", fmt: str = "auto", batch_size: int = 32,
+                        device: str | torch.device = "auto") -> dict:
+    """Accuracy, precision / recall / F1 (of the second class for two, macro-averaged otherwise)
+    and the confusion matrix (rows: true label, columns: predicted) of a finished run on a
+    labelled file (CSV, TSV, JSONL or SMS, read as ``data.path``; labels must be the run's)."""
+    from gptft.data.classification import read_labelled_file
+    from gptft.tasks.classification.task import classification_report
+
+    clf = load_classifier(run_dir, device)
+    data = read_labelled_file(path, clf.labels, text_column, label_column, fmt)
+    preds = [clf.labels.index(p.label) for p in clf.predict(data.texts, batch_size)]
+    pred, label = torch.tensor(preds), torch.tensor(data.labels)
+    report = classification_report(pred, label, clf.labels)
+    return {"run": str(run_dir), "file": str(path), "examples": len(data.labels),
+            "accuracy": (pred == label).double().mean().item(),
+            **{k.removeprefix("test_"): v for k, v in report.items()}}
+
+
+def evaluation_text(r: dict) -> str:
+    """``evaluate_classifier``'s result for people: the metrics and the confusion matrix."""
+    labels = r["labels"]
+    width, first = max(8, *(len(label) + 2 for label in labels)), "true \\ predicted"
+    matrix = [f"{first:<{len(first) + 2}}" + "".join(f"{label:>{width}}" for label in labels)]
+    matrix += [f"{label:<{len(first) + 2}}" + "".join(f"{n:>{width}}" for n in row)
+               for label, row in zip(labels, r["confusion_matrix"])]
+    return "\n".join([f"{r['file']}: {r['examples']} examples",
+                      f"accuracy  {r['accuracy']:.2%}",
+                      f"precision {r['precision']:.4f}, recall {r['recall']:.4f}, F1 {r['f1']:.4f} "
+                      f"({r['positive_label']})", *matrix])

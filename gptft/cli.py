@@ -15,7 +15,12 @@ from gptft.signals import EXIT_INTERRUPTED, Interrupted
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # a bare ``gptft``: what it can do, not a usage error
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     try:
         return args._run(args) or 0
     except Interrupted as e:  # stopped on a signal, with a checkpoint to resume from

@@ -68,7 +68,7 @@ class TrainConfig:
     epochs: int = 5
     """Passes over the training split."""
     max_steps: int | None = None
-    """Stop after this many optimizer steps (unset: run all epochs)."""
+    """Stop after this many optimizer steps (unset: run all epochs); the last step is validated."""
     batch_size: int = 8
     """Examples per micro-batch on each process; a step takes batch_size x processes x grad_accum_steps."""
     grad_accum_steps: int = 1
@@ -88,12 +88,16 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this; unset: no clipping."""
     eval_every: int = 50
-    """Evaluate on the validation split every this many steps (0: at epoch ends only)."""
+    """Evaluate on the validation split every this many steps (0: at epoch ends only), at epoch
+    ends and at the last step (once per step)."""
     eval_batches: int | None = None
     """Evaluate on this many batches during training (unset: the whole split)."""
     eval_batch_size: int | None = None
     """Examples per evaluation batch on each process (no gradients: larger is faster); unset:
     4 x batch_size."""
+    final_eval_batches: int | None = None
+    """Evaluate the kept model on this many batches of each split at the end (unset: the whole
+    splits, the numbers to report; a bound gives a quick look after a short trial run)."""
     log_every: int = 10
     """Log the training loss every this many steps."""
     checkpoint_every: int = 0
@@ -135,7 +139,7 @@ class TrainConfig:
     def problems(self) -> list[str]:
         out = positive(self, "epochs", "max_steps", "batch_size", "grad_accum_steps", "lr",
                         "log_every", "keep_last", "max_grad_norm", "eval_batches", "eval_batch_size",
-                        "checkpoint_minutes", "timeout_minutes")
+                        "final_eval_batches", "checkpoint_minutes", "timeout_minutes")
         out += non_negative(self, "weight_decay", "warmup_steps", "eval_every", "checkpoint_every")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             out.append(f"betas: two numbers in [0, 1) (got {self.betas})")

@@ -305,7 +305,7 @@ def generate(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False, dynamic_ncols=True,
-               disable=not progress)
+               disable=None if progress else True)  # None: shown on a terminal only
     try:
         for start in range(0, len(order), size):
             batch = order[start : start + size]
@@ -339,3 +339,31 @@ def generate_texts(model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: Ge
         batch_size=cfg.batch_size, stats=stats, progress=progress,
     )
     return [tokenizer.decode(t).strip() for t in tokens]
+
+
+def respond(model: GPT, tokenizer: Tokenizer, records: list[dict], prompt_style: str,
+            cfg: GenerateConfig, progress: bool = False) -> list[str]:
+    """The model's response to each ``{"instruction", "input"?}`` record, in its prompt style."""
+    from gptft.prompts import format_prompt
+
+    prompts = [format_prompt({"instruction": r["instruction"], "input": r.get("input") or ""},
+                             prompt_style) for r in records]
+    return generate_texts(model, tokenizer, prompts, cfg, progress=progress)
+
+
+def read_prompt_records(path: str) -> list[dict]:
+    """``{"instruction", "input"?, ...}`` records from a JSON Lines file or a JSON array (other
+    keys kept): the prompts of ``gptft generate --file``."""
+    from gptft.data.instruction import read_records
+
+    def problem(record) -> str | None:
+        if not isinstance(record, dict):
+            return f"expected an object with instruction and input, got {type(record).__name__}"
+        if not isinstance(record.get("instruction"), str):
+            return "'instruction' must be a string" if "instruction" in record else (
+                "missing key 'instruction'")
+        if not isinstance(record.get("input") or "", str):
+            return f"'input' must be a string, got {type(record['input']).__name__}"
+        return None
+
+    return read_records(path, problem=problem, fields="instruction, input")

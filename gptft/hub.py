@@ -41,7 +41,9 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
         where = "HF_HUB_OFFLINE is set and it is not in" if HF_HUB_OFFLINE else "tried"
         raise GPTFTError(
             f"could not get model {name!r} (hub repo {repo}; {where} the cache {HF_HUB_CACHE}): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; {HINT}"
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; {HINT}; or train "
+            "from scratch without pretrained weights: model.weights=random (the configs/*-tiny.yaml "
+            "jobs run offline on a CPU)"
         ) from None
     return Path(weights).parent
 

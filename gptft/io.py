@@ -215,3 +215,45 @@ def read_json(path: str | os.PathLike) -> Any:
         raise GPTFTError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise GPTFTError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+
+
+RECORD_SUFFIXES = (".json", ".jsonl", ".csv")
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False,
+                 suffixes: tuple[str, ...] = RECORD_SUFFIXES) -> Path:
+    """An output file a command may write: a known suffix, and not an existing file unless
+    `overwrite` (a file gptft did not write is never replaced silently)."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise GPTFTError(f"--output {path}: name a {', '.join(suffixes)} file")
+    if path.is_dir():
+        raise GPTFTError(f"--output {path}: is a folder")
+    if path.exists() and not overwrite:
+        raise GPTFTError(f"--output {path}: exists (add --overwrite to replace it)")
+    if not path.parent.is_dir():
+        raise GPTFTError(f"--output {path}: folder {path.parent} does not exist")
+    return path
+
+
+def write_records(path: str | os.PathLike, records: list[dict]) -> None:
+    """Records as a JSON array (``.json``), JSON Lines (``.jsonl``) or CSV (``.csv``; a nested
+    dict becomes ``key.subkey`` columns), atomically."""
+    import csv
+    import io
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return write_json(path, records)
+    if suffix == ".jsonl":
+        return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    rows = [{f"{k}.{sub}" if isinstance(v, dict) else k: x
+             for k, v in r.items() for sub, x in (v.items() if isinstance(v, dict) else [(None, v)])}
+            for r in records]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for r in rows for k in r)),
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, out.getvalue())

@@ -1,40 +1,143 @@
-"""Figures of a run (the book's loss and accuracy curves against examples seen)."""
+"""Figures of a run from its ``log.jsonl``: the values measured during training against examples
+seen (the book's figures), with markers, epoch ticks and the kept (best) step marked.
+
+Only what was measured while training is drawn: the training loss averaged over each logging
+window (``train/loss_mean``), each validation (``val/*``) and the epoch-end samples of the
+training split (``train_sample/*``). The final evaluation of the kept model (``final/*``) is not a
+point of the training curve; the step whose weights were kept is marked instead.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 from gptft.io import atomic_write
 
+# The curves of each figure: (legend label, log.jsonl key, line style, marker).
+CURVES = {
+    "loss": [("train (mean since the previous point)", "train/loss_mean", "-", "."),
+             ("val", "val/loss", "-.", "o")],
+    "rewards": [("val chosen", "val/reward_chosen", "-", "o"),
+                ("val rejected", "val/reward_rejected", "-.", "s")],
+}
 
-def plot_run(run_dir: Path, metrics: list[str]) -> list[Path]:
-    """Write ``<metric>.png`` for each metric: train/val values from ``log.jsonl`` against examples seen."""
+
+def curves_of(metric: str) -> list[tuple[str, str, str, str]]:
+    """The curves of `metric`'s figure: the preset ones, else the training sample and validation."""
+    return CURVES.get(metric, [("train (sample at epoch ends)", f"train_sample/{metric}", "--", "s"),
+                               ("val", f"val/{metric}", "-.", "o")])
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``log.jsonl``."""
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line]
+
+
+def points(rows: list[dict], key: str) -> list[tuple[int, int, float]]:
+    """(examples seen, step, value) of every row with a finite number under `key`."""
+    return [(r["examples_seen"], r["step"], r[key]) for r in rows
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+def epoch_ends(rows: list[dict]) -> list[tuple[int, int]]:
+    """(epoch, examples seen at its end) of each finished epoch: its first row logged after it."""
+    ends: dict[int, int] = {}
+    for r in rows:
+        e = r.get("epoch", 0)
+        if e >= 1:
+            ends[e] = min(ends.get(e, r["examples_seen"]), r["examples_seen"])
+    return sorted(ends.items())
+
+
+def run_figures(run_dir: Path, metrics: list[str], best_step: int | None = None,
+                title: str | None = None) -> dict[str, Any]:
+    """A matplotlib figure per metric (the caller saves and closes them)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line]
-    written = []
+    rows = read_log(run_dir)
+    name = title or run_dir.name
+    figures = {}
     for metric in metrics:
-        fig, ax = plt.subplots(figsize=(5, 3))
-        for split in ("train", "val"):
-            # The training loss: the logged steps' (rows with the learning rate), not the
-            # evaluations of the training split that share its key (epoch ends, the final metrics).
-            step_rows = split == "train" and metric == "loss"
-            points = [(r["examples_seen"], r[f"{split}/{metric}"]) for r in rows
-                      if isinstance(r.get(f"{split}/{metric}"), (int, float))
-                      and (not step_rows or "train/lr" in r)]
-            if points:
-                ax.plot(*zip(*points), label=f"{split} {metric}",
-                        linestyle="-" if split == "train" else "-.")
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        drawn, starred = [], False
+        for label, key, style, marker in curves_of(metric):
+            data = points(rows, key)
+            if data:
+                x, _, y = zip(*data)
+                ax.plot(x, y, linestyle=style, marker=marker, markersize=4, label=label)
+                drawn += y
+            if key.startswith("val/") and best_step is not None:
+                starred = _mark_best(ax, data, best_step, legend=not starred) or starred
+        if drawn and min(drawn) > 0 and max(drawn) / min(drawn) > 10:
+            ax.set_yscale("log")  # a falling loss spans decades: a linear axis flattens its end
+        if metric == "loss" and any("val/perplexity" in r for r in rows):
+            ax.secondary_yaxis("right", functions=(_exp, _log)).set_ylabel("perplexity")
+        _epoch_ticks(ax, rows)
         ax.set_xlabel("examples seen")
-        ax.set_ylabel(metric)
-        ax.legend()
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_title(f"{name}: {metric.replace('_', ' ')}")
+        ax.grid(alpha=0.3)
+        if drawn:
+            # Below the axes: a legend inside would cover the curves' ends.
+            ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+                      frameon=False)
         fig.tight_layout()
+        figures[metric] = fig
+    return figures
+
+
+def plot_run(run_dir: Path, metrics: list[str], best_step: int | None = None,
+             title: str | None = None) -> list[Path]:
+    """Write ``<metric>.png`` for each metric (see ``run_figures``); the paths written."""
+    import matplotlib.pyplot as plt
+
+    written = []
+    for metric, fig in run_figures(run_dir, metrics, best_step, title).items():
         path = run_dir / f"{metric}.png"
-        atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=100, format="png"))
+        atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=100, format="png",
+                                                                bbox_inches="tight"))
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _mark_best(ax, data: list[tuple[int, int, float]], best_step: int, legend: bool = True) -> bool:
+    """A star on the validation point whose weights the run kept (its value when measured);
+    whether there was one (`legend`: name it in the legend, once per figure)."""
+    for x, step, y in data:
+        if step == best_step:
+            label = f"kept (best) model, step {step}" if legend else "_kept"
+            ax.plot([x], [y], linestyle="none", marker="*", markersize=12, color="gold",
+                    markeredgecolor="black", label=label, zorder=5)
+            return True
+    return False
+
+
+def _epoch_ticks(ax, rows: list[dict]) -> None:
+    """Epoch ends as dotted lines, numbered on a top axis."""
+    ends = epoch_ends(rows)
+    if not ends:
+        return
+    for _, x in ends:
+        ax.axvline(x, color="grey", linestyle=":", linewidth=0.8)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([x for _, x in ends], labels=[str(e) for e, _ in ends])
+    top.set_xlabel("epoch")
+
+
+def _exp(x):
+    import numpy as np
+
+    return np.exp(np.clip(x, None, 50))
+
+
+def _log(x):
+    import numpy as np
+
+    return np.log(np.clip(x, 1e-12, None))

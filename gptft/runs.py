@@ -149,3 +149,28 @@ def load_gpt(run_dir: str | os.PathLike, device: str | torch.device | None = Non
 
 def _a(word: object) -> str:
     return "an" if str(word)[:1] in tuple("aeiou") else "a"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; anything else as torch names it."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise GPTFTError(f"device {str(device)!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GPTFTError(f"device {str(device)!r}: no CUDA GPU is available here (use cpu or auto)")
+    return device
+
+
+def load_lm_run(run_dir: str | os.PathLike, device: str | torch.device = "auto"):
+    """The model of a finished language-model run (instruction, preference) on `device`, its
+    tokenizer and its prompt style: what ``gptft generate`` and ``gptft chat`` need."""
+    from gptft.tokenizer import Tokenizer
+
+    model, meta = load_gpt(run_dir, resolve_device(device))
+    missing = [k for k in ("tokenizer", "prompt_style") if k not in meta]
+    if missing:
+        raise GPTFTError(f"{run_dir}: gptft.json lacks {', '.join(missing)}")
+    return model, Tokenizer(meta["tokenizer"]), meta["prompt_style"]

@@ -10,12 +10,22 @@ A plain step never waits for the device: the finite check, the loss and the coun
 (a non-finite step is skipped on the device by the fused AdamW's ``found_inf``) and are read at
 logging steps only. Checkpoints (``gptft.checkpoints``) are saved by step count, by time and at
 epoch ends as configured, and at the step where a stop signal is agreed (``gptft.signals``).
+
+Logged keys (``log.jsonl`` and W&B; each has one meaning, so no two meanings share a key at a
+step): ``train/loss`` the logging step's loss, ``train/loss_mean`` the mean loss of the steps since
+the previous logging step, ``train/lr``; ``val/<metric>`` each validation during training (every
+``eval_every`` steps and at epoch ends, once per step); ``train_sample/<metric>`` a task's
+epoch-end evaluation of a sample of the training split; ``final/<split>_<metric>`` the kept model's
+final evaluation (``gptft.tasks.base.run_task``). The console gets one line per evaluation (step,
+epoch, validation metrics, learning rate, training examples/s).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -54,12 +64,13 @@ class EpochReport:
 class EpochContext:
     """What a task may use at an epoch's end (it does not get the trainer itself)."""
 
-    epoch: int
+    epoch: int  # the epoch just finished (1-based)
     step: int
     model: nn.Module  # unwrapped, in eval mode for the hook's duration
     evaluate: Callable[..., dict[str, float]]  # evaluate(split, max_batches) -> metrics
     val_metrics: dict[str, float]  # this epoch's validation metrics (val_ prefixed)
     autocast: Callable[[], Any]
+    epochs: int = 0  # train.epochs
 
 
 class Task(Protocol):
@@ -121,6 +132,29 @@ def make_accelerator(job: Job) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned memory on CUDA
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=job.train.timeout_minutes))],
     )
+
+
+def progress_disabled(accelerator: Accelerator) -> bool | None:
+    """tqdm's ``disable`` for a bar: shown on the local main process when stderr is a terminal
+    (None lets tqdm check), so a log file gets the per-evaluation lines instead of bar redraws;
+    ``GPTFT_PROGRESS=1`` shows it anyway (benchmarks time the steps by it), ``0`` never."""
+    if not accelerator.is_local_main_process:
+        return True
+    setting = os.environ.get("GPTFT_PROGRESS", "")
+    return {"1": False, "0": True}.get(setting)
+
+
+def format_metrics(metrics: dict[str, float], prefix: str = "") -> str:
+    """``val loss 0.4123, val accuracy 95.30%``: accuracies as percentages, the rest to 4 digits."""
+    return ", ".join(f"{prefix}{k.replace('_', ' ')} {format_value(k, v)}"
+                     for k, v in metrics.items() if isinstance(v, (int, float)))
+
+
+def format_value(name: str, value: float) -> str:
+    """A metric for people: accuracies as percentages, perplexities to 2 decimals, else 4."""
+    if "accuracy" in name:
+        return f"{value:.2%}"
+    return f"{value:.2f}" if "perplexity" in name else f"{value:.4f}"
 
 
 def use_compile(setting: str | bool, device: torch.device) -> bool:
@@ -196,6 +230,8 @@ class Trainer:
         self._last_save = time.time()
         self._saved_step = -1
         self.stop = StopRequest(dev)
+        self._rate_mark = (0.0, 0)  # (training seconds, examples seen) at the last evaluation line
+        self._bar: tqdm | None = None
 
     def _total_steps(self) -> int:
         per_epoch = math.ceil(len(self.train_loader) / self.cfg.grad_accum_steps)
@@ -208,13 +244,15 @@ class Trainer:
         """Train for ``epochs`` (or ``max_steps``), resuming first if a resume point was given."""
         if self.resume_from is not None:
             self.resume(self.resume_from)
-        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train",
-                   disable=not self.accelerator.is_local_main_process, dynamic_ncols=True)
+        bar = self._bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step",
+                               disable=progress_disabled(self.accelerator), dynamic_ncols=True)
         self.phases.add("startup", self.phases.elapsed())
+        self._rate_mark = (self.phases.seconds["train"], self.state.examples_seen)
         begin = time.perf_counter()
         self.stop.install()
         try:
             while self.state.epoch < self.cfg.epochs and not self._done():
+                bar.set_description(f"epoch {self.state.epoch + 1}/{self.cfg.epochs}")
                 for micro_batches in self._epoch_batches():
                     with self.phases("train"):
                         loss = self.train_step(micro_batches)
@@ -229,10 +267,13 @@ class Trainer:
                         break
                 else:
                     self._end_epoch()
+            if self._done():  # stopped by max_steps: the last weights are validated too
+                self.evaluate_and_track()
             self._check_finite()
         finally:
             self.stop.restore()
             bar.close()  # also on an error: its message then starts a line of its own
+            self._bar = None
         self._restore_best()
 
     def _interrupt(self) -> None:
@@ -244,13 +285,21 @@ class Trainer:
                           f"checkpoint {path} saved; continue with the same command and "
                           "train.resume=true")
 
+    def print(self, text: str) -> None:
+        """A line on the main process's console, above the progress bar (not glued onto it)."""
+        if not self.accelerator.is_main_process:
+            return
+        if self._bar is not None and not self._bar.disable:
+            self._bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
     def _first_step(self, begin: float) -> None:
         seconds = time.perf_counter() - begin
         self.phases.seconds["train"] -= seconds
         self.phases.add("first_step", seconds)
-        self.accelerator.print(f"first step after {self.phases.elapsed():.1f} s "
-                               f"(start-up {self.phases.seconds['startup']:.1f} s, "
-                               f"first step {seconds:.1f} s)")
+        self.print(f"first step after {self.phases.elapsed():.1f} s "
+                   f"(start-up {self.phases.seconds['startup']:.1f} s, first step {seconds:.1f} s)")
 
     def _done(self) -> bool:
         return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
@@ -387,7 +436,7 @@ class Trainer:
             if report.metrics:
                 self.log(report.metrics)
             if report.text:
-                self.accelerator.print(report.text)
+                self.print(report.text)
         if self.cfg.checkpoint_epochs:
             self.save_checkpoint()
 
@@ -400,7 +449,7 @@ class Trainer:
         model.eval()
         try:
             return hook(EpochContext(self.state.epoch, self.state.step, model, self.evaluate_split,
-                                     val, self.accelerator.autocast))
+                                     val, self.accelerator.autocast, self.cfg.epochs))
         finally:
             model.train(was_training)
 
@@ -417,7 +466,7 @@ class Trainer:
         gathered: dict[str, list[torch.Tensor]] = {}
         total = len(loader) if max_batches is None else min(len(loader), max_batches)
         bar = tqdm(islice(loader, max_batches), total=total, desc=desc, leave=False, dynamic_ncols=True,
-                   disable=desc is None or not self.accelerator.is_local_main_process)
+                   disable=True if desc is None else progress_disabled(self.accelerator))
         for batch in bar:
             with self.accelerator.autocast():
                 out = self.task.eval_outputs(model, batch)
@@ -451,10 +500,24 @@ class Trainer:
         self.log({f"val/{k[4:]}": v for k, v in metrics.items()})
         value = metrics[self.task.best_metric]
         best = self.state.best_value
-        if best is None or (value > best if self.task.higher_is_better else value < best):
+        improved = best is None or (value > best if self.task.higher_is_better else value < best)
+        if improved:
             self.state.best_value, self.state.best_step = value, self.state.step
             self._keep_best()
+        self.print(self._evaluation_line(metrics, improved))
         return metrics
+
+    def _evaluation_line(self, metrics: dict[str, float], best: bool) -> str:
+        """``step 50/650, epoch 0.38/5: val loss 0.41, val accuracy 95.30% (best) | lr 4.9e-04 |
+        812 examples/s``: the throughput of the training steps since the previous such line."""
+        seconds, seen = self.phases.seconds["train"], self.state.examples_seen
+        examples, elapsed = seen - self._rate_mark[1], seconds - self._rate_mark[0]
+        self._rate_mark = (seconds, seen)
+        rate = f" | {examples / elapsed:,.0f} examples/s" if examples > 0 and elapsed > 0 else ""
+        epoch = self.state.epoch + self.state.batches_in_epoch / max(1, len(self.train_loader))
+        return (f"step {self.state.step}/{self.total_steps}, epoch {epoch:.2f}/{self.cfg.epochs}: "
+                f"{format_metrics({k[4:]: v for k, v in metrics.items()}, 'val ')}"
+                f"{' (best so far)' if best else ''} | lr {self.scheduler.get_last_lr()[0]:.2e}{rate}")
 
     @torch.no_grad()
     def _keep_best(self) -> None:
@@ -474,8 +537,8 @@ class Trainer:
         with torch.no_grad():
             for n, p in self._trainable():
                 p.copy_(self.best[n])
-        self.accelerator.print(f"kept the best model: step {self.state.best_step}, "
-                               f"{self.task.best_metric} {self.state.best_value:.4f}")
+        self.print(f"kept the best model: step {self.state.best_step}, "
+                   f"{self.task.best_metric} {self.state.best_value:.4f}")
 
     # ---- logging -------------------------------------------------------------------------------
 
@@ -506,7 +569,7 @@ class Trainer:
         self._saved_step = self.state.step
         if self.accelerator.is_main_process:
             size = checkpoints.folder_bytes(path)
-            self.accelerator.print(f"checkpoint {path.name}: {size / 2**20:.1f} MiB in {seconds:.1f} s")
+            self.print(f"checkpoint {path.name}: {size / 2**20:.1f} MiB in {seconds:.1f} s")
             # To the trackers only: log.jsonl holds what a resumed run reproduces exactly.
             self.accelerator.log({"checkpoint/seconds": round(seconds, 3), "checkpoint/bytes": size},
                                  step=self.state.step)

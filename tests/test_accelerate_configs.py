@@ -15,13 +15,40 @@ def load(name: str):
 
 def test_all_configs_present():
     assert sorted(p.name for p in ACCELERATE.glob("*.yaml")) == [
-        "cpu.yaml", "fsdp.yaml", "multi-gpu.yaml", "multi-node.yaml"]
+        "cpu.yaml", "fsdp.yaml", "multi-gpu.yaml", "multi-node.yaml", "single.yaml"]
 
 
 def test_cpu():
     c = load("cpu.yaml")
     assert str(c.distributed_type) in ("NO", "DistributedType.NO")
     assert c.use_cpu is True and c.num_processes == 1 and c.num_machines == 1
+
+
+def test_single():
+    c = load("single.yaml")
+    assert str(c.distributed_type) in ("NO", "DistributedType.NO")
+    assert c.use_cpu is False and c.num_processes == 1 and c.num_machines == 1
+
+
+def test_readme_launch_gives_no_warning_and_no_launcher_traceback(tmp_path):
+    """The README's ``accelerate launch -q --config_file ...``: Accelerate warns of no defaults
+    used, and a failing job ends with gptft's one-line error, not the launcher's traceback."""
+    import subprocess
+    import sys
+
+    from conftest import cpu_launch_env
+
+    root = ACCELERATE.parents[1]
+    env = {k: v for k, v in cpu_launch_env().items() if k != "ACCELERATE_USE_CPU"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
+                           str(ACCELERATE / "single.yaml"), str(root / "launch" / "finetune.py"),
+                           "--config", str(root / "configs" / "spam-tiny.yaml"), "train.epochs=0",
+                           f"output_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "train.epochs: must be > 0 (got 0)" in proc.stderr
+    assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
+    assert "were not passed to `accelerate launch`" not in proc.stderr + proc.stdout
 
 
 def test_multi_gpu():

@@ -1,5 +1,5 @@
 """README.md stays true: its configuration reference is generated from the config dataclasses
-(gptft/config.py and each task's config module).
+(gptft/config.py and each task's config module), and its offline quick start runs as written.
 
 Regenerate after changing a config field: ``python tests/test_readme.py`` rewrites the tables in
 README.md (from the first section's heading to the last table's last row).
@@ -8,9 +8,16 @@ README.md (from the first section's heading to the last table's last row).
 import ast
 import dataclasses
 import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
 import types
 import typing
 from pathlib import Path
+
+import pytest
 
 from gptft import config as C
 from gptft.tasks.classification.config import ClassificationData
@@ -101,6 +108,42 @@ def rewrite_readme() -> None:
         end += len(line)
     body = readme[start:end].rstrip("\n") + "\n"
     (ROOT / "README.md").write_text(readme[:start] + reference() + readme[start + len(body):])
+
+
+def quick_start() -> str:
+    """The first bash block of the README's "Offline quick start" section."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Offline quick start"):]
+    section = section[: section.index("\n## ", 1)]
+    return re.search(r"```bash\n(.*?)```", section, re.S)[1]
+
+
+@pytest.mark.slow
+def test_readme_quick_start_runs_offline(tmp_path):
+    """The quick start, line for line, in a fresh folder laid out as the README says (the clone's
+    configs, ``../shared`` beside it), offline, with the installed ``gptft`` command."""
+    from conftest import shared_path
+
+    shared = shared_path()
+    clone = tmp_path / "gptft"
+    shutil.copytree(ROOT / "configs", clone / "configs")
+    (tmp_path / "shared").symlink_to(shared, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "WANDB_MODE")}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), GPTFT_CACHE_DIR=str(tmp_path / "cache"),
+               OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
+    if shutil.which("gptft", path=env["PATH"]) is None:
+        pytest.skip("the gptft command is not installed (pip install -e .)")
+    block = quick_start()
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=clone, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "run folder: runs/spam-tiny (" in out and "run folder: runs/instruct-tiny (" in out
+    assert re.search(r"^(ham|spam)\t0\.\d{4}\tYou are a winner", out, re.M)  # $1000 kept as written
+    assert "sample.tsv: 300 examples" in out and "accuracy  " in out
+    assert (clone / "runs" / "spam-tiny" / "accuracy.png").is_file()
+    assert (clone / "runs" / "instruct-tiny" / "responses.json").is_file()
 
 
 if __name__ == "__main__":

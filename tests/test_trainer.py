@@ -149,8 +149,8 @@ def test_a_step_is_evaluated_once(tmp_path):
             f"output_dir={out}", "train.epochs=1", "train.batch_size=64"]
     assert main([*args, "train.eval_every=4"]) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in log if "val/accuracy" in r and "test/accuracy" not in r]
-    assert len(steps) == len(set(steps)) and steps[-1] == max(r["step"] for r in log if "train/loss" in r)
+    steps = [r["step"] for r in log if "val/accuracy" in r]
+    assert len(steps) == len(set(steps)) and steps[-1] == max(r["step"] for r in log)
 
 
 def test_length_buckets():
@@ -198,3 +198,19 @@ def test_clipping_in_the_optimizer_equals_clip_grad_norm(max_norm):
         assert bool(ref_norm > max_norm) == (max_norm < 1)
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_progress_bars_follow_the_terminal(monkeypatch):
+    """Bars on a terminal only (tqdm decides: None), unless GPTFT_PROGRESS says; never off rank 0."""
+    from types import SimpleNamespace
+
+    from gptft.trainer import progress_disabled
+
+    main_process = SimpleNamespace(is_local_main_process=True)
+    other = SimpleNamespace(is_local_main_process=False)
+    monkeypatch.delenv("GPTFT_PROGRESS", raising=False)
+    assert progress_disabled(main_process) is None and progress_disabled(other) is True
+    monkeypatch.setenv("GPTFT_PROGRESS", "1")
+    assert progress_disabled(main_process) is False and progress_disabled(other) is True
+    monkeypatch.setenv("GPTFT_PROGRESS", "0")
+    assert progress_disabled(main_process) is True

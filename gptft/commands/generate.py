@@ -1,11 +1,19 @@
-"""Generate a response from an instruction run: ``gptft generate RUN_DIR --instruction "..."``.
+"""Generate responses with an instruction (or preference) run.
 
-Greedy decoding by default; sampling with --temperature (and --top-k / --top-p).
+  gptft generate RUN_DIR --instruction 'Name a color.'
+  gptft generate RUN_DIR --file prompts.jsonl --output responses.jsonl
+
+--file reads JSON Lines (or a JSON array) of {"instruction", "input"} records and writes each
+record with its "model_response" added, as JSON Lines, to --output or the standard output.
+Greedy decoding by default; sampling with --temperature > 0 (and --top-k / --top-p, which only
+apply when sampling).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 from gptft.config import GenerateConfig
 from gptft.errors import GPTFTError
@@ -17,18 +25,34 @@ DEFAULTS = GenerateConfig()
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR",
                         help="folder of a finished instruction (or preference) run")
-    parser.add_argument("--instruction", required=True, help="the instruction")
-    parser.add_argument("--input", default="", help="optional input to the instruction")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--instruction", help="the instruction")
+    prompts.add_argument("--file", metavar="PROMPTS.jsonl",
+                         help="JSON Lines (or a JSON array) of {instruction, input} records")
+    parser.add_argument("--input", default="", help="optional input to --instruction")
+    parser.add_argument("--output", metavar="FILE.jsonl",
+                        help="with --file: write the records with their responses here (default: "
+                        "the standard output)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    add_sampling_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                        help="prompts generated at once with --file (default: %(default)s)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoding flags ``generate`` and ``chat`` share."""
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
                         help="longest response in tokens (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
-                        help="0: greedy (default); > 0: sample")
+                        help="0: greedy (default); > 0: sample at this temperature")
     parser.add_argument("--top-k", type=int, default=DEFAULTS.top_k,
-                        help="sample among the k most likely tokens")
+                        help="when sampling: among the k most likely tokens only")
     parser.add_argument("--top-p", type=float, default=DEFAULTS.top_p,
-                        help="nucleus sampling threshold in (0, 1]")
+                        help="when sampling: nucleus threshold in (0, 1]")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
                         help="sampling seed (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (a GPU if there is one), cpu, cuda or cuda:N (default: %(default)s)")
 
 
 def _flag(problem: str) -> str:
@@ -36,25 +60,42 @@ def _flag(problem: str) -> str:
     return f"--{name.replace('_', '-')}:{rest}"
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from gptft.generate import generate_texts
-    from gptft.prompts import format_prompt
-    from gptft.runs import load_gpt
-    from gptft.tokenizer import Tokenizer
-
+def sampling_config(args: argparse.Namespace, batch_size: int = 1) -> GenerateConfig:
+    """The checked ``GenerateConfig`` of the flags; a note when --top-k / --top-p cannot apply."""
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-               "top_k": args.top_k, "top_p": args.top_p, "batch_size": 1, "seed": args.seed}
+               "top_k": args.top_k, "top_p": args.top_p, "batch_size": batch_size, "seed": args.seed}
     cfg, problems = build(GenerateConfig, options)
     if problems:  # named by their flags: "--top-p: must be in (0, 1] (got 2.0)"
         raise GPTFTError("; ".join(map(_flag, problems)))
-    model, meta = load_gpt(args.run_dir)
-    missing = [k for k in ("tokenizer", "prompt_style") if k not in meta]
-    if missing:
-        raise GPTFTError(f"{args.run_dir}: gptft.json lacks {', '.join(missing)}")
-    prompt = format_prompt({"instruction": args.instruction, "input": args.input}, meta["prompt_style"])
-    if torch.cuda.is_available():
-        model.to("cuda")
-    print(generate_texts(model, Tokenizer(meta["tokenizer"]), [prompt], cfg)[0])
+    unused = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p)) if v is not None]
+    if unused and args.temperature == 0:
+        print(f"note: {' and '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} only when "
+              "sampling (--temperature > 0); decoding greedily", file=sys.stderr)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from gptft.generate import read_prompt_records, respond
+    from gptft.io import check_output, write_records
+    from gptft.runs import load_lm_run
+
+    if args.file is None and args.output:
+        raise GPTFTError("--output: only with --file (one --instruction prints its response)")
+    if args.file is not None and args.input:
+        raise GPTFTError("--input: only with --instruction (--file records carry their own input)")
+    cfg = sampling_config(args, args.batch_size)
+    output = check_output(args.output, args.overwrite, (".jsonl",)) if args.output else None
+    records = (read_prompt_records(args.file) if args.file
+               else [{"instruction": args.instruction, "input": args.input}])
+    model, tokenizer, style = load_lm_run(args.run_dir, args.device)
+    responses = respond(model, tokenizer, records, style, cfg, progress=args.file is not None)
+    if args.file is None:
+        print(responses[0])
+        return 0
+    results = [{**r, "model_response": text} for r, text in zip(records, responses)]
+    if output is None:
+        sys.stdout.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    else:
+        write_records(output, results)
+        print(f"wrote {len(results)} responses to {output}", file=sys.stderr)
     return 0

@@ -145,27 +145,45 @@ def longest_length(examples: TextExamples, tokenizer: Tokenizer) -> int:
     return max((len(ids) for ids in tokenizer.encode_batch(list(examples.texts))), default=0)
 
 
-def read_texts_file(path: str | Path) -> list[str]:
-    """Texts to classify from a file, in file order.
+def read_texts_file(path: str | Path, column: str = "text") -> list[str]:
+    """Texts to classify from a file, in file order (see ``read_texts``)."""
+    return read_texts(path, column)[0]
 
-    ``.csv`` / ``.tsv`` (with a header) and ``.jsonl`` / ``.json``: the ``text`` column or key, or
+
+def read_texts(path: str | Path, column: str = "text") -> tuple[list[str], int]:
+    """Texts to classify from a file, in file order, and the number of blank lines skipped.
+
+    ``.csv`` / ``.tsv`` (with a header) and ``.jsonl`` / ``.json``: the `column` column or key, or
     the only one there is (a JSON line may also be a plain string); any other file: one text per
-    line. Blank lines are skipped.
+    line, blank lines skipped.
 
     Raises:
-        GPTFTError: a missing, empty, non-UTF-8 or malformed file, or no ``text`` column.
+        GPTFTError: a missing, empty, non-UTF-8 or malformed file, or no such column.
     """
     path = Path(path)
     text, name, suffix = read_text(path), str(path), path.suffix.lower()
+    skipped = 0
     if suffix in (".csv", ".tsv"):
-        texts = _table_texts(text, name, "," if suffix == ".csv" else "\t")
+        texts = _table_texts(text, name, "," if suffix == ".csv" else "\t", column)
     elif suffix in JSON_SUFFIXES:
-        texts = [_json_text(obj, where) for where, obj in _json_records(text, name)]
+        texts = [_json_text(obj, where, column) for where, obj in _json_records(text, name)]
     else:
-        texts = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
+        lines = [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")]
+        texts = [line for line in lines if line.strip()]
+        skipped = len(lines) - len(texts)
     if not texts:
         raise GPTFTError(f"{name}: no texts (only a header)")
-    return texts
+    return texts, skipped
+
+
+def read_labelled_file(path: str | Path, labels: list[str], text_column: str = "text",
+                       label_column: str = "label", fmt: str = "auto") -> TextExamples:
+    """A labelled file read as ``data.path`` is (CSV, TSV, JSONL or SMS), its labels indexed
+    by `labels` (a finished run's label names); every record kept, in file order."""
+    cfg = ClassificationData(path=str(path), format=fmt, text_column=text_column,
+                             label_column=label_column, labels=list(labels))
+    rows = _read_labelled(Path(path), cfg)
+    return TextExamples(rows.texts, _label_indices(rows, list(labels), cfg))
 
 
 # ---- reading files -------------------------------------------------------------------------------
@@ -238,11 +256,12 @@ def _table_rows(text: str, name: str, delimiter: str, text_column: str, label_co
     return rows
 
 
-def _table_texts(text: str, name: str, delimiter: str) -> list[str]:
+def _table_texts(text: str, name: str, delimiter: str, column: str = "text") -> list[str]:
     header, records = parse_table(text, name, delimiter)
-    if "text" not in header and len(header) != 1:
-        raise GPTFTError(f"{name}:1: no 'text' column (columns found: {', '.join(map(repr, header))})")
-    t = header.index("text") if "text" in header else 0
+    if column not in header and len(header) != 1:
+        raise GPTFTError(f"{name}:1: no {column!r} column (columns found: "
+                         f"{', '.join(map(repr, header))})")
+    t = header.index(column) if column in header else 0
     for line, fields in records:
         if not fields[t].strip():
             raise GPTFTError(f"{name}:{line}: empty text")
@@ -274,11 +293,11 @@ def _json_rows(text: str, name: str, text_column: str, label_column: str) -> _Ro
     return rows
 
 
-def _json_text(obj: Any, where: str) -> str:
+def _json_text(obj: Any, where: str, column: str = "text") -> str:
     if isinstance(obj, dict):
-        if "text" not in obj and len(obj) != 1:
-            raise GPTFTError(f"{where}: no key 'text' (keys found: {', '.join(map(repr, obj))})")
-        obj = obj["text"] if "text" in obj else next(iter(obj.values()))
+        if column not in obj and len(obj) != 1:
+            raise GPTFTError(f"{where}: no key {column!r} (keys found: {', '.join(map(repr, obj))})")
+        obj = obj[column] if column in obj else next(iter(obj.values()))
     if not isinstance(obj, str):
         raise GPTFTError(f"{where}: expected a text string, found {type(obj).__name__}")
     if not obj.strip():

@@ -27,6 +27,9 @@ def read_text(path: str | Path) -> str:
         GPTFTError: the file is missing, not UTF-8 (naming the line and byte), or empty.
     """
     path = Path(path)
+    if not path.exists() and not path.is_absolute():
+        raise GPTFTError(f"{path}: data file not found (a relative path is read from the working "
+                         f"directory {Path.cwd()}, not from the config file's folder)")
     check_file(path, "data file")
     try:
         data = path.read_bytes()

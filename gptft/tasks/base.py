@@ -7,6 +7,7 @@ and outputs; ``gptft.tasks`` registers it under a name.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from gptft.io import write_json, write_text
 from gptft.model import GPT, GPTConfig
 from gptft.runs import check_vocab, is_run_folder, load_gpt, save_model
 from gptft.timing import Phases
-from gptft.trainer import EpochContext, EpochReport, Trainer, use_compile
+from gptft.trainer import EpochContext, EpochReport, Trainer, format_value, use_compile
 
 CONFIG_HEADER = "# The resolved configuration of this run. Re-run it with:\n" \
                 "#   accelerate launch launch/finetune.py --config {path}\n"
@@ -46,6 +47,7 @@ class TaskBase:
 
     best_metric: str = "val_loss"
     higher_is_better: bool = False
+    eval_names: tuple[str, ...] = ("loss",)  # the names eval_metrics returns (set by run_task)
     model: torch.nn.Module
     counts: dict[str, int]
 
@@ -99,8 +101,13 @@ class TaskBase:
         """Files beyond the weights and metrics (plots, responses), after they are saved."""
 
     def summary(self, metrics: dict) -> str:
-        """The line printed at the end."""
-        return "  ".join(f"{k} {metrics[k]:.4f}" for k in (f"{s}_loss" for s in SPLITS) if k in metrics)
+        """The final metrics printed at the end: a table of each split's evaluation (tasks add
+        their own lines, e.g. precision / recall / F1)."""
+        return metrics_table(metrics, self.eval_names)
+
+    def next_commands(self, run_dir: str) -> list[str]:
+        """Commands to try on the finished run, printed at the end."""
+        return []
 
 
 def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases | None = None) -> dict:
@@ -112,12 +119,19 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
     trainer.fit()
     metrics: dict[str, Any] = {**task.counts, "steps": trainer.state.step,
                                "best_step": trainer.state.best_step}
+    bound = job.train.final_eval_batches
+    if bound:
+        metrics["final_eval_batches"] = bound
+        trainer.print(f"final evaluation on at most {bound} batches per split "
+                      "(train.final_eval_batches): not the whole splits")
     with phases("final_evaluation"):
         for split in (s for s in SPLITS if task.has_split(s)):
-            gathered = trainer.gather(trainer.loader(split), desc=f"evaluate {split}")
-            metrics.update({f"{split}_{k}": v for k, v in task.eval_metrics(gathered).items()})
+            gathered = trainer.gather(trainer.loader(split), bound, desc=f"evaluate {split}")
+            values = task.eval_metrics(gathered)
+            task.eval_names = tuple(values)
+            metrics.update({f"{split}_{k}": v for k, v in values.items()})
             metrics.update(task.split_report(split, gathered))
-    trainer.log({k.replace("_", "/", 1): v for k, v in metrics.items() if isinstance(v, float)})
+    trainer.log({f"final/{k}": v for k, v in metrics.items() if isinstance(v, float)})
     meta = {"task": job.task, "model": task.gpt_config().to_dict(), "tokenizer": task.tokenizer.name,
             **task.meta()}
     with phases("saving"):
@@ -125,11 +139,67 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
     task.write_outputs(trainer, metrics)
     metrics["time"] = phases.report()
     if acc.is_main_process:
-        write_json(Path(job.output_dir) / "metrics.json", metrics)
+        write_json(Path(job.output_dir) / "metrics.json", rounded(metrics))
         runfolder.mark(Path(job.output_dir), "finished")  # last: the final files form one set
-    acc.print(task.summary(metrics))
-    acc.print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in metrics["time"].items()))
+        print(closing_summary(task, metrics), flush=True)
     return metrics
+
+
+def rounded(value: Any, digits: int = 6) -> Any:
+    """Floats to `digits` decimals (no float32 noise in ``metrics.json``), recursively."""
+    if isinstance(value, float):
+        return round(value, digits) if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
+def metrics_table(metrics: dict, names: tuple[str, ...]) -> str:
+    """One row per split evaluated, one column per metric (accuracies as percentages)."""
+    splits = [s for s in SPLITS if any(f"{s}_{n}" in metrics for n in names)]
+    widths = [max(len(n), 8) + 2 for n in names]
+    header = f"{'':6}" + "".join(f"{n.replace('_', ' '):>{w}}" for n, w in zip(names, widths))
+    rows = [f"{s:6}" + "".join(f"{_fmt(n, metrics.get(f'{s}_{n}')):>{w}}" for n, w in zip(names, widths))
+            for s in splits]
+    return "\n".join([header, *rows])
+
+
+def _fmt(name: str, value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    return format_value(name, value)
+
+
+def duration(seconds: float) -> str:
+    """``42.0 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def closing_summary(task: TaskBase, metrics: dict) -> str:
+    """What the run ends with: the final metrics, where the time went, the run folder and the
+    commands to try next."""
+    out = task.job.output_dir
+    time = metrics["time"]
+    phases = ", ".join(f"{k.replace('_', ' ')} {duration(v)}" for k, v in time.items() if k != "total")
+    bounded = metrics.get("final_eval_batches")
+    kept = (f"step {metrics['best_step']} of {metrics['steps']}, the best by {task.best_metric}"
+            if metrics["best_step"] >= 0 else f"the last weights, step {metrics['steps']}: no validation ran")
+    lines = [f"final evaluation of the kept model ({kept}"
+             + (f"; at most {bounded} batches per split)" if bounded else ")") + ":",
+             task.summary(metrics),
+             f"elapsed: {duration(time['total'])} ({phases})",
+             f"run folder: {out} ({', '.join(sorted(p.name for p in Path(out).iterdir() if p.is_file()))})"]
+    commands = task.next_commands(out)
+    if commands:
+        lines += ["next:", *(f"  {c}" for c in commands)]
+    return "\n".join(lines)
 
 
 # ---- pieces tasks build the same way ------------------------------------------------------------------

@@ -17,7 +17,7 @@ from gptft.tasks.base import TaskBase, build_gpt, eval_batch_size, make_loader, 
 from gptft.tasks.classification.config import ClassificationJob
 from gptft.tokenizer import Tokenizer
 from gptft.trainable import set_trainable
-from gptft.trainer import EpochContext, EpochReport
+from gptft.trainer import EpochContext, EpochReport, format_metrics
 
 
 class ClassificationTask(TaskBase):
@@ -80,9 +80,10 @@ class ClassificationTask(TaskBase):
         cfg = self.job.train  # about eval_batches (or 10) training batches' worth of examples
         metrics = ctx.evaluate("train", -(-(cfg.eval_batches or 10) * cfg.batch_size
                                           // eval_batch_size(self.job)))
-        return EpochReport({f"train/{k}": v for k, v in metrics.items()},
-                           f"epoch {ctx.epoch}: train accuracy (sample) {metrics['accuracy']:.2%}, "
-                           f"val accuracy {ctx.val_metrics['val_accuracy']:.2%}")
+        val = {k[4:]: v for k, v in ctx.val_metrics.items()}
+        return EpochReport({f"train_sample/{k}": v for k, v in metrics.items()},
+                           f"epoch {ctx.epoch}/{ctx.epochs} done (step {ctx.step}): "
+                           f"{format_metrics(metrics, 'train (sample) ')}; {format_metrics(val, 'val ')}")
 
     # ---- the run's files -----------------------------------------------------------------------
 
@@ -99,11 +100,25 @@ class ClassificationTask(TaskBase):
             from gptft.plots import plot_run
 
             with trainer.phases("saving"):
-                plot_run(Path(self.job.output_dir), ["loss", "accuracy"])
+                plot_run(Path(self.job.output_dir), ["loss", "accuracy"],
+                         best_step=trainer.state.best_step, title=self.job.tracking.run_name)
 
     def summary(self, metrics: dict) -> str:
-        return (f"test accuracy {metrics['test_accuracy']:.2%} (val {metrics['val_accuracy']:.2%}, "
-                f"train {metrics['train_accuracy']:.2%})")
+        text = super().summary(metrics)
+        if "test_f1" in metrics:
+            text += (f"\ntest precision {metrics['test_precision']:.4f}, recall "
+                     f"{metrics['test_recall']:.4f}, F1 {metrics['test_f1']:.4f} "
+                     f"({metrics['positive_label']}); confusion matrix (rows: true "
+                     f"{'/'.join(metrics['labels'])}): {metrics['confusion_matrix']}")
+        return text
+
+    def next_commands(self, run_dir: str) -> list[str]:
+        data = self.job.data
+        columns = "".join(f" --{flag}-column {value}" for flag, value, default in (
+            ("text", data.text_column, "text"), ("label", data.label_column, "label")) if value != default)
+        return [f"gptft classify {run_dir} 'You have won a prize, call now to claim it'",
+                f"gptft classify {run_dir} --file texts.txt --output predictions.csv",
+                f"gptft evaluate {run_dir} {data.test_path or 'NEW_LABELLED_DATA.csv'}{columns}"]
 
 
 def classification_report(pred: torch.Tensor, label: torch.Tensor, names: list[str]) -> dict:

@@ -22,7 +22,7 @@ from gptft.tasks.base import TaskBase, build_gpt, eval_batch_size, make_loader, 
 from gptft.tasks.instruction.config import InstructionJob
 from gptft.tokenizer import Tokenizer
 from gptft.trainable import set_trainable
-from gptft.trainer import EpochContext, EpochReport
+from gptft.trainer import EpochContext, EpochReport, format_metrics
 
 
 class InstructionTask(TaskBase):
@@ -95,10 +95,10 @@ class InstructionTask(TaskBase):
         if sample is None:
             return None
         instruction, text = sample
-        val = ctx.val_metrics
+        val = {k[4:]: v for k, v in ctx.val_metrics.items()}
         return EpochReport({"val/sample_response": text},
-                           f"epoch {ctx.epoch}: val loss {val['val_loss']:.4f} (perplexity "
-                           f"{val['val_perplexity']:.2f}); sample response to {instruction!r}:\n{text}")
+                           f"epoch {ctx.epoch}/{ctx.epochs} done (step {ctx.step}): "
+                           f"{format_metrics(val, 'val ')}; sample response to {instruction!r}:\n{text}")
 
     def sample_response(self, ctx: EpochContext) -> tuple[str, str] | None:
         """The first validation instruction and the model's response to it (None without one)."""
@@ -118,13 +118,32 @@ class InstructionTask(TaskBase):
     def meta(self) -> dict:
         return {"prompt_style": self.job.data.prompt_style, "max_length": self.max_length}
 
+    def next_commands(self, run_dir: str) -> list[str]:
+        return [f"gptft generate {run_dir} --instruction 'Rewrite the sentence using a simile.' "
+                "--input 'The car is very fast.'",
+                f"gptft chat {run_dir}",
+                f"gptft judge {run_dir}/responses.json --model llama3   # with a local Ollama server",
+                f"gptft export {run_dir} exported/"]
+
     def write_outputs(self, trainer, metrics: dict) -> None:
+        if self.accelerator.is_main_process:
+            from gptft.plots import plot_run
+
+            with trainer.phases("saving"):
+                plot_run(Path(self.job.output_dir), self.plots(), best_step=trainer.state.best_step,
+                         title=self.job.tracking.run_name)
+        trainer.print(f"generating responses to the {len(self.splits.test)} test instructions "
+                      f"(responses.json)")
         with trainer.phases("generation"):
             tokens, seconds = self.write_responses()
         if seconds > 0:
             metrics["generation_tokens_per_second"] = round(tokens / seconds, 1)
             self.accelerator.print(f"responses.json: {len(self.splits.test)} responses, "
                                    f"{tokens:,} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)")
+
+    def plots(self) -> list[str]:
+        """The figures of the run (``gptft.plots``): the loss, with perplexity on a second axis."""
+        return ["loss"]
 
     def write_responses(self) -> tuple[int, float]:
         """Generate a response to every test record (shared among processes) into

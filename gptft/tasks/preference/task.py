@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ from gptft.model import IGNORE_INDEX
 from gptft.tasks.base import SPLITS, eval_batch_size, make_loader
 from gptft.tasks.instruction.task import InstructionTask
 from gptft.tasks.preference.config import DPOConfig, PreferenceJob
-from gptft.trainer import EpochContext, EpochReport
+from gptft.trainer import EpochContext, EpochReport, format_metrics
 
 
 def response_logps(model, batch: dict) -> torch.Tensor:
@@ -186,9 +185,9 @@ class PreferenceTask(InstructionTask):
     def on_epoch_end(self, ctx: EpochContext) -> EpochReport | None:
         """The rewards, and the response to the first validation instruction."""
         sample = self.sample_response(ctx)
-        val = ctx.val_metrics
-        text = (f"epoch {ctx.epoch}: val loss {val['val_loss']:.4f}, reward margin "
-                f"{val['val_reward_margin']:.4f}, reward accuracy {val['val_reward_accuracy']:.2%}")
+        val = {k[4:]: v for k, v in ctx.val_metrics.items()
+               if k in ("val_loss", "val_reward_margin", "val_reward_accuracy")}
+        text = f"epoch {ctx.epoch}/{ctx.epochs} done (step {ctx.step}): {format_metrics(val, 'val ')}"
         if sample is None:
             return EpochReport(text=text)
         return EpochReport({"val/sample_response": sample[1]},
@@ -196,15 +195,6 @@ class PreferenceTask(InstructionTask):
 
     # ---- the run's files -----------------------------------------------------------------------
 
-    def write_outputs(self, trainer, metrics: dict) -> None:
-        super().write_outputs(trainer, metrics)  # responses.json
-        if self.accelerator.is_main_process:
-            from gptft.plots import plot_run
-
-            with trainer.phases("saving"):
-                plot_run(Path(self.job.output_dir), ["loss", "reward_margin", "reward_accuracy"])
-
-    def summary(self, metrics: dict) -> str:
-        parts = [f"{s} reward accuracy {metrics[f'{s}_reward_accuracy']:.2%}, margin "
-                 f"{metrics[f'{s}_reward_margin']:.4f}" for s in ("test", "val") if f"{s}_loss" in metrics]
-        return "; ".join(parts)
+    def plots(self) -> list[str]:
+        """The loss, the chosen and rejected rewards, their margin and the reward accuracy."""
+        return ["loss", "rewards", "reward_margin", "reward_accuracy"]
