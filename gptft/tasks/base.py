@@ -192,11 +192,11 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, job: Job, meta:
     if accelerator.is_main_process:
         out = Path(job.output_dir)
         if job.model.trainable == "lora":
-            from gptft.lora import split_state_dict, write_adapter
+            from gptft.lora import base_model_name, split_state_dict, write_adapter
 
             adapter, state = split_state_dict(state, _trainable_names(accelerator, model), job.lora)
             write_adapter(adapter, out / "adapter", job.lora,
-                          extra={"base_model": job.model.checkpoint or job.model.name, **meta})
+                          extra={"base_model": base_model_name(job.model), **meta})
         save_model(out, state, meta)
         write_json(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
