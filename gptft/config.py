@@ -161,6 +161,9 @@ class TrackingConfig:
     """W&B run name (unset: the output folder's name)."""
     tags: list[str] = field(default_factory=list)
     """W&B tags."""
+    log_model: bool = False
+    """Upload the final model (weights, gptft.json, config, metrics, a LoRA run's adapter) to W&B as
+    an Artifact of type model."""
 
 
 @dataclass

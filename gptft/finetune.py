@@ -7,15 +7,15 @@ runs before the run folder is touched.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from accelerate.utils import set_seed
 
 from gptft.checkpoints import resume_point
-from gptft.config import Job, job_to_dict
+from gptft.config import Job
 from gptft.tasks import get_task
 from gptft.tasks.base import run_task, start_run_folder
 from gptft.timing import Phases
+from gptft.tracking import finish_tracking, init_tracking
 from gptft.trainer import make_accelerator
 
 
@@ -32,12 +32,10 @@ def finetune(job: Job, started: float | None = None) -> dict:
     set_seed(job.train.seed)
     task = get_task(job.task).task_class()(job, accelerator)  # reads data and weights
     start_run_folder(job, accelerator)
-    if job.tracking.wandb:
-        accelerator.init_trackers(job.tracking.project, config=job_to_dict(job), init_kwargs={
-            "wandb": {"name": job.tracking.run_name or Path(job.output_dir).name,
-                      "tags": job.tracking.tags, "dir": job.output_dir}})
+    init_tracking(job, accelerator)
     try:
         metrics = run_task(task, resume, phases)
+        finish_tracking(accelerator, job, metrics)
         # Every process leaves together: a rank that exits while the main one still writes
         # outputs can abort in its collective library's threads (gloo: SIGABRT at exit).
         accelerator.wait_for_everyone()
