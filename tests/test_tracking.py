@@ -62,8 +62,8 @@ def read_run(path: Path) -> dict:
         elif kind == "config":
             run["config"].update({u.key: json.loads(u.value_json) for u in record.config.update})
         elif kind == "history":
-            row = _items(record.history.item)
-            run["history"][row["_step"]] = row
+            row = _items(record.history.item)  # a step's row may come in parts
+            run["history"].setdefault(row["_step"], {}).update(row)
         elif kind == "summary":
             run["summary"].update(_items(record.summary.update))
         elif kind == "artifact":
