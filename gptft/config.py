@@ -46,9 +46,15 @@ class ModelConfig:
     trainable: Literal["head", "last_block", "last_two_blocks", "all", "lora"] = "last_block"
     """Which parameters train: the head only; + last block and final LayerNorm; + the last two
     blocks; everything; or LoRA adapters (+ the classification head), see ``lora``."""
+    adapter: str | None = None
+    """A PEFT LoRA adapter folder to continue training (a run's adapter/, or one saved by peft on
+    a transformers GPT-2 of the base's shape): loaded onto the base model before training; needs
+    trainable=lora, and its r, lora_alpha, lora_dropout and target_modules replace ``lora``."""
 
     def problems(self) -> list[str]:
         out = []
+        if self.adapter is not None and self.trainable != "lora":
+            out.append("adapter: needs trainable=lora (an adapter trains as LoRA)")
         if self.weights == "pretrained":
             shape = [k for k in ("n_layers", "emb_dim", "n_heads", "context_length")
                      if getattr(self, k) is not None]

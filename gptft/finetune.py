@@ -12,6 +12,7 @@ from accelerate.utils import set_seed
 
 from gptft.checkpoints import resume_point
 from gptft.config import Job
+from gptft.lora import with_adapter_config
 from gptft.tasks import get_task
 from gptft.tasks.base import run_task, start_run_folder
 from gptft.timing import Phases
@@ -26,6 +27,7 @@ def finetune(job: Job, started: float | None = None) -> dict:
     command passes its process's start (``gptft.timing.process_start``); default: now.
     """
     phases = Phases(started if started is not None else time.time())
+    job = with_adapter_config(job)  # model.adapter: its LoRA config is the run's
     accelerator = make_accelerator(job)
     # A resumption that cannot be (no checkpoint, changed config, other process count) fails first.
     resume = resume_point(job, accelerator.num_processes)

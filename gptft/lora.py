@@ -19,6 +19,7 @@ Typical use::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -31,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptft.config import LoRAConfig, ModelConfig
+from gptft.config import Job, LoRAConfig, ModelConfig
 from gptft.errors import GPTFTError
 from gptft.io import load_safetensors, read_json, save_safetensors, write_json
 from gptft.validation import check
@@ -338,6 +339,14 @@ def from_peft_names(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[
         else:
             out[name] = t
     return out
+
+
+def with_adapter_config(job: Job) -> Job:
+    """`job` with its ``lora`` section replaced by the config of ``model.adapter`` (if set)."""
+    if job.model.adapter is None:
+        return job
+    cfg, _ = read_adapter_config(job.model.adapter)
+    return dataclasses.replace(job, lora=cfg)
 
 
 def base_model_name(cfg: ModelConfig) -> str | None:

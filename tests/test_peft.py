@@ -127,3 +127,35 @@ def test_unsupported_peft_configs_are_named(tmp_path):
     (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(GPTFTError, match="peft_type is 'IA3'"):
         read_adapter_config(tmp_path)
+
+
+def test_finetune_continues_from_a_peft_adapter(tiny_config, tmp_path):
+    """``model.adapter``: a peft adapter of a transformers GPT-2 is loaded and trained on; its
+    LoRA config replaces the job's (lr ~ 0: the run's merged model is the adapted one)."""
+    from pathlib import Path
+
+    from gptft.cli import main
+    from gptft.runs import load_gpt
+
+    GPT(tiny_config).save_pretrained(tmp_path / "base")
+    lora = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["c_attn"], fan_in_fan_out=True,
+                           task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"), lora)
+    _perturb(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    records = [{"instruction": f"Repeat {i}.", "input": "", "output": f"{i}"} for i in range(20)]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    args = ["finetune", "--config", str(configs / "instruct-lora.yaml"),
+            f"model.checkpoint={tmp_path / 'base'}", f"model.adapter={tmp_path / 'peft'}",
+            f"data.path={tmp_path / 'data.json'}", "train.lr=1e-12", "train.max_steps=1",
+            "train.batch_size=4", "train.eval_every=0", "train.device=cpu", "data.max_length=null",
+            "generate.max_new_tokens=1", f"output_dir={tmp_path / 'run'}"]
+    assert main(args) == 0
+    cfg, _ = read_adapter_config(tmp_path / "run" / "adapter")
+    assert (cfg.rank, cfg.alpha, cfg.targets) == (2, 6, ["attn.c_attn"])  # the adapter's, not lora.*
+    model, _ = load_gpt(tmp_path / "run")
+    x = _ids()
+    with torch.no_grad():
+        assert_close(model(x), peft_model.eval()(input_ids=x).logits, atol=1e-5, rtol=0)
+    assert main([*args[:-1], "model.trainable=all", f"output_dir={tmp_path / 'other'}"]) == 2

@@ -97,6 +97,10 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
     """Train, evaluate every split, write the run folder and the task's outputs; the metrics."""
     job, acc = task.job, task.accelerator
     phases = phases or Phases()
+    if job.model.adapter:  # a PEFT adapter to continue from (a checkpoint, if resuming, comes later)
+        from gptft.lora import load_adapter
+
+        load_adapter(task.model, job.model.adapter)
     trainer = Trainer(job, acc, task, task.model, task.loader("train", train=True), task.loader("val"),
                       eval_loader=task.loader, resume=resume, phases=phases)
     trainer.fit()
