@@ -32,13 +32,13 @@ class ModelConfig:
     model.safetensors) or a finished gptft run of a language-model task (gptft.json: its shape
     and weights, e.g. the instruction run that preference tuning starts from)."""
     n_layers: int | None = None
-    """Override the preset's number of blocks (random weights only)."""
+    """Override the preset's number of blocks (random weights; with a checkpoint, must match it)."""
     emb_dim: int | None = None
-    """Override the preset's width (random weights only)."""
+    """Override the preset's width (random weights; with a checkpoint, must match it)."""
     n_heads: int | None = None
-    """Override the preset's number of heads (random weights only)."""
+    """Override the preset's number of heads (random weights; with a checkpoint, must match it)."""
     context_length: int | None = None
-    """Override the preset's context length (random weights only)."""
+    """Override the preset's context length (random weights; with a checkpoint, must match it)."""
     drop_rate: float = 0.0
     """Dropout rate during fine-tuning."""
     pad_vocab_multiple: int = 1
@@ -55,11 +55,11 @@ class ModelConfig:
         out = []
         if self.adapter is not None and self.trainable != "lora":
             out.append("adapter: needs trainable=lora (an adapter trains as LoRA)")
-        if self.weights == "pretrained":
+        if self.weights == "pretrained" and not self.checkpoint:
             shape = [k for k in ("n_layers", "emb_dim", "n_heads", "context_length")
                      if getattr(self, k) is not None]
             if shape:
-                out.append(f"{', '.join(shape)}: only with weights=random "
+                out.append(f"{', '.join(shape)}: only with weights=random or a checkpoint "
                            "(pretrained weights fix the shape)")
         if not 0 <= self.drop_rate < 1:
             out.append(f"drop_rate: must be in [0, 1) (got {self.drop_rate})")

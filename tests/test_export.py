@@ -119,3 +119,25 @@ def test_exported_generation_config_and_prompt_style(tmp_path):
     model, _ = load_gpt(run)
     ours = generate_texts(model, Tokenizer(), [prompt], GenerateConfig(max_new_tokens=8))[0]
     assert len(new) > 0 and ours.strip() == tok.decode(new, skip_special_tokens=True).strip()
+
+
+def test_checkpoint_run_folder_with_the_configs_shape_keys(tmp_path):
+    """``model.checkpoint=RUN`` continues from a gptft run; a config's shape keys (the -tiny configs
+    set them) may stay when they match the run's, and a mismatch is one error naming each."""
+    from gptft.config import job_from_dict
+    from gptft.errors import GPTFTError
+    from gptft.runs import load_gpt
+    from gptft.tasks.base import build_gpt
+
+    run = _lm_run(tmp_path / "run")
+    shape = {"n_layers": 2, "emb_dim": 32, "n_heads": 2, "context_length": 64}
+    job = job_from_dict({"task": "instruction", "model": {"weights": "pretrained", "checkpoint": str(run),
+                                                         **shape}})
+    model = build_gpt(job.model, 50257)
+    saved, _ = load_gpt(run)
+    x = torch.randint(0, 50257, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), saved(x))
+    job.model.n_layers, job.model.emb_dim = 4, 64
+    with pytest.raises(GPTFTError, match=r"model.n_layers=4 \(the checkpoint has 2\), model.emb_dim=64"):
+        build_gpt(job.model, 50257)

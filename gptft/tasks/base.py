@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from gptft.checkpoints import ResumePoint
 from gptft.config import Job, ModelConfig, job_to_yaml
 from gptft.data.sampler import EpochBatchSampler
+from gptft.errors import GPTFTError
 from gptft.io import write_json, write_text
 from gptft.model import GPT, GPTConfig
 from gptft.runs import is_run_folder, load_gpt, save_model
@@ -131,19 +132,30 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, device: torch.device | None = N
     """Pretrained weights (a finished gptft language-model run, a Hugging Face folder or the hub),
     or a fresh model of the preset's shape, built directly on `device` (a fresh model is
     initialised there, not on the CPU first)."""
+    shape = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
+             if getattr(cfg, k) is not None}
     if cfg.weights == "pretrained" and cfg.checkpoint and is_run_folder(cfg.checkpoint):
         model, _ = load_gpt(cfg.checkpoint, device, drop_rate=cfg.drop_rate,
                             pad_vocab_multiple=cfg.pad_vocab_multiple)  # its shape from gptft.json
-        return model.train()
+        return _check_shape(model, shape, cfg.checkpoint).train()
     if cfg.weights == "pretrained":
-        return GPT.from_pretrained(cfg.checkpoint or cfg.name, device=device, drop_rate=cfg.drop_rate,
-                                   pad_vocab_multiple=cfg.pad_vocab_multiple)
-    shape = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
-             if getattr(cfg, k) is not None}
+        model = GPT.from_pretrained(cfg.checkpoint or cfg.name, device=device, drop_rate=cfg.drop_rate,
+                                    pad_vocab_multiple=cfg.pad_vocab_multiple)
+        return _check_shape(model, shape, cfg.checkpoint or cfg.name)
     config = GPTConfig.from_name(cfg.name, vocab_size=vocab_size, drop_rate=cfg.drop_rate,
                                  pad_vocab_multiple=cfg.pad_vocab_multiple, **shape)
     with torch.device(device or "cpu"):
         return GPT(config)
+
+
+def _check_shape(model: GPT, shape: dict[str, int], source: str) -> GPT:
+    """`model` if the shape keys a config sets (with a checkpoint) are the checkpoint's."""
+    wrong = [f"model.{k}={v} (the checkpoint has {getattr(model.config, k)})"
+             for k, v in shape.items() if getattr(model.config, k) != v]
+    if wrong:
+        raise GPTFTError(f"{source}: the checkpoint's shape differs from the config: " + ", ".join(wrong)
+                         + "; drop these keys (or set them to null) to take the checkpoint's shape")
+    return model
 
 
 def make_loader(dataset: Dataset, collate: Callable, batch_size: int, seed: int, *,
