@@ -38,6 +38,15 @@ from gptft.io import load_safetensors, read_json, save_safetensors, write_json
 from gptft.validation import check
 
 _LORA_SUFFIXES = (".lora_A", ".lora_B")
+# An adapter folder is a PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json) plus
+# gptft's own fields (gptft_adapter.json).
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_META = "gptft_adapter.json"
+_PEFT = "base_model.model."  # PEFT's prefix: PeftModel > LoraModel > the transformers model
+_HEAD_MODULES = ("score", "ln_f")  # a classifier's modules_to_save
+_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+_BLOCK_LORA = re.compile(r"^(?:.*\.)?(h\.\d+\..+)\.(lora_[AB])$")
 
 
 class LoRALinear(nn.Linear):
@@ -269,15 +278,6 @@ def split_state_dict(
 
 
 # ---- PEFT's names --------------------------------------------------------------------------------
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_META = "gptft_adapter.json"
-_PEFT = "base_model.model."  # PEFT's prefix: PeftModel > LoraModel > the transformers model
-_HEAD_MODULES = ("score", "ln_f")  # a classifier's modules_to_save
-_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-_BLOCK_LORA = re.compile(r"^(?:.*\.)?(h\.\d+\..+)\.(lora_[AB])$")
-
 
 def to_peft_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """gptft's adapter tensors under the names PEFT gives them on a ``transformers`` GPT-2.
