@@ -173,3 +173,26 @@ def test_instruction_run_logs_texts_and_tables_to_wandb(tmp_path, monkeypatch):
     assert final["test/responses"]["_type"] == "table-file" and final["test/responses"]["nrows"] == 6
     assert run["summary"]["test_loss"] == json.loads((out / "metrics.json").read_text())["test_loss"]
     assert "model" not in run["artifacts"]  # tracking.log_model is off (tables are artifacts too)
+
+
+def test_run_id_is_kept_and_reused_on_resume(tmp_path):
+    from types import SimpleNamespace
+
+    from gptft.config import job_from_dict
+    from gptft.tracking import RUN_FILE, confusion_table, records_table, wandb_run_id
+
+    acc = SimpleNamespace(is_main_process=True)
+    job = job_from_dict({"task": "classification", "output_dir": str(tmp_path)})
+    first = wandb_run_id(job, acc)
+    assert json.loads((tmp_path / RUN_FILE).read_text())["id"] == first
+    job.train.resume = True
+    assert wandb_run_id(job, acc) == first  # the resumed job continues the W&B run
+    job.train.resume = False
+    assert wandb_run_id(job, acc) != first  # a new run in the folder: a new W&B run
+
+    table = confusion_table([[3, 1], [0, 4]], ["ham", "spam"])
+    assert table.columns == ["true \\ predicted", "ham", "spam"]
+    assert table.data == [["ham", 3, 1], ["spam", 0, 4]]
+    rows = records_table([{"instruction": "a", "model_response": "b\nc"}, {"instruction": "d", "input": "e"}])
+    assert rows.columns == ["instruction", "model_response", "input"]
+    assert rows.data == [["a", "b\nc", None], ["d", None, "e"]]
