@@ -51,8 +51,14 @@ def wandb_records(path: Path):
             yield wandb_pb.Record.FromString(partial + payload)
 
 
-def read_run(path: Path) -> dict:
-    """Run id, config, history rows (by step), summary and artifacts of an offline run file."""
+def read_run(path: Path, timeout: float = 60.0) -> dict:
+    """Run id, config, history rows (by step), summary and artifacts of a finished offline run
+    file (W&B's service may still be writing it when the run's process returns: wait for its
+    exit record)."""
+    deadline = time.monotonic() + timeout
+    while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path)):
+        assert time.monotonic() < deadline, f"{path}: no exit record within {timeout} s"
+        time.sleep(0.2)
     run = {"id": None, "config": {}, "history": {}, "summary": {}, "artifacts": []}
     for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
@@ -105,7 +111,10 @@ def test_killed_and_resumed_job_is_one_wandb_run(tmp_path):
             "data.max_length=32", "train.epochs=2", "train.batch_size=4", "train.eval_every=6",
             "train.checkpoint_every=4", "train.log_every=1", f"output_dir={out}",
             "tracking.wandb=true", "tracking.log_model=true", "tracking.tags=[test]"]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    # Each attempt its own process and W&B service, as a killed job and its resumption are (a
+    # service this test process started would otherwise be shared through WANDB_SERVICE).
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true")
     proc = subprocess.Popen([sys.executable, "launch/finetune.py", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
@@ -120,11 +129,9 @@ def test_killed_and_resumed_job_is_one_wandb_run(tmp_path):
     assert not (out / "metrics.json").exists()  # it really died during training
     first_id = json.loads((out / "wandb_run.json").read_text())["id"]
 
-    os.environ["WANDB_MODE"], old = "offline", os.environ.get("WANDB_MODE")
-    try:
-        assert main(["finetune", *args, "train.resume=true"]) == 0
-    finally:
-        os.environ["WANDB_MODE"] = old or "disabled"
+    again = subprocess.run([sys.executable, "launch/finetune.py", *args, "train.resume=true"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
 
     # One W&B run: both attempts' offline files carry the run folder's id. (The killed attempt's
     # rows stay in W&B's buffer when its process dies: offline, its file may hold the header only.)
