@@ -29,8 +29,9 @@ class ModelConfig:
     """pretrained: load GPT-2 weights (``checkpoint`` or the hub); random: initialise afresh."""
     checkpoint: str | None = None
     """Local folder to load instead of the hub: a Hugging Face GPT-2 folder (config.json +
-    model.safetensors) or a finished gptft run of a language-model task (gptft.json: its shape
-    and weights, e.g. the instruction run that preference tuning starts from)."""
+    model.safetensors) or a finished gptft run (gptft.json: its shape and weights): of a
+    language-model task (e.g. the instruction run that preference tuning starts from), or, for a
+    classification job, a classification run with the same labels (its head too: training goes on)."""
     n_layers: int | None = None
     """Override the preset's number of blocks (random weights; with a checkpoint, must match it)."""
     emb_dim: int | None = None

@@ -141,3 +141,28 @@ def test_checkpoint_run_folder_with_the_configs_shape_keys(tmp_path):
     job.model.n_layers, job.model.emb_dim = 4, 64
     with pytest.raises(GPTFTError, match=r"model.n_layers=4 \(the checkpoint has 2\), model.emb_dim=64"):
         build_gpt(job.model, 50257)
+
+
+def test_a_classification_run_continues_as_a_checkpoint(tmp_path, capsys):
+    """A classification job with ``model.checkpoint`` = a classification run starts from its whole
+    classifier, head included (lr ~ 0: the new run's model is the old one)."""
+    from gptft.classifier import GPTClassifier
+
+    cfg = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_layers=2, n_heads=2)
+    run = tmp_path / "spam"
+    run.mkdir()
+    old = GPTClassifier(GPT(cfg), 2)
+    save_model(run, old, {"task": "classification", "model": cfg.to_dict(), "tokenizer": "gpt2",
+                          "labels": ["ham", "spam"], "max_length": 64})
+    args = ["finetune", "--config", str(CONFIGS / "spam-tiny.yaml"), "model.weights=pretrained",
+            f"model.checkpoint={run}", "model.n_layers=2", "model.emb_dim=32", "model.n_heads=2",
+            "model.context_length=64", "data.max_length=32", "train.lr=1e-12", "train.max_steps=1",
+            "train.eval_every=0", "train.eval_batch_size=256", f"output_dir={tmp_path / 'more'}"]
+    assert main(args) == 0
+    new = load_classifier(tmp_path / "more").model
+    ids, lengths = torch.randint(0, 50257, (3, 10)), torch.tensor([10, 6, 2])
+    with torch.no_grad():
+        assert_close(new(ids, lengths), old.eval()(ids, lengths), atol=1e-6, rtol=0)
+    capsys.readouterr()
+    assert main([*args[:-1], "data.labels=[spam,ham]", f"output_dir={tmp_path / 'other'}"]) == 2
+    assert "a classifier of labels ['ham', 'spam'], the data has ['spam', 'ham']" in capsys.readouterr().err

@@ -137,18 +137,18 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, device: torch.device | None = N
     if cfg.weights == "pretrained" and cfg.checkpoint and is_run_folder(cfg.checkpoint):
         model, _ = load_gpt(cfg.checkpoint, device, drop_rate=cfg.drop_rate,
                             pad_vocab_multiple=cfg.pad_vocab_multiple)  # its shape from gptft.json
-        return _check_shape(model, shape, cfg.checkpoint).train()
+        return check_checkpoint_shape(model, shape, cfg.checkpoint).train()
     if cfg.weights == "pretrained":
         model = GPT.from_pretrained(cfg.checkpoint or cfg.name, device=device, drop_rate=cfg.drop_rate,
                                     pad_vocab_multiple=cfg.pad_vocab_multiple)
-        return _check_shape(model, shape, cfg.checkpoint or cfg.name)
+        return check_checkpoint_shape(model, shape, cfg.checkpoint or cfg.name)
     config = GPTConfig.from_name(cfg.name, vocab_size=vocab_size, drop_rate=cfg.drop_rate,
                                  pad_vocab_multiple=cfg.pad_vocab_multiple, **shape)
     with torch.device(device or "cpu"):
         return GPT(config)
 
 
-def _check_shape(model: GPT, shape: dict[str, int], source: str) -> GPT:
+def check_checkpoint_shape(model: GPT, shape: dict[str, int], source: str) -> GPT:
     """`model` if the shape keys a config sets (with a checkpoint) are the checkpoint's."""
     wrong = [f"model.{k}={v} (the checkpoint has {getattr(model.config, k)})"
              for k, v in shape.items() if getattr(model.config, k) != v]
