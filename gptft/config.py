@@ -31,16 +31,17 @@ class ModelConfig:
     """pretrained: load GPT-2 weights (``checkpoint`` or the hub); random: initialise afresh."""
     checkpoint: str | None = None
     """Local folder to load instead of the hub: a Hugging Face GPT-2 folder (config.json +
-    model.safetensors) or a finished gptft run of a language-model task (gptft.json: its shape
-    and weights, e.g. the instruction run that preference tuning starts from)."""
+    model.safetensors) or a finished gptft run (gptft.json: its shape and weights): of a
+    language-model task (e.g. the instruction run that preference tuning starts from), or, for a
+    classification job, a classification run with the same labels (its head too: training goes on)."""
     n_layers: int | None = None
-    """Override the preset's number of blocks (random weights only)."""
+    """Override the preset's number of blocks (random weights; with a checkpoint, must match it)."""
     emb_dim: int | None = None
-    """Override the preset's width (random weights only)."""
+    """Override the preset's width (random weights; with a checkpoint, must match it)."""
     n_heads: int | None = None
-    """Override the preset's number of heads (random weights only)."""
+    """Override the preset's number of heads (random weights; with a checkpoint, must match it)."""
     context_length: int | None = None
-    """Override the preset's context length (random weights only)."""
+    """Override the preset's context length (random weights; with a checkpoint, must match it)."""
     drop_rate: float = 0.0
     """Dropout rate during fine-tuning."""
     pad_vocab_multiple: int = 1
@@ -48,14 +49,20 @@ class ModelConfig:
     trainable: Literal["head", "last_block", "last_two_blocks", "all", "lora"] = "last_block"
     """Which parameters train: the head only; + last block and final LayerNorm; + the last two
     blocks; everything; or LoRA adapters (+ the classification head), see ``lora``."""
+    adapter: str | None = None
+    """A PEFT LoRA adapter folder to continue training (a run's adapter/, or one saved by peft on
+    a transformers GPT-2 of the base's shape): loaded onto the base model before training; needs
+    trainable=lora, and its r, lora_alpha, lora_dropout and target_modules replace ``lora``."""
 
     def problems(self) -> list[str]:
         out = []
-        if self.weights == "pretrained":
+        if self.adapter is not None and self.trainable != "lora":
+            out.append("adapter: needs trainable=lora (an adapter trains as LoRA)")
+        if self.weights == "pretrained" and not self.checkpoint:
             shape = [k for k in ("n_layers", "emb_dim", "n_heads", "context_length")
                      if getattr(self, k) is not None]
             if shape:
-                out.append(f"{', '.join(shape)}: only with weights=random "
+                out.append(f"{', '.join(shape)}: only with weights=random or a checkpoint "
                            "(pretrained weights fix the shape)")
         if not 0 <= self.drop_rate < 1:
             out.append(f"drop_rate: must be in [0, 1) (got {self.drop_rate})")
@@ -179,6 +186,9 @@ class TrackingConfig:
     """W&B run name (unset: the output folder's name)."""
     tags: list[str] = field(default_factory=list)
     """W&B tags."""
+    log_model: bool = False
+    """Upload the final model (weights, gptft.json, config, metrics, a LoRA run's adapter) to W&B as
+    an Artifact of type model."""
 
 
 @dataclass

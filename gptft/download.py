@@ -1,10 +1,11 @@
-"""Downloading data files once into gptft's cache folder."""
+"""The seed data sets gptft carries, and downloading data files once into gptft's cache folder."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import urllib.request
+from importlib import resources
 from pathlib import Path
 
 from gptft.errors import GPTFTError
@@ -14,6 +15,19 @@ from gptft.io import atomic_path
 def cache_dir() -> Path:
     """gptft's cache folder: ``$GPTFT_CACHE_DIR``, else ``~/.cache/gptft``."""
     return Path(os.environ.get("GPTFT_CACHE_DIR") or Path.home() / ".cache" / "gptft").expanduser()
+
+
+def embedded_dir() -> Path:
+    """Where gptft keeps its seed data sets (``gptft/assets/data``; sources and licences in
+    ``gptft/assets/README.md``)."""
+    return Path(str(resources.files("gptft").joinpath("assets", "data")))
+
+
+def seed_file(name: str, urls: list[str], filename: str) -> Path:
+    """The seed data set `name` carried inside gptft, or, where an installation lacks it, the
+    file downloaded from `urls` into the cache as `filename` (``download``)."""
+    path = embedded_dir() / name
+    return path if path.is_file() else download(urls, filename)
 
 
 def download(urls: list[str], filename: str, timeout: float = 60.0) -> Path:

@@ -15,13 +15,15 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from gptft.checkpoints import resume_point
-from gptft.config import Job, job_to_dict
+from gptft.config import Job
 from gptft.errors import GPTFTError
+from gptft.lora import with_adapter_config
 from gptft.runfolder import RunLock, check_new_run
 from gptft.signals import watch_parent
 from gptft.tasks import get_task
 from gptft.tasks.base import run_task, start_run_folder
 from gptft.timing import Phases
+from gptft.tracking import finish_tracking, init_tracking
 from gptft.trainer import make_accelerator
 
 
@@ -33,6 +35,7 @@ def finetune(job: Job, started: float | None = None) -> dict:
     """
     phases = Phases(started if started is not None else time.time())
     watch_parent()
+    job = with_adapter_config(job)  # model.adapter: its LoRA config is the run's
     accelerator = make_accelerator(job)
     warn_if_fsdp_ignored(accelerator)
     resuming_here = _resumes_in_place(job)
@@ -45,12 +48,10 @@ def finetune(job: Job, started: float | None = None) -> dict:
         _on_main(accelerator, lambda: check_new_run(Path(job.output_dir), job.train.overwrite,
                                                     resuming_here))
         start_run_folder(job, accelerator, resuming=resuming_here)
-        if job.tracking.wandb:
-            accelerator.init_trackers(job.tracking.project, config=job_to_dict(job), init_kwargs={
-                "wandb": {"name": job.tracking.run_name or Path(job.output_dir).name,
-                          "tags": job.tracking.tags, "dir": job.output_dir}})
+        init_tracking(job, accelerator)
         try:
             metrics = run_task(task, resume, phases)
+            finish_tracking(accelerator, job, metrics)
             # Every process leaves together: a rank that exits while the main one still writes
             # outputs can abort in its collective library's threads (gloo: SIGABRT at exit).
             accelerator.wait_for_everyone()

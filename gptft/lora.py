@@ -11,16 +11,18 @@ Typical use::
 
     names = apply_lora(model, cfg)            # wrap targets, freeze everything else
     ...train...
-    save_adapter(model, "run/adapter", cfg)   # LoRA tensors + other trainable params (the head)
-    load_adapter(fresh_base, "run/adapter")   # rebuild the fine-tuned model
+    save_adapter(model, "run/adapter", cfg)   # a PEFT adapter: LoRA tensors (+ a classifier's head)
+    load_adapter(fresh_base, "run/adapter")   # rebuild the fine-tuned model (or load peft's own)
     merge_lora(model)                         # plain nn.Linear layers again, for export
     with adapters_disabled(model): ...        # the base model's outputs, without a copy of it
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,15 +32,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptft.config import LoRAConfig
+from gptft.config import Job, LoRAConfig, ModelConfig
 from gptft.errors import GPTFTError
 from gptft.io import load_safetensors, read_json, save_safetensors, write_json
 from gptft.validation import check
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 _LORA_SUFFIXES = (".lora_A", ".lora_B")
-_CONFIG_KEYS = ("rank", "alpha", "dropout", "targets")
+# An adapter folder is a PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json) plus
+# gptft's own fields (gptft_adapter.json).
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_META = "gptft_adapter.json"
+_PEFT = "base_model.model."  # PEFT's prefix: PeftModel > LoraModel > the transformers model
+_HEAD_MODULES = ("score", "ln_f")  # a classifier's modules_to_save
+_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+_BLOCK_LORA = re.compile(r"^(?:.*\.)?(h\.\d+\..+)\.(lora_[AB])$")
 
 
 class LoRALinear(nn.Linear):
@@ -200,43 +208,49 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if _is_lora_name(k)}
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What an adapter stores: the LoRA tensors plus every other parameter that requires grad."""
-    tensors = lora_state_dict(model)
-    tensors.update({name: p.detach() for name, p in model.named_parameters()
-                    if p.requires_grad and not _is_lora_name(name)})
-    return tensors
-
-
 def save_adapter(
     model: nn.Module, folder: str | os.PathLike, cfg: LoRAConfig, extra: dict[str, Any] | None = None
 ) -> None:
-    """Write ``adapter.safetensors`` and ``adapter_config.json`` into `folder`.
+    """Write the adapter of `model` into `folder` in PEFT's layout (see ``write_adapter``).
 
-    The safetensors file holds the LoRA tensors and every other trainable parameter (e.g. the
-    classification head) under their names, so the folder plus the base model rebuild the
-    fine-tuned model. The JSON holds rank, alpha, dropout and targets, plus the JSON-serialisable
-    fields of `extra` (e.g. the base model's name). A frozen base weight is never saved: with
-    ``"head"`` as a LoRA target the head's base weights must be rebuilt identically by the caller.
+    It holds the LoRA tensors and, for a model with a classification ``head``, the head and the
+    final LayerNorm it reads, so the folder plus the base model rebuild the fine-tuned model.
     """
     if not lora_modules(model):
         raise GPTFTError("the model has no LoRA layers: call apply_lora first")
-    write_adapter(adapter_tensors(model), folder, cfg, extra)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapter, _ = split_state_dict(model.state_dict(), trainable, cfg)
+    write_adapter(adapter, folder, cfg, extra)
 
 
 def write_adapter(
     tensors: dict[str, torch.Tensor], folder: str | os.PathLike, cfg: LoRAConfig,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write the adapter `tensors` (see ``adapter_tensors``) and the config, as ``save_adapter``."""
-    clash = set(extra or {}) & set(_CONFIG_KEYS)
-    if clash:
-        raise GPTFTError(f"save_adapter: extra may not redefine {', '.join(sorted(clash))}")
+    """Write the adapter `tensors` (from ``split_state_dict``) as a PEFT LoRA adapter folder.
+
+    ``adapter_model.safetensors`` and ``adapter_config.json`` are what
+    ``peft.PeftModel.from_pretrained`` reads onto a ``transformers`` GPT-2 (``GPT2LMHeadModel``,
+    or ``GPT2ForSequenceClassification`` for a classifier, whose head is saved whole as the
+    module ``score``); ``gptft_adapter.json`` holds `extra` (the base model, the run's task,
+    labels or prompt style). ``base_model`` in `extra` becomes ``base_model_name_or_path``.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors(tensors, folder / ADAPTER_WEIGHTS)
-    config = {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "targets": list(cfg.targets)}
-    write_json(folder / ADAPTER_CONFIG, {**config, **(extra or {})})
+    peft_tensors = to_peft_names(tensors)
+    classifier = f"{_PEFT}score.weight" in peft_tensors
+    config = {
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM",
+        "base_model_name_or_path": (extra or {}).get("base_model"),
+        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "target_modules": [t for t in cfg.targets if t != "head"],
+        "fan_in_fan_out": True,  # GPT-2's Conv1D layers store (in, out)
+        "bias": "none", "modules_to_save": list(_HEAD_MODULES) if classifier else None,
+        "init_lora_weights": True, "inference_mode": True,
+    }
+    save_safetensors(peft_tensors, folder / ADAPTER_WEIGHTS)
+    write_json(folder / ADAPTER_CONFIG, config)
+    write_json(folder / ADAPTER_META, extra or {})
 
 
 def split_state_dict(
@@ -244,38 +258,148 @@ def split_state_dict(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """From the full state dict of a LoRA model: (adapter tensors, merged plain state dict).
 
-    The adapter holds the LoRA tensors and the other `trainable` entries (e.g. the head); the
-    merged state dict has each adapted weight replaced by W + (alpha / rank) * B @ A (in float32,
-    back in W's dtype) and no LoRA tensors. Working on a state dict rather than on modules, it
-    serves a sharded (FSDP) model too, whose full weights exist only as the gathered state dict.
+    The adapter holds the LoRA tensors and, for a classifier (a trainable ``head``), the head and
+    the final LayerNorm (``ln_f``) it reads, merged, as whole modules; the merged state dict has
+    each adapted weight replaced by W + (alpha / rank) * B @ A (in float32, back in W's dtype) and
+    no LoRA tensors. Working on a state dict rather than on modules, it serves a sharded (FSDP)
+    model too, whose full weights exist only as the gathered state dict.
     """
-    adapter = {k: v for k, v in state.items() if _is_lora_name(k) or k in trainable}
     merged = {k: v for k, v in state.items() if not _is_lora_name(k)}
     scaling = cfg.alpha / cfg.rank
     for key in (k for k in state if k.endswith(".lora_A")):
         base = key[: -len(".lora_A")]
         w, a, b = state[f"{base}.weight"], state[key], state[f"{base}.lora_B"]
         merged[f"{base}.weight"] = (w.float() + (b.float() @ a.float()) * scaling).to(w.dtype)
+    adapter = {k: v for k, v in state.items() if _is_lora_name(k) and not k.startswith("head.")}
+    if any(k.startswith("head.") for k in trainable):
+        adapter.update({k: v for k, v in merged.items()
+                        if k.startswith("head.") or k.endswith(("ln_f.weight", "ln_f.bias"))})
     return adapter, merged
 
 
+# ---- PEFT's names --------------------------------------------------------------------------------
+
+def to_peft_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gptft's adapter tensors under the names PEFT gives them on a ``transformers`` GPT-2.
+
+    A block's ``...h.N.attn.c_attn.lora_A`` becomes ``base_model.model.transformer.h.N.attn.c_attn
+    .lora_A.weight`` (the same (rank, in) / (out, rank) layouts); a classifier's head becomes
+    ``score`` (``GPT2ForSequenceClassification``'s, which has no bias: the bias is folded into the
+    final LayerNorm's, see ``fold_head_bias``) and ``ln_f`` goes with it.
+    """
+    out = {}
+    for name, t in tensors.items():
+        if m := _BLOCK_LORA.match(name):
+            out[f"{_PEFT}transformer.{m[1]}.{m[2]}.weight"] = t
+        elif name.endswith(("ln_f.weight", "ln_f.bias")):
+            out[f"{_PEFT}transformer.ln_f.{name.rpartition('.')[2]}"] = t
+        elif name not in ("head.weight", "head.bias"):
+            raise GPTFTError(f"adapter tensor {name}: has no place in a PEFT adapter of GPT-2")
+    if "head.weight" in tensors:
+        ln_f_bias = next(t for n, t in tensors.items() if n.endswith("ln_f.bias"))
+        out[f"{_PEFT}score.weight"] = tensors["head.weight"]
+        if "head.bias" in tensors:
+            out[f"{_PEFT}transformer.ln_f.bias"] = fold_head_bias(ln_f_bias, tensors["head.weight"],
+                                                                   tensors["head.bias"])
+    return out
+
+
+def fold_head_bias(ln_f_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The final LayerNorm bias that lets a head without bias give ``weight @ h + bias``.
+
+    The head reads ``h = ln_f(x)``, so adding ``d`` with ``weight @ d = bias`` (the least-norm
+    solution) to ln_f's bias adds ``bias`` to every logit; this exists when the head's rows are
+    independent (``num_classes <= emb_dim``, as a trained head's are).
+    """
+    w, b = weight.double(), bias.double()
+    d = torch.linalg.pinv(w) @ b
+    if not torch.allclose(w @ d, b, atol=1e-6 * (1 + b.abs().max().item()), rtol=0):
+        raise GPTFTError("the classification head's bias cannot be folded into ln_f "
+                         "(its rows are not independent)")
+    return (ln_f_bias.double() + d).to(ln_f_bias.dtype)
+
+
+def from_peft_names(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A PEFT adapter's tensors under `model`'s parameter names (a GPT, or a model holding one and
+    maybe a ``head``); names that do not map are kept, for the caller to report."""
+    from gptft.model import GPT
+
+    gpt = next((n for n, m in model.named_modules() if isinstance(m, GPT)), "")
+    prefix = f"{gpt}." if gpt else ""
+    out = {}
+    for name, t in tensors.items():
+        inner = name.removeprefix(_PEFT)
+        if inner == "score.weight":
+            out["head.weight"] = t
+            if isinstance(getattr(model, "head", None), nn.Linear) and model.head.bias is not None:
+                out["head.bias"] = t.new_zeros(t.shape[0])  # a folded bias lives in ln_f
+        elif name.startswith(_PEFT + "transformer."):
+            key = prefix + inner.removeprefix("transformer.")
+            out[key.removesuffix(".weight") if ".lora_" in key else key] = t
+        else:
+            out[name] = t
+    return out
+
+
+def with_adapter_config(job: Job) -> Job:
+    """`job` with its ``lora`` section replaced by the config of ``model.adapter`` (if set)."""
+    if job.model.adapter is None:
+        return job
+    cfg, _ = read_adapter_config(job.model.adapter)
+    return dataclasses.replace(job, lora=cfg)
+
+
+def base_model_name(cfg: ModelConfig) -> str | None:
+    """What an adapter of a run with model config `cfg` adapts: the checkpoint folder, the hub
+    repo of ``model.name``, or None for a randomly initialised base."""
+    from gptft.hub import HUB_REPOS
+
+    if cfg.weights == "random":
+        return None
+    return cfg.checkpoint or HUB_REPOS.get(cfg.name, cfg.name)
+
+
 def read_adapter_config(folder: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Any]]:
-    """The LoRAConfig of an adapter folder and the `extra` fields saved with it."""
+    """The LoRAConfig of a PEFT LoRA adapter folder and gptft's fields saved with it (if any;
+    ``base_model`` defaults to PEFT's ``base_model_name_or_path``).
+
+    PEFT's ``target_modules`` are module-name suffixes (``c_attn``, ``attn.c_proj``); each is
+    turned into the gptft layers it names (``c_proj``: both ``attn.c_proj`` and ``mlp.c_proj``).
+    """
     path = Path(folder) / ADAPTER_CONFIG
     data = read_json(path)
     if not isinstance(data, dict):
         raise GPTFTError(f"{path}: expected a JSON object")
-    missing = [k for k in _CONFIG_KEYS if k not in data]
-    if missing:
-        raise GPTFTError(f"{path}: missing key(s) {', '.join(missing)}")
-    cfg = check(LoRAConfig, {k: data[k] for k in _CONFIG_KEYS}, str(path))
-    return cfg, {k: v for k, v in data.items() if k not in _CONFIG_KEYS}
+    if data.get("peft_type") != "LORA":
+        raise GPTFTError(f"{path}: peft_type is {data.get('peft_type')!r}; gptft loads LoRA adapters "
+                         "(peft_type LORA) only")
+    problems = [f"missing key {k}" for k in ("r", "lora_alpha", "target_modules") if k not in data]
+    problems += [f"{k}: not supported by gptft" for k in
+                 ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform")
+                 if data.get(k)]
+    if data.get("bias", "none") != "none":
+        problems.append(f"bias: {data['bias']!r} is not supported by gptft (only 'none')")
+    targets = data.get("target_modules", [])
+    if isinstance(targets, str):
+        problems.append("target_modules: a regular expression is not supported (list the layers)")
+    if problems:
+        raise GPTFTError(f"{path}: " + "; ".join(problems))
+    layers = [[g for g in _LAYERS if g == t or g.endswith("." + t)] or [t] for t in targets]
+    fields = {"rank": data["r"], "alpha": data["lora_alpha"], "dropout": data.get("lora_dropout", 0.0),
+              "targets": list(dict.fromkeys(g for names in layers for g in names))}
+    cfg = check(LoRAConfig, fields, str(path))
+    meta = Path(folder) / ADAPTER_META
+    extra = read_json(meta) if meta.is_file() else {}
+    extra.setdefault("base_model", data.get("base_model_name_or_path"))
+    return cfg, extra
 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
-    """Apply LoRA with the saved config (unless already applied) and load the adapter's tensors.
+    """Apply LoRA with the saved config (unless already applied) and load a PEFT adapter's tensors
+    (written by gptft or by ``peft`` on a ``transformers`` GPT-2).
 
-    Saved non-LoRA tensors (e.g. the head) are loaded too and left trainable, as when saved.
+    A classifier's saved ``score`` and ``ln_f`` are loaded into its head and final LayerNorm; the
+    LoRA tensors and the head are left trainable, as when saved.
 
     Raises:
         GPTFTError: naming the file, when it is missing or corrupt, or when its config or tensors
@@ -288,13 +412,14 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
         apply_lora(model, cfg)
     elif any(m.rank != cfg.rank or m.alpha != cfg.alpha for m in layers.values()):
         raise GPTFTError(f"{path}: the model's LoRA layers differ from rank {cfg.rank}, alpha {cfg.alpha}")
-    tensors = load_safetensors(path)
+    tensors = from_peft_names(load_safetensors(path), model)
     params = dict(model.named_parameters())
     _check_adapter(path, tensors, params, lora_state_dict(model).keys())
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
-            params[name].requires_grad = True
+            if _is_lora_name(name) or name.startswith("head."):
+                params[name].requires_grad = True
 
 
 def _check_adapter(

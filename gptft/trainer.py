@@ -47,6 +47,7 @@ from gptft.config import Job
 from gptft.errors import GPTFTError
 from gptft.signals import Interrupted, StopRequest
 from gptft.timing import Phases
+from gptft.tracking import tracker_values
 
 # Where every process holds whole gradients, already averaged by backward().
 _PLAIN = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
@@ -545,7 +546,8 @@ class Trainer:
     def log(self, metrics: dict[str, Any]) -> None:
         """Log to the trackers (W&B) and append a line to ``log.jsonl`` on the main process."""
         step, seen = self.state.step, self.state.examples_seen
-        self.accelerator.log({**metrics, "examples_seen": seen}, step=step)
+        self.accelerator.log(tracker_values(self.accelerator, {**metrics, "examples_seen": seen,
+                                                              "epoch": self.state.epoch}), step=step)
         self.state.log_lines += 1  # on every process: the count is saved in each one's checkpoint
         if self.accelerator.is_main_process:
             line = {"step": step, "epoch": self.state.epoch, "examples_seen": seen,

@@ -387,7 +387,14 @@ def case_duplicate_key_in_section(tmp, out):
 
 
 def case_override_into_a_path(tmp, out):
-    return _finetune(tmp, out, "spam-tiny.yaml", "data.path.x=1"), ["data.path is a value, not a section"]
+    # spam-tiny sets no data.path (the packaged data): the field's type answers
+    return (_finetune(tmp, out, "spam-tiny.yaml", "data.path=/some/file", "data.path.x=1"),
+            ["data.path is a value, not a section"])
+
+
+def case_override_into_an_unset_path(tmp, out):
+    return (_finetune(tmp, out, "spam-tiny.yaml", "data.path.x=1"),
+            ["data.path: expected a string, got {'x': 1}"])
 
 
 def case_override_into_output_dir(tmp, out):

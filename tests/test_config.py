@@ -110,7 +110,7 @@ def test_one_engine_for_adapter_configs_and_command_options(tmp_path):
     from gptft.validation import build
 
     (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"rank": "4", "alpha": 8, "dropout": 0.0, "targets": ["attn.c_attn", "mlp.cfc"]}))
+        {"peft_type": "LORA", "r": "4", "lora_alpha": 8, "target_modules": ["attn.c_attn", "mlp.cfc"]}))
     with pytest.raises(GPTFTError, match=r"adapter_config.json: rank: expected an integer.*mlp.cfc"):
         read_adapter_config(tmp_path)
     obj, problems = build(LoRAConfig, {"rank": 0, "colour": 1})

@@ -243,6 +243,8 @@ def sms_zip(member="SMSSpamCollection", lines=None) -> bytes:
 def server(monkeypatch, tmp_path):
     """A local HTTP server for ``files`` (path -> bytes), 404 otherwise; requested paths in ``hits``."""
     monkeypatch.setenv("GPTFT_CACHE_DIR", str(tmp_path / "cache"))
+    # an installation without the embedded SMS file falls back to the download
+    monkeypatch.setattr("gptft.download.embedded_dir", lambda: tmp_path / "no-embedded-data")
     for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     files: dict[str, bytes] = {}

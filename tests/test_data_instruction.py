@@ -349,6 +349,7 @@ def test_download_once_then_cache(tmp_path, monkeypatch):
     thread.start()
     try:
         monkeypatch.setenv("GPTFT_CACHE_DIR", str(tmp_path / "cache"))
+        monkeypatch.setattr("gptft.download.embedded_dir", lambda: tmp_path / "no-embedded-data")
         monkeypatch.setattr(inst, "INSTRUCTION_URL", f"http://127.0.0.1:{server.server_port}/instruction-data.json")
         first = load_instruction_data(InstructionData())
         second = load_instruction_data(InstructionData())

@@ -322,7 +322,8 @@ def test_run_folder(dpo_run, tmp_path, capsys):
     assert json.loads((dpo_run / "gptft.json").read_text())["task"] == "preference"
     capsys.readouterr()
     assert main(["export", str(dpo_run), str(tmp_path / "hf")]) == 0  # an lm run: exported as GPT-2
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    assert {"config.json", "model.safetensors", "prompt_style.json", "vocab.json"} <= \
+        {p.name for p in (tmp_path / "hf").iterdir()}
 
 
 # ---- the reference without a second model ----------------------------------------------------------

@@ -51,6 +51,10 @@ def _records(path: Path, n: int = 24) -> Path:
     return path
 
 
+EXPORTED = sorted(["config.json", "model.safetensors", "generation_config.json", "prompt_style.json",
+                   "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"])
+
+
 def _ids(n: int = 3, length: int = 12) -> torch.Tensor:
     return torch.randint(0, 50257, (n, length), generator=torch.Generator().manual_seed(5))
 
@@ -74,33 +78,40 @@ def spam_lora_run(tmp_path_factory, base) -> Path:
 def test_lora_classification_run_folder(spam_lora_run, base):
     adapter = spam_lora_run / "adapter"
     assert (adapter / ADAPTER_WEIGHTS).is_file() and (adapter / ADAPTER_CONFIG).is_file()
-    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
-    assert (config["rank"], config["alpha"], config["base_model"]) == (4, 8, str(base))
-    assert config["task"] == "classification" and config["labels"] == ["ham", "spam"]
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())  # PEFT's adapter_config.json
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, str(base))
+    assert (config["peft_type"], config["task_type"], config["modules_to_save"]) == \
+        ("LORA", "SEQ_CLS", ["score", "ln_f"])
+    extra = json.loads((adapter / "gptft_adapter.json").read_text())
+    assert extra["task"] == "classification" and extra["labels"] == ["ham", "spam"]
 
-    # The adapter holds the LoRA tensors of every block's four linears and the whole head: no
-    # other tensor trained.
+    # The adapter holds the LoRA tensors of every block's four linears and the head (PEFT's
+    # score) with the final LayerNorm it reads: no other tensor trained.
     tensors = load_safetensors(adapter / ADAPTER_WEIGHTS)
-    lora = {k for k in tensors if k.endswith((".lora_A", ".lora_B"))}
-    assert len(lora) == 2 * 4 * 2 and set(tensors) - lora == {"head.weight", "head.bias"}
+    lora = {k for k in tensors if k.endswith((".lora_A.weight", ".lora_B.weight"))}
+    assert len(lora) == 2 * 4 * 2 and set(tensors) - lora == {
+        "base_model.model.score.weight", "base_model.model.transformer.ln_f.weight",
+        "base_model.model.transformer.ln_f.bias"}
     metrics = json.loads((spam_lora_run / "metrics.json").read_text())
-    assert metrics["trainable_parameters"] == sum(t.numel() for t in tensors.values())
+    head = 2 * 32 + 2
+    assert metrics["trainable_parameters"] == sum(tensors[k].numel() for k in lora) + head
     assert metrics["trainable_parameters"] < 0.05 * metrics["total_parameters"]
-    assert any(tensors[k].abs().sum() > 0 for k in lora if k.endswith("lora_B"))  # B trained
+    assert any(tensors[k].abs().sum() > 0 for k in lora if "lora_B" in k)  # B trained
 
     # model.safetensors holds the merged model: untouched base weights, W + (alpha/rank) B @ A.
     base_gpt = GPT.from_pretrained(base).state_dict()
     merged = load_safetensors(spam_lora_run / "model.safetensors")
+    peft_name = "base_model.model.transformer.{}.{}.weight".format
     for name, value in base_gpt.items():
         if name == "lm_head.weight":
             continue
         layer = name.removesuffix(".weight")
-        if f"backbone.{layer}.lora_A" in tensors:
-            delta = tensors[f"backbone.{layer}.lora_B"] @ tensors[f"backbone.{layer}.lora_A"] * 2.0
+        if peft_name(layer, "lora_A") in tensors:
+            delta = tensors[peft_name(layer, "lora_B")] @ tensors[peft_name(layer, "lora_A")] * 2.0
             assert_close(merged[f"backbone.{name}"], value + delta, atol=1e-6, rtol=1e-5)
         else:
             assert torch.equal(merged[f"backbone.{name}"], value), name
-    assert torch.equal(merged["head.weight"], tensors["head.weight"])
+    assert torch.equal(merged["head.weight"], tensors["base_model.model.score.weight"])
 
 
 def test_base_plus_adapter_rebuilds_the_saved_classifier(spam_lora_run, base):
@@ -125,10 +136,13 @@ def test_instruction_lora_export_matches_transformers(tmp_path, base, capsys):
     assert (run / "adapter" / ADAPTER_WEIGHTS).is_file()
     capsys.readouterr()
     assert main(["export", str(run), str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == EXPORTED
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     ours, _ = load_gpt(run)
+    peft = pytest.importorskip("peft")  # the run's adapter is a PEFT adapter of the base
+    peft_model = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(base),
+                                                run / "adapter").eval()
     rebuilt = GPT.from_pretrained(base).eval()
     load_adapter(rebuilt, run / "adapter")
     original = transformers.GPT2LMHeadModel.from_pretrained(base).eval()
@@ -137,6 +151,7 @@ def test_instruction_lora_export_matches_transformers(tmp_path, base, capsys):
         logits = ours(x)
         assert_close(hf(x).logits, logits, atol=1e-5, rtol=1e-5)
         assert_close(rebuilt(x), logits, atol=1e-5, rtol=1e-5)
+        assert_close(peft_model(input_ids=x).logits, logits, atol=1e-5, rtol=0)
         assert not torch.allclose(original(x).logits, logits, atol=1e-3)  # LoRA changed the model
 
     # A second export refuses the non-empty folder unless --overwrite (then it replaces it).
@@ -144,7 +159,7 @@ def test_instruction_lora_export_matches_transformers(tmp_path, base, capsys):
     assert main(["export", str(run), str(out)]) == 2
     assert "not empty" in capsys.readouterr().err and (out / "note.txt").is_file()
     assert main(["export", str(run), str(out), "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == EXPORTED
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
 
 
@@ -163,14 +178,15 @@ def _one_error_line(capsys) -> str:
     return err
 
 
-def test_export_of_a_classification_run_is_refused(spam_lora_run, tmp_path, capsys):
+def test_export_of_a_lora_classification_run(spam_lora_run, tmp_path, capsys):
     before = {p: p.read_bytes() for p in spam_lora_run.rglob("*") if p.is_file()}
-    capsys.readouterr()
-    assert main(["export", str(spam_lora_run), str(tmp_path / "out")]) == 2
-    err = _one_error_line(capsys)
-    assert err.startswith("gptft export: error:") and "gptft classify" in err
-    assert not (tmp_path / "out").exists()
+    assert main(["export", str(spam_lora_run), str(tmp_path / "out")]) == 0
     assert {p: p.read_bytes() for p in spam_lora_run.rglob("*") if p.is_file()} == before
+    hf = transformers.GPT2ForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    x = _ids()  # no padding: every row's last token is real
+    with torch.no_grad():
+        expected = load_classifier(spam_lora_run).model(x, torch.tensor([12, 12, 12]))
+        assert_close(hf(input_ids=x).logits, expected, atol=1e-5, rtol=0)
 
 
 def test_export_errors(tmp_path, capsys):

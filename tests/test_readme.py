@@ -121,13 +121,11 @@ def quick_start() -> str:
 @pytest.mark.slow
 def test_readme_quick_start_runs_offline(tmp_path):
     """The quick start, line for line, in a fresh folder laid out as the README says (the clone's
-    configs, ``../shared`` beside it), offline, with the installed ``gptft`` command."""
-    from conftest import shared_path
-
-    shared = shared_path()
+    configs and packaged data; no ``../shared``), offline, with the installed ``gptft`` command."""
     clone = tmp_path / "gptft"
     shutil.copytree(ROOT / "configs", clone / "configs")
-    (tmp_path / "shared").symlink_to(shared, target_is_directory=True)
+    (clone / "gptft" / "assets").mkdir(parents=True)  # the quick start reads one packaged file
+    shutil.copytree(ROOT / "gptft" / "assets" / "data", clone / "gptft" / "assets" / "data")
     env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "WANDB_MODE")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), GPTFT_CACHE_DIR=str(tmp_path / "cache"),

@@ -31,9 +31,10 @@ def test_save_final_of_a_compiled_lora_classifier(tiny_config, tmp_path):
             "labels": ["ham", "spam"], "max_length": 16}
     save_final(accelerator, compiled, job, meta, {"test_accuracy": 0.5})
 
-    adapter = load_safetensors(tmp_path / "adapter" / "adapter.safetensors")
-    assert {"head.weight", "head.bias"} <= adapter.keys()
-    assert all(k.endswith(("lora_A", "lora_B")) or k.startswith("head.") for k in adapter)
+    adapter = load_safetensors(tmp_path / "adapter" / "adapter_model.safetensors")  # PEFT's names
+    assert {"base_model.model.score.weight", "base_model.model.transformer.ln_f.bias"} <= adapter.keys()
+    modules = ("base_model.model.score.", "base_model.model.transformer.ln_f.")
+    assert all(".lora_" in k or k.startswith(modules) for k in adapter)  # no "_orig_mod."
     saved = load_safetensors(tmp_path / "model.safetensors")
     expected = {k: v for k, v in merge_lora(model).state_dict().items() if k != "backbone.lm_head.weight"}
     assert saved.keys() == expected.keys()  # no "_orig_mod." prefix, no LoRA tensors

@@ -18,7 +18,7 @@ def test_end_of_text_comes_from_the_encoding():
     assert tok.eot_id not in tok.encode("hi <|endoftext|> there")
 
 
-def test_missing_files_mention_the_cache_variable(monkeypatch, tmp_path):
+def test_other_encodings_missing_files_mention_the_cache_variable(monkeypatch, tmp_path):
     import tiktoken.load
 
     def offline(*_a, **_k):
@@ -30,4 +30,5 @@ def test_missing_files_mention_the_cache_variable(monkeypatch, tmp_path):
 
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
     with pytest.raises(GPTFTError, match="TIKTOKEN_CACHE_DIR"):
-        Tokenizer("gpt2")
+        Tokenizer("r50k_base")
+    assert Tokenizer("gpt2").encode("Every effort") == [6109, 3626]  # gptft's own files: no download

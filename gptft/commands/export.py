@@ -1,8 +1,9 @@
-"""Export a run as a Hugging Face GPT-2 folder: ``gptft export RUN_DIR OUT_DIR``.
+"""Export a run as a Hugging Face ``transformers`` folder: ``gptft export RUN_DIR OUT_DIR``.
 
-Writes ``config.json`` and ``model.safetensors`` (LoRA adapters already merged) that
-``transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR)`` loads; the folder is built under a
-temporary name and renamed into place.
+A language-model run becomes a ``GPT2LMHeadModel`` folder, a classification run a
+``GPT2ForSequenceClassification`` folder (LoRA adapters already merged), each with GPT-2's
+tokenizer files (``AutoTokenizer.from_pretrained(OUT_DIR)`` works offline); the folder is built
+under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="folder of a finished instruction run")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (config.json, model.safetensors)")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="folder of a finished run (any task)")
+    parser.add_argument("out_dir", metavar="OUT_DIR",
+                        help="folder to write (config.json, model.safetensors, tokenizer files, ...)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
 
 
@@ -20,6 +22,5 @@ def run(args: argparse.Namespace) -> int:
     from gptft.export import export_run
 
     out = export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
-    print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} "
-          "(tokenizer: GPT-2's BPE, e.g. transformers' AutoTokenizer 'gpt2')")
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     return 0

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.data import Dataset
 
 from gptft.data.readers import JSON_SUFFIXES, decode, parse_json_records, parse_table, read_text
-from gptft.download import download
+from gptft.download import seed_file
 from gptft.errors import GPTFTError
 from gptft.tasks.classification.config import ClassificationData
 from gptft.tokenizer import Tokenizer
@@ -32,6 +32,7 @@ SMS_URLS: list[str] = [
 ]
 """The UCI SMS Spam Collection zip, then the book's mirror of the same zip."""
 SMS_FILENAME = "sms_spam_collection.zip"
+SMS_EMBEDDED = "SMSSpamCollection.tsv"  # the member, as gptft carries it (gptft/assets/data)
 SMS_MEMBER = "SMSSpamCollection"
 
 _TSV_SUFFIXES = (".tsv", ".txt", "")
@@ -89,10 +90,11 @@ def load_classification_data(cfg: ClassificationData) -> ClassificationSplits:
 
     With ``train_path`` (and then ``val_path`` and ``test_path`` too) the three files are used as
     given: no balancing, no shuffling. Otherwise the single file ``path`` (unset: the SMS Spam
-    Collection, downloaded once into the cache) is balanced if ``balance`` (every class undersampled
-    to the smallest class's size), shuffled with ``seed`` and cut by the ``split`` fractions as the
-    book does: ``train = int(n * f_train)``, ``val = int(n * f_val)``, test = the rest (a split
-    whose fraction is 0 stays empty; one with a positive fraction must not come out empty).
+    Collection gptft carries, else downloaded once into the cache) is balanced if ``balance``
+    (every class undersampled to the smallest class's size), shuffled with ``seed`` and cut by the
+    ``split`` fractions as the book does: ``train = int(n * f_train)``, ``val = int(n * f_val)``,
+    test = the rest (a split whose fraction is 0 stays empty; one with a positive fraction must
+    not come out empty).
 
     Labels are indexed in the order of ``cfg.labels``; unset, in sorted order of the names found in
     the (training) data, numerically when all are integers (SMS: ham -> 0, spam -> 1).
@@ -103,7 +105,7 @@ def load_classification_data(cfg: ClassificationData) -> ClassificationSplits:
     """
     if cfg.train_path or cfg.val_path or cfg.test_path:
         return _ready_made_splits(cfg)
-    rows = _read_labelled(Path(cfg.path), cfg) if cfg.path else _read_sms_download(cfg)
+    rows = _read_labelled(Path(cfg.path), cfg) if cfg.path else _read_sms_default(cfg)
     names = _label_names(cfg, rows)
     import pandas as pd  # imported where used: a second of start-up otherwise
 
@@ -305,13 +307,16 @@ def _json_text(obj: Any, where: str, column: str = "text") -> str:
     return obj
 
 
-def _read_sms_download(cfg: ClassificationData) -> _Rows:
-    """The SMS Spam Collection from the cache, downloading the zip (or raw file) on first use."""
-    path = download(SMS_URLS, SMS_FILENAME)
+def _read_sms_default(cfg: ClassificationData) -> _Rows:
+    """The SMS Spam Collection gptft carries; without it, from the cache, downloading the zip (or
+    raw file) on first use."""
+    path = seed_file(SMS_EMBEDDED, SMS_URLS, SMS_FILENAME)
     try:
         name, text = _sms_source(path)
         return _parse_labelled(text, name, "sms", cfg)
     except GPTFTError as e:
+        if path.name == SMS_EMBEDDED:
+            raise
         raise GPTFTError(f"{e} (downloaded file: delete {path} to download it again, "
                          "or set data.path to a local copy)") from None
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from torch.utils.data import Dataset
 
 from gptft.data.readers import check_records, parse_json_records, read_text
-from gptft.download import download
+from gptft.download import seed_file
 from gptft.errors import GPTFTError
 from gptft.prompts import PromptStyle, format_example
 from gptft.tasks.instruction.config import InstructionData
@@ -41,8 +41,9 @@ class InstructionSplits:
 
 
 def load_instruction_data(cfg: InstructionData) -> InstructionSplits:
-    """Read ``cfg.path`` (or download the book's set into the cache) and split it (``split_records``)."""
-    path = Path(cfg.path) if cfg.path else download([INSTRUCTION_URL], "instruction-data.json")
+    """Read ``cfg.path`` (unset: the book's set, which gptft carries) and split it (``split_records``)."""
+    name = "instruction-data.json"
+    path = Path(cfg.path) if cfg.path else seed_file(name, [INSTRUCTION_URL], name)
     return split_records(read_records(path, cfg.format), cfg.split, cfg.shuffle, cfg.seed, str(path))
 
 

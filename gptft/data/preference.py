@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gptft.data.instruction import InstructionSplits, read_records, split_records
-from gptft.download import download
+from gptft.download import seed_file
 from gptft.prompts import PromptStyle, format_prompt
 from gptft.tasks.preference.config import PreferenceData
 from gptft.tokenizer import Tokenizer
@@ -32,10 +32,11 @@ FIELDS = "instruction, input, chosen, rejected"
 
 
 def load_preference_data(cfg: PreferenceData) -> InstructionSplits:
-    """Read ``cfg.path`` (or download the book's set into the cache), check every pair and split
+    """Read ``cfg.path`` (unset: the book's set, which gptft carries), check every pair and split
     them in file order (``split_records``); with ``cfg.drop_identical``, pairs whose two responses
     are the same text are left out after splitting (so the splits are the book's records)."""
-    path = Path(cfg.path) if cfg.path else download([PREFERENCE_URL], "instruction-data-with-preference.json")
+    name = "instruction-data-with-preference.json"
+    path = Path(cfg.path) if cfg.path else seed_file(name, [PREFERENCE_URL], name)
     problem = partial(_pair_problem, allow_identical=cfg.drop_identical)
     records = [{**r, "output": r.get("output") or r["chosen"]}
                for r in read_records(path, cfg.format, problem, FIELDS)]

@@ -22,6 +22,7 @@ from gptft.checkpoints import ResumePoint
 from gptft.config import Job, ModelConfig, job_to_yaml
 from gptft.data.collate import length_buckets
 from gptft.data.sampler import EpochBatchSampler
+from gptft.errors import GPTFTError
 from gptft.io import write_json, write_text
 from gptft.model import GPT, GPTConfig
 from gptft.runs import check_vocab, is_run_folder, load_gpt, save_model
@@ -114,6 +115,10 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
     """Train, evaluate every split, write the run folder and the task's outputs; the metrics."""
     job, acc = task.job, task.accelerator
     phases = phases or Phases()
+    if job.model.adapter:  # a PEFT adapter to continue from (a checkpoint, if resuming, comes later)
+        from gptft.lora import load_adapter
+
+        load_adapter(task.model, job.model.adapter)
     trainer = Trainer(job, acc, task, task.model, task.loader("train", train=True), task.loader("val"),
                       eval_loader=task.loader, resume=resume, phases=phases)
     trainer.fit()
@@ -208,22 +213,32 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, device: torch.device | None = N
     """Pretrained weights (a finished gptft language-model run, a Hugging Face folder or the hub),
     or a fresh model of the preset's shape, built directly on `device` (a fresh model is
     initialised there, not on the CPU first)."""
+    shape = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
+             if getattr(cfg, k) is not None}
     if cfg.weights == "pretrained" and cfg.checkpoint and is_run_folder(cfg.checkpoint):
         model, _ = load_gpt(cfg.checkpoint, device, drop_rate=cfg.drop_rate,
                             pad_vocab_multiple=cfg.pad_vocab_multiple)  # its shape from gptft.json
-        return model.train()
+        return check_checkpoint_shape(model, shape, cfg.checkpoint).train()
     if cfg.weights == "pretrained":
         model = GPT.from_pretrained(cfg.checkpoint or cfg.name, device=device, drop_rate=cfg.drop_rate,
                                     pad_vocab_multiple=cfg.pad_vocab_multiple)
         check_vocab(model.config.vocab_size, vocab_size,
                     Path(cfg.checkpoint) / "config.json" if cfg.checkpoint else cfg.name)
-        return model
-    shape = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
-             if getattr(cfg, k) is not None}
+        return check_checkpoint_shape(model, shape, cfg.checkpoint or cfg.name)
     config = GPTConfig.from_name(cfg.name, vocab_size=vocab_size, drop_rate=cfg.drop_rate,
                                  pad_vocab_multiple=cfg.pad_vocab_multiple, **shape)
     with torch.device(device or "cpu"):
         return GPT(config)
+
+
+def check_checkpoint_shape(model: GPT, shape: dict[str, int], source: str) -> GPT:
+    """`model` if the shape keys a config sets (with a checkpoint) are the checkpoint's."""
+    wrong = [f"model.{k}={v} (the checkpoint has {getattr(model.config, k)})"
+             for k, v in shape.items() if getattr(model.config, k) != v]
+    if wrong:
+        raise GPTFTError(f"{source}: the checkpoint's shape differs from the config: " + ", ".join(wrong)
+                         + "; drop these keys (or set them to null) to take the checkpoint's shape")
+    return model
 
 
 def make_loader(dataset: Dataset, collate: Callable, batch_size: int, seed: int, *,
@@ -276,11 +291,11 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, job: Job, meta:
     if accelerator.is_main_process:
         out = Path(job.output_dir)
         if job.model.trainable == "lora":
-            from gptft.lora import split_state_dict, write_adapter
+            from gptft.lora import base_model_name, split_state_dict, write_adapter
 
             adapter, state = split_state_dict(state, _trainable_names(accelerator, model), job.lora)
             write_adapter(adapter, out / "adapter", job.lora,
-                          extra={"base_model": job.model.checkpoint or job.model.name, **meta})
+                          extra={"base_model": base_model_name(job.model), **meta})
         save_model(out, state, meta)
         write_json(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()

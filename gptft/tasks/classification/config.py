@@ -12,7 +12,7 @@ from gptft.validation import in_range, positive, split_problems
 @dataclass
 class ClassificationData:
     path: str | None = None
-    """Local data file (CSV/TSV/JSONL). Unset: download the SMS Spam Collection into the cache."""
+    """Local data file (CSV/TSV/JSONL). Unset: the SMS Spam Collection gptft carries (gptft/assets/data)."""
     format: Literal["auto", "csv", "tsv", "jsonl", "sms"] = "auto"
     """File format; auto: by extension (SMSSpamCollection / .tsv without header: sms)."""
     text_column: str = "text"

@@ -10,10 +10,18 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from gptft.classifier import GPTClassifier
+from gptft.config import ModelConfig
 from gptft.data.classification import ClassificationDataset, load_classification_data, longest_length
 from gptft.data.collate import classification_collate
 from gptft.errors import GPTFTError
-from gptft.tasks.base import TaskBase, build_gpt, eval_batch_size, make_loader, trainable_summary
+from gptft.tasks.base import (
+    TaskBase,
+    build_gpt,
+    check_checkpoint_shape,
+    eval_batch_size,
+    make_loader,
+    trainable_summary,
+)
 from gptft.tasks.classification.config import ClassificationJob
 from gptft.tokenizer import Tokenizer
 from gptft.trainable import set_trainable
@@ -31,7 +39,9 @@ class ClassificationTask(TaskBase):
         self.tokenizer = Tokenizer()
         with accelerator.main_process_first():  # downloads happen once
             self.splits = load_classification_data(job.data)
-            gpt = build_gpt(job.model, self.tokenizer.vocab_size, accelerator.device)
+            previous = classifier_checkpoint(job.model, self.splits.label_names, accelerator.device)
+            gpt = previous.backbone if previous else build_gpt(job.model, self.tokenizer.vocab_size,
+                                                               accelerator.device)
         for note in self.splits.notes:  # class counts, balancing, a suspect class: before training
             accelerator.print(note)
         context = gpt.config.context_length
@@ -43,7 +53,7 @@ class ClassificationTask(TaskBase):
             self.max_length = context
         self.label_names = self.splits.label_names
         with torch.device(accelerator.device):
-            self.model = GPTClassifier(gpt, len(self.label_names))
+            self.model = previous or GPTClassifier(gpt, len(self.label_names))
         set_trainable(self.model, job.model.trainable, job.lora)
         self.counts = trainable_summary(accelerator, self.model, job.model.trainable)
 
@@ -119,6 +129,32 @@ class ClassificationTask(TaskBase):
         return [f"gptft classify {run_dir} 'You have won a prize, call now to claim it'",
                 f"gptft classify {run_dir} --file texts.txt --output predictions.csv",
                 f"gptft evaluate {run_dir} {data.test_path or 'NEW_LABELLED_DATA.csv'}{columns}"]
+
+
+def classifier_checkpoint(cfg: ModelConfig, labels: list[str],
+                          device: torch.device | None = None) -> GPTClassifier | None:
+    """The classifier of the finished classification run ``model.checkpoint`` names, to continue
+    training it (its shape, padding and head; ``drop_rate`` from `cfg`), or None when the
+    checkpoint is not such a run (a language-model run gives ``build_gpt`` its backbone)."""
+    from gptft.model import GPT, GPTConfig
+    from gptft.runs import is_run_folder, load_meta, load_state_into
+    from gptft.tasks import TASKS
+
+    if cfg.weights != "pretrained" or not cfg.checkpoint or not is_run_folder(cfg.checkpoint):
+        return None
+    meta = load_meta(cfg.checkpoint)
+    if getattr(TASKS.get(meta.get("task")), "produces", None) != "classifier":
+        return None
+    if meta["labels"] != labels:
+        raise GPTFTError(f"{cfg.checkpoint}: a classifier of labels {meta['labels']}, the data has "
+                         f"{labels} (data.labels sets their order)")
+    with torch.device(device or "cpu"):
+        model = GPTClassifier(GPT(GPTConfig(**{**meta["model"], "drop_rate": cfg.drop_rate})), len(labels))
+    load_state_into(model, cfg.checkpoint)
+    shape = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
+             if getattr(cfg, k) is not None}
+    check_checkpoint_shape(model.backbone, shape, cfg.checkpoint)
+    return model.train()
 
 
 def classification_report(pred: torch.Tensor, label: torch.Tensor, names: list[str]) -> dict:

@@ -12,7 +12,8 @@ from gptft.validation import positive, split_problems
 @dataclass
 class InstructionData:
     path: str | None = None
-    """Local JSON array or JSONL of {instruction, input?, output}; unset: download the book's set."""
+    """Local JSON array or JSONL of {instruction, input?, output}; unset: the book's set, which
+    gptft carries."""
     format: Literal["auto", "json", "jsonl"] = "auto"
     """File format: json (one array of records), jsonl (one record a line); auto: by content."""
     split: list[float] = field(default_factory=lambda: [0.85, 0.05, 0.10])
