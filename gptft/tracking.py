@@ -69,7 +69,7 @@ def finish_tracking(accelerator: Accelerator, job: Job, metrics: dict[str, Any])
 
     run = accelerator.get_tracker("wandb", unwrap=True)
     out = Path(job.output_dir)
-    run.summary.update(_summary(metrics))
+    run.summary.update(_summary(read_json(out / "metrics.json")))  # as written: rounded
     media: dict[str, Any] = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}
     if "confusion_matrix" in metrics:
         media["test/confusion_matrix"] = confusion_table(metrics["confusion_matrix"], metrics["labels"])

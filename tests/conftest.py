@@ -41,6 +41,35 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def small_spam_data(folder: Path) -> Path:
+    """30 ham and 30 spam messages of the real SMS collection, interleaved (split 42 / 6 / 12)."""
+    lines = shared_path("data", "sms_spam_collection", "SMSSpamCollection.tsv").read_text(
+        encoding="utf-8").splitlines()
+    ham = [x for x in lines if x.startswith("ham\t")][:30]
+    spam = [x for x in lines if x.startswith("spam\t")][:30]
+    path = folder / "sms.tsv"
+    path.write_text("".join(f"{h}\n{s}\n" for h, s in zip(ham, spam)), encoding="utf-8")
+    return path
+
+
+def start_until_checkpoint(args: list[str], out: Path, env: dict[str, str]):
+    """Start ``python launch/finetune.py ARGS`` and return its Popen once a first complete
+    checkpoint is in ``out/checkpoints`` (stderr piped, for the caller to close)."""
+    import subprocess
+    import time
+
+    from gptft.checkpoints import complete_checkpoints
+
+    proc = subprocess.Popen([sys.executable, "launch/finetune.py", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not complete_checkpoints(out / "checkpoints"):
+        assert proc.poll() is None, f"the run ended before a checkpoint: {proc.stderr.read().decode()}"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.01)
+    return proc
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_results, shared_path
+from conftest import run_results, shared_path, small_spam_data, start_until_checkpoint
 
 from gptft.checkpoints import check_resumable, complete_checkpoints, latest_checkpoint, prune_checkpoints
 from gptft.cli import main
@@ -41,17 +41,6 @@ SPAM = ["--config", str(CONFIGS / "spam-tiny.yaml"), *TINY, "model.drop_rate=0.1
         "train.checkpoint_every=4", "train.checkpoint_epochs=true", "train.log_every=1"]
 SECRET = "sk-gptft-test-SECRET-4f1c9a"  # an API key in the environment must never reach a run folder
 FINAL_FILES = ("model.safetensors", "gptft.json", "metrics.json", "config.yaml")
-
-
-def _spam_data(folder: Path) -> Path:
-    """30 ham and 30 spam messages of the real SMS collection (split 42 / 6 / 12)."""
-    lines = shared_path("data", "sms_spam_collection", "SMSSpamCollection.tsv").read_text(
-        encoding="utf-8").splitlines()
-    ham = [x for x in lines if x.startswith("ham\t")][:30]
-    spam = [x for x in lines if x.startswith("spam\t")][:30]
-    path = folder / "sms.tsv"
-    path.write_text("".join(f"{h}\n{s}\n" for h, s in zip(ham, spam)), encoding="utf-8")
-    return path
 
 
 def _finetune(*args: str) -> int:
@@ -87,7 +76,7 @@ def _assert_no_secret(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return _spam_data(tmp_path_factory.mktemp("data"))
+    return small_spam_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +110,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(reference, data,
     out = tmp_path / "killed"
     args = [*SPAM, f"data.path={data}", f"output_dir={out}", "train.keep_last=1"]
     env = {**os.environ, "OPENAI_API_KEY": SECRET, "WANDB_API_KEY": SECRET}
-    proc = subprocess.Popen([sys.executable, "launch/finetune.py", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not complete_checkpoints(out / "checkpoints"):  # kill right after the first checkpoint
-        assert proc.poll() is None, f"the run ended before a checkpoint: {proc.stderr.read().decode()}"
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.01)
+    proc = start_until_checkpoint(args, out, env)  # to be killed right after its first checkpoint
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     proc.stderr.close()

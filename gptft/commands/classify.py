@@ -14,6 +14,7 @@ import argparse
 import sys
 from collections import Counter
 
+from gptft.commands.options import add_labelling_arguments
 from gptft.errors import GPTFTError
 
 
@@ -24,13 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "CSV/TSV/JSONL file with a text column")
     parser.add_argument("--text-column", default="text", metavar="NAME",
                         help="column (or JSON key) of --file holding the texts (default: %(default)s)")
-    parser.add_argument("--output", metavar="FILE", help="write the predictions with every class's "
-                        "probability to FILE (.json, .jsonl or .csv)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="texts labelled at once (default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (a GPU if there is one), cpu, cuda or cuda:N (default: %(default)s)")
+    add_labelling_arguments(parser, "write the predictions with every class's probability to FILE "
+                                    "(.json, .jsonl or .csv)")
 
 
 def run(args: argparse.Namespace) -> int:

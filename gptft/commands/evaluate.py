@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from gptft.commands.options import add_labelling_arguments
 from gptft.errors import GPTFTError
 
 
@@ -24,12 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="column (or JSON key) holding the labels (default: %(default)s)")
     parser.add_argument("--format", default="auto", choices=["auto", "csv", "tsv", "jsonl", "sms"],
                         help="file format; auto: by extension, as data.format (default: %(default)s)")
-    parser.add_argument("--output", metavar="FILE.json", help="also write the metrics to this JSON file")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="texts labelled at once (default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (a GPU if there is one), cpu, cuda or cuda:N (default: %(default)s)")
+    add_labelling_arguments(parser, "also write the metrics to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from gptft.commands.options import add_device_argument
 from gptft.config import GenerateConfig
 from gptft.errors import GPTFTError
 from gptft.validation import build
@@ -51,8 +52,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="when sampling: nucleus threshold in (0, 1]")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
                         help="sampling seed (default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (a GPU if there is one), cpu, cuda or cuda:N (default: %(default)s)")
+    add_device_argument(parser)
 
 
 def _flag(problem: str) -> str:
