@@ -31,8 +31,11 @@ MARKER = ".gptft-run"
 LOCK = ".gptft-lock"
 # Files a run writes at the top of its folder (every task), and those of ``adapter/``.
 RUN_FILES = ("config.yaml", "log.jsonl", "model.safetensors", "gptft.json", "metrics.json",
-             "responses.json", "loss.png", "accuracy.png", "reward_margin.png", "reward_accuracy.png")
-ADAPTER_FILES = ("adapter.safetensors", "adapter_config.json")
+             "responses.json", "loss.png", "accuracy.png", "rewards.png", "reward_margin.png",
+             "reward_accuracy.png", "wandb_run.json")
+# PEFT's two files and gptft's own (and the names of gptft before PEFT's layout).
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "gptft_adapter.json",
+                 "adapter.safetensors")
 # Folders under checkpoints/ that gptft makes: checkpoints, saves cut short, abandoned checkpoints.
 CHECKPOINT_DIR = re.compile(r"(\.tmp-|abandoned-)?step-\d+")
 

@@ -70,6 +70,18 @@ def start_until_checkpoint(args: list[str], out: Path, env: dict[str, str]):
     return proc
 
 
+def assert_only_known_run_files(folder: Path) -> None:
+    """Every file a run wrote is one ``train.overwrite`` knows to remove (gptft.runfolder), so an
+    overwritten folder keeps nothing of the earlier run (W&B's own ``wandb/`` folder aside)."""
+    from gptft.runfolder import ADAPTER_FILES, LOCK, MARKER, RUN_FILES
+
+    top = {p.name for p in folder.iterdir() if p.is_file()}
+    assert top <= {*RUN_FILES, MARKER, LOCK}, top - {*RUN_FILES, MARKER, LOCK}
+    if (folder / "adapter").is_dir():
+        inside = {p.name for p in (folder / "adapter").iterdir()}
+        assert inside <= set(ADAPTER_FILES), inside - set(ADAPTER_FILES)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

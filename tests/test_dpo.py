@@ -16,7 +16,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import cpu_launch_env, free_port, launcher, run_results, shared_path
+from conftest import (
+    assert_only_known_run_files,
+    cpu_launch_env,
+    free_port,
+    launcher,
+    run_results,
+    shared_path,
+)
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
@@ -405,6 +412,7 @@ def test_two_processes_equal_one_with_double_batch(start, data, tmp_path):
               "train.checkpoint_epochs=true"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_args(start, data, one, *common, "train.batch_size=4")) == 0
+    assert_only_known_run_files(one)
     _launch(_args(start, data, two, *common, "train.batch_size=2")[1:], tmp_path / "two.log")
     steps = [(r["step"], r["examples_seen"]) for r in _log(one) if "train/lr" in r]
     assert steps == [(i, 8 * i) for i in range(1, 5)]  # examples are pairs

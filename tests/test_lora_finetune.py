@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cpu_launch_env, free_port, launcher
+from conftest import assert_only_known_run_files, cpu_launch_env, free_port, launcher
 from torch.testing import assert_close
 
 from gptft.classifier import GPTClassifier, load_classifier
@@ -78,6 +78,7 @@ def spam_lora_run(tmp_path_factory, base) -> Path:
 def test_lora_classification_run_folder(spam_lora_run, base):
     adapter = spam_lora_run / "adapter"
     assert (adapter / ADAPTER_WEIGHTS).is_file() and (adapter / ADAPTER_CONFIG).is_file()
+    assert_only_known_run_files(spam_lora_run)
     config = json.loads((adapter / ADAPTER_CONFIG).read_text())  # PEFT's adapter_config.json
     assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, str(base))
     assert (config["peft_type"], config["task_type"], config["modules_to_save"]) == \

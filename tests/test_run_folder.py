@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import shared_path
+from conftest import assert_only_known_run_files, shared_path
 
 from gptft.cli import main
 from gptft.errors import GPTFTError
@@ -97,6 +97,7 @@ def test_an_earlier_run_is_replaced_only_when_told_and_only_its_own_files(data, 
     out = tmp_path / "run"
     assert _finetune(data, out, "train.checkpoint_every=1", "train.keep_last=2") == 0
     assert json.loads((out / MARKER).read_text())["state"] == "finished"
+    assert_only_known_run_files(out)
     # The user's files beside the run, and a link to a checkpoint-like folder outside it.
     _user_checkpoint(out / "checkpoints" / "my-bert")
     (out / "notes.txt").write_text("my notes\n")
