@@ -16,6 +16,7 @@ from accelerate.utils import set_seed
 
 from gptft.checkpoints import resume_point
 from gptft.config import Job
+from gptft.cpu import keep_freed_memory
 from gptft.errors import GPTFTError
 from gptft.lora import with_adapter_config
 from gptft.runfolder import RunLock, check_new_run
@@ -37,6 +38,8 @@ def finetune(job: Job, started: float | None = None) -> dict:
     watch_parent()
     job = with_adapter_config(job)  # model.adapter: its LoRA config is the run's
     accelerator = make_accelerator(job)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # no page faults for the same large blocks every step (gptft.cpu)
     warn_if_fsdp_ignored(accelerator)
     resuming_here = _resumes_in_place(job)
     lock = _on_main(accelerator, lambda: RunLock.acquire(job.output_dir))
