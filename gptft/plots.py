@@ -59,6 +59,7 @@ def run_figures(run_dir: Path, metrics: list[str], best_step: int | None = None,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullLocator, ScalarFormatter
 
     rows = read_log(run_dir)
     name = title or run_dir.name
@@ -77,7 +78,12 @@ def run_figures(run_dir: Path, metrics: list[str], best_step: int | None = None,
         if drawn and min(drawn) > 0 and max(drawn) / min(drawn) > 10:
             ax.set_yscale("log")  # a falling loss spans decades: a linear axis flattens its end
         if metric == "loss" and any("val/perplexity" in r for r in rows):
-            ax.secondary_yaxis("right", functions=(_exp, _log)).set_ylabel("perplexity")
+            right = ax.secondary_yaxis("right", functions=(_exp, _log))
+            # exp of a linear loss axis: perplexity grows by factors, so ticks by factors too
+            right.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            right.yaxis.set_major_formatter(ScalarFormatter())
+            right.yaxis.set_minor_locator(NullLocator())
+            right.set_ylabel("perplexity")
         _epoch_ticks(ax, rows)
         ax.set_xlabel("examples seen")
         ax.set_ylabel(metric.replace("_", " "))

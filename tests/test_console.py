@@ -180,3 +180,12 @@ def test_instruction_run_console_and_plot(instruct):
     assert len(right) == 1
     # The perplexity axis reads exp(loss).
     assert right[0]._functions[0](2.0) == pytest.approx(math.exp(2.0))
+    # Its ticks go by factors (1, 2, 5 x 10^k; linear ticks when less than a decade shows), so they
+    # spread over the axis instead of crowding where exp() is steep: no two visible ticks closer
+    # than 5% of the loss axis.
+    fig.canvas.draw()
+    low, high = ax.get_ylim()
+    ticks = [t for t in right[0].get_yticks() if low <= math.log(t) <= high]
+    assert len(ticks) >= 2
+    gaps = [math.log(b) - math.log(a) for a, b in zip(ticks, ticks[1:])]
+    assert min(gaps) >= 0.05 * (high - low), ticks

@@ -58,3 +58,23 @@ def test_preference_reward_curves(tmp_path):
     assert [t.get_text() for t in figs["rewards"].axes[0].get_legend().get_texts()].count(
         "kept (best) model, step 3") == 1
     assert figs["rewards"].axes[0].get_title() == f"{tmp_path.name}: rewards"
+
+
+def test_perplexity_ticks_spread_over_a_falling_loss(tmp_path):
+    """A loss falling from 10.8 to 3.6 spans perplexities 37 to 49,000: ticks by factors, not the
+    linear 10,000-steps that crowd at the top of the axis and leave the rest unlabelled."""
+    import math
+
+    rows = [{"step": s, "epoch": 0, "examples_seen": 8 * s, "train/loss_mean": 10.8 - 0.6 * s,
+             "val/loss": 10.5 - 0.6 * s, "val/perplexity": math.exp(10.5 - 0.6 * s)} for s in range(1, 13)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = run_figures(tmp_path, ["loss"], best_step=12)["loss"]
+    ax = fig.axes[0]
+    right = next(a for a in ax.child_axes if a.get_ylabel() == "perplexity")
+    fig.canvas.draw()
+    low, high = ax.get_ylim()
+    ticks = [t for t in right.get_yticks() if low <= math.log(t) <= high]
+    assert len(ticks) >= 4
+    gaps = [math.log(b) - math.log(a) for a, b in zip(ticks, ticks[1:])]
+    assert min(gaps) >= 0.05 * (high - low), ticks
+    assert math.log(ticks[0]) - low < 0.25 * (high - low)  # the low end (the trained model) is labelled
