@@ -431,13 +431,16 @@ def test_two_processes_equal_one_with_double_batch(start, data, tmp_path):
 # ---- memory ------------------------------------------------------------------------------------------
 
 PEAK = """
-import resource, sys
+import sys
 from gptft import trainer
 from gptft.cli import main
 fit = trainer.Trainer.fit
-def measured(self):  # the peak up to the end of training (not the final evaluation and generation)
+def measured(self):  # the peak during training (not start-up, the final evaluation, generation)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset the peak resident size (VmHWM) to the current one
     fit(self)
-    print("peak_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print("peak_kib", int(hwm.split()[1]), flush=True)
 trainer.Trainer.fit = measured
 sys.exit(main(sys.argv[1:]))
 """
@@ -446,8 +449,8 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.slow
 def test_precomputed_reference_saves_a_model_of_memory(data, tmp_path):
     """Peak resident memory during the same short training (width 768, 2 blocks: 52.9M parameters,
-    211 MB) with the reference precomputed and with a frozen copy: one model apart (0.75-1.0 models
-    measured on the CPU with the allocator below; docs/dpo.md)."""
+    211 MB; the peak reset when training starts, so start-up cannot set it) with the reference
+    precomputed and with a frozen copy: one model apart (docs/dpo.md)."""
     shape = ["model.weights=random", "model.checkpoint=null", "model.n_layers=2", "model.emb_dim=768",
              "model.n_heads=12", "model.context_length=128"]
     model_bytes = 4 * GPT(GPTConfig(vocab_size=50257, context_length=128, emb_dim=768, n_layers=2,
