@@ -362,6 +362,7 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Final hidden states (B, T, emb_dim), after ``ln_f``.
 
@@ -373,23 +374,10 @@ class GPT(nn.Module):
                 a 2-D ``attention_mask`` (so left padding does not shift positions), else
                 ``past, past + 1, ...``. Pass them to restart positions in packed rows.
             kv_cache: a ``KVCache`` to read past keys/values from and append this step's to.
+            last_only: (B, 1, emb_dim) at the last position only: the last block computes its
+                attention output and MLP there (the keys and values of every position still go
+                to `kv_cache`).
         """
-        return self._hidden_states(input_ids, attention_mask, position_ids, kv_cache)
-
-    def last_hidden_state(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """``hidden_states(...)[:, -1]`` (B, emb_dim): the final hidden state of the last position,
-        as decoding needs it. The last block computes its attention output and MLP there only; the
-        keys and values of every position still go to `kv_cache`. Arguments as ``hidden_states``.
-        """
-        return self._hidden_states(input_ids, attention_mask, position_ids, kv_cache, last_only=True)[:, -1]
-
-    def _hidden_states(self, input_ids, attention_mask, position_ids, kv_cache, last_only=False):
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
@@ -407,6 +395,11 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)
+
+    def last_hidden_state(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``hidden_states(...)[:, -1]`` (B, emb_dim), as decoding needs it, computed with
+        ``last_only`` (arguments as ``hidden_states``)."""
+        return self.hidden_states(input_ids, **kwargs, last_only=True)[:, -1]
 
     def pooled_hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B, emb_dim) at one position per row of right-padded `input_ids`.
