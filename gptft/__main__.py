@@ -1,3 +1,3 @@
-from gptft.cli import main
+from gptft.cli import run
 
-raise SystemExit(main())
+run()

@@ -98,7 +98,9 @@ class TrainConfig:
     """Evaluate on the validation split every this many steps (0: at epoch ends only), at epoch
     ends and at the last step (once per step)."""
     eval_batches: int | None = None
-    """Evaluate on this many batches during training (unset: the whole split)."""
+    """Evaluate on this many batches of the validation split during training (unset: the whole
+    split); classification's epoch-end sample of the training split is this many training
+    batches' worth of examples drawn at random (unset: 10, the book's)."""
     eval_batch_size: int | None = None
     """Examples per evaluation batch on each process (no gradients: larger is faster); unset:
     4 x batch_size."""

@@ -5,7 +5,7 @@ Also runs as plain ``python launch/finetune.py ...`` (one process). All logic li
 
 import sys
 
-from gptft.cli import main
+from gptft.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["finetune", *sys.argv[1:]]))
+    run(["finetune", *sys.argv[1:]])

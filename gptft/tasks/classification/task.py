@@ -11,7 +11,12 @@ from accelerate import Accelerator
 
 from gptft.classifier import GPTClassifier
 from gptft.config import ModelConfig
-from gptft.data.classification import ClassificationDataset, load_classification_data, longest_length
+from gptft.data.classification import (
+    ClassificationDataset,
+    TextExamples,
+    load_classification_data,
+    longest_length,
+)
 from gptft.data.collate import classification_collate
 from gptft.errors import GPTFTError
 from gptft.tasks.base import (
@@ -58,7 +63,10 @@ class ClassificationTask(TaskBase):
         self.counts = trainable_summary(accelerator, self.model, job.model.trainable)
 
     def loader(self, split: str, train: bool = False):
-        dataset = ClassificationDataset(getattr(self.splits, split), self.tokenizer, self.max_length)
+        """A split's loader; ``train_sample``: the fixed random sample of the training split that
+        epoch ends evaluate (``train_sample``)."""
+        examples = self.train_sample() if split == "train_sample" else getattr(self.splits, split)
+        dataset = ClassificationDataset(examples, self.tokenizer, self.max_length)
         cfg = self.job.train
         collate = partial(classification_collate, pad_id=self.tokenizer.eot_id,
                           buckets=self.buckets(dataset.lengths, self.max_length),
@@ -85,11 +93,22 @@ class ClassificationTask(TaskBase):
         return {"loss": out["loss"].double().mean().item(),
                 "accuracy": (out["pred"] == out["label"]).double().mean().item()}
 
+    def train_sample(self) -> TextExamples:
+        """``train.eval_batches`` (default 10, the book's) training batches' worth of training
+        examples drawn at random with ``train.seed``, the same at every epoch end, in file order.
+
+        Not the first batches of the evaluation loader: those hold its longest texts (it sorts
+        by length), a sample that is neither representative nor cheap."""
+        cfg, train = self.job.train, self.splits.train
+        size = min(len(train), (cfg.eval_batches or 10) * cfg.batch_size * self.accelerator.num_processes)
+        picked = sorted(torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+                        [:size].tolist())
+        return TextExamples([train.texts[i] for i in picked], [train.labels[i] for i in picked])
+
     def on_epoch_end(self, ctx: EpochContext) -> EpochReport:
-        """Accuracy on a sample of the training split (the book: 10 batches)."""
-        cfg = self.job.train  # about eval_batches (or 10) training batches' worth of examples
-        metrics = ctx.evaluate("train", -(-(cfg.eval_batches or 10) * cfg.batch_size
-                                          // eval_batch_size(self.job)))
+        """Loss and accuracy on a fixed random sample of the training split (``train_sample``;
+        the book: its first 10 training batches, `eval_iter`)."""
+        metrics = ctx.evaluate("train_sample")
         val = {k[4:]: v for k, v in ctx.val_metrics.items()}
         return EpochReport({f"train_sample/{k}": v for k, v in metrics.items()},
                            f"epoch {ctx.epoch}/{ctx.epochs} done (step {ctx.step}): "
