@@ -306,37 +306,26 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         C = config.emb_dim
-        device = torch.get_default_device()  # a ``with torch.device(...)`` block's, else the CPU
-        with torch.device("meta"):  # laid out without storage; each tensor is then set once
-            self.wte = nn.Embedding(config.padded_vocab_size, C)
-            self.wpe = nn.Embedding(config.context_length, C)
-            self.drop = nn.Dropout(config.drop_rate)
-            self.h = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-            self.ln_f = nn.LayerNorm(C, eps=config.layer_norm_eps)
-            self.lm_head = nn.Linear(C, config.padded_vocab_size, bias=False)
-        if device.type != "meta":
-            self.to_empty(device=device)
-            self.reset_parameters()
+        self.wte = nn.Embedding(config.padded_vocab_size, C)
+        self.wpe = nn.Embedding(config.context_length, C)
+        self.drop = nn.Dropout(config.drop_rate)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(C, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """GPT-2's initialisation, each tensor once: embeddings and linear weights N(0, 0.02),
-        the residual projections (``c_proj``) N(0, 0.02 / sqrt(2 n_layers)), zero biases, unit
-        LayerNorms.
-
-        The model is laid out on ``meta`` first, so PyTorch's own per-module initialisations,
-        which these replace, never run: at gpt2-small size on a CPU they tripled the time to
-        build it (3.6 s against 1.3 s, docs/benchmarks.md).
-        """
-        depth_std = 0.02 / math.sqrt(2 * self.config.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
-            elif isinstance(module, (nn.Embedding, nn.Linear)) and module is not self.lm_head:
-                nn.init.normal_(module.weight, mean=0.0, std=depth_std if name.endswith("c_proj") else 0.02)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameter count; tied embeddings are counted once."""

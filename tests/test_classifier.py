@@ -63,3 +63,21 @@ def test_lora_policy_trains_adapters_and_head(tiny_config):
 def test_head_policy_without_head(tiny_config):
     with pytest.raises(GPTFTError, match="no parameter to train"):
         set_trainable(GPT(tiny_config), "head")
+
+
+def test_loading_a_classifier_draws_no_random_initialisation(tiny_config, tmp_path):
+    """A saved classifier is rebuilt on ``meta`` and its weights loaded into empty storage: no
+    random initialisation is computed only to be overwritten (the global RNG is untouched)."""
+    from gptft.classifier import load_classifier
+    from gptft.runs import save_model
+
+    model = GPTClassifier(GPT(tiny_config), 2)
+    save_model(tmp_path, model, {"task": "classification", "model": tiny_config.to_dict(),
+                                 "tokenizer": "gpt2", "labels": ["ham", "spam"], "max_length": 16})
+    (tmp_path / ".gptft-run").write_text('{"state": "finished"}')
+    before = torch.get_rng_state()
+    loaded = load_classifier(tmp_path).model
+    assert torch.equal(torch.get_rng_state(), before)
+    assert loaded.backbone.lm_head.weight is loaded.backbone.wte.weight
+    for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q), name
