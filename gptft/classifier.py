@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from gptft.errors import GPTFTError
-from gptft.model import GPT, GPTConfig
+from gptft.model import GPT, empty_model
 from gptft.runs import META_FILE, load_meta, load_state_into, model_config, resolve_device
 from gptft.tokenizer import Tokenizer
 
@@ -76,19 +76,9 @@ def load_classifier(run_dir: str | os.PathLike, device: str | torch.device = "cp
     meta = load_meta(run_dir, produces="classifier")
     config = model_config(meta, run_dir)
     _check_classifier_meta(meta, Path(run_dir) / META_FILE)
-    model = empty_classifier(config, len(meta["labels"]), "cpu")
+    model = empty_model(lambda: GPTClassifier(GPT(config), len(meta["labels"])), "cpu")
     load_state_into(model, run_dir)  # every tensor: none left uninitialised
     return Classifier(model, meta["labels"], meta["max_length"], Tokenizer(meta["tokenizer"]), device)
-
-
-def empty_classifier(config: GPTConfig, num_classes: int, device: str | torch.device) -> GPTClassifier:
-    """A classifier of this shape with uninitialised storage on `device`, for weights to load
-    into (no time spent on a random initialisation they overwrite)."""
-    with torch.device("meta"):
-        model = GPTClassifier(GPT(config), num_classes)
-    model.to_empty(device=device)
-    model.backbone.lm_head.weight = model.backbone.wte.weight  # to_empty unties them
-    return model
 
 
 def _check_classifier_meta(meta: dict, path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -500,10 +501,7 @@ class GPT(nn.Module):
         state = {}
         for file in weight_files(folder):
             state.update(load_safetensors(file))
-        with torch.device("meta"):
-            model = cls(config)
-        model.to_empty(device=device or "cpu")
-        model.lm_head.weight = model.wte.weight  # to_empty gives each module its own storage
+        model = empty_model(lambda: cls(config), device or "cpu")
         model.load_hf_state_dict(state, source=str(folder))  # every tensor: none left uninitialised
         return model
 
@@ -561,3 +559,17 @@ class GPT(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         save_safetensors(self.hf_state_dict(), folder / "model.safetensors")
         write_json(folder / "config.json", self.config.to_hf_config())
+
+
+def empty_model(build: Callable[[], nn.Module], device: str | torch.device) -> nn.Module:
+    """``build()`` (a GPT, or a model holding one) with uninitialised storage on `device`, for
+    weights to be loaded into: laid out on ``meta`` first, so no random initialisation is
+    computed only to be overwritten (nor drawn from the global RNG). Each GPT's ``lm_head`` is
+    tied to ``wte`` again (``to_empty`` gives every module its own storage)."""
+    with torch.device("meta"):
+        model = build()
+    model.to_empty(device=device)
+    for module in model.modules():
+        if isinstance(module, GPT):
+            module.lm_head.weight = module.wte.weight
+    return model

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from gptft.errors import GPTFTError
 from gptft.io import load_safetensors, read_json_object, save_safetensors, write_json
-from gptft.model import GPT, GPTConfig
+from gptft.model import GPT, GPTConfig, empty_model
 from gptft.runfolder import check_finished
 
 META_FILE = "gptft.json"
@@ -139,10 +139,7 @@ def load_gpt(run_dir: str | os.PathLike, device: str | torch.device | None = Non
         wte = state["wte.weight"][: config.vocab_size]
         pad = wte.new_zeros(config.padded_vocab_size - len(wte), wte.size(1))
         state["wte.weight"] = torch.cat([wte, pad])
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device or "cpu")
-    model.lm_head.weight = model.wte.weight  # to_empty gives each module its own storage
+    model = empty_model(lambda: GPT(config), device or "cpu")
     _load_state(model, state, path)  # every tensor: none left uninitialised
     return model.eval(), meta
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from gptft.classifier import GPTClassifier, empty_classifier
+from gptft.classifier import GPTClassifier
 from gptft.config import ModelConfig
 from gptft.data.classification import (
     ClassificationDataset,
@@ -155,7 +155,7 @@ def classifier_checkpoint(cfg: ModelConfig, labels: list[str],
     """The classifier of the finished classification run ``model.checkpoint`` names, to continue
     training it (its shape, padding and head; ``drop_rate`` from `cfg`), or None when the
     checkpoint is not such a run (a language-model run gives ``build_gpt`` its backbone)."""
-    from gptft.model import GPTConfig
+    from gptft.model import GPT, GPTConfig, empty_model
     from gptft.runs import is_run_folder, load_meta, load_state_into
     from gptft.tasks import TASKS
 
@@ -167,8 +167,8 @@ def classifier_checkpoint(cfg: ModelConfig, labels: list[str],
     if meta["labels"] != labels:
         raise GPTFTError(f"{cfg.checkpoint}: a classifier of labels {meta['labels']}, the data has "
                          f"{labels} (data.labels sets their order)")
-    model = empty_classifier(GPTConfig(**{**meta["model"], "drop_rate": cfg.drop_rate}), len(labels),
-                             device or "cpu")
+    config = GPTConfig(**{**meta["model"], "drop_rate": cfg.drop_rate})
+    model = empty_model(lambda: GPTClassifier(GPT(config), len(labels)), device or "cpu")
     load_state_into(model, cfg.checkpoint)
     shape = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
              if getattr(cfg, k) is not None}
