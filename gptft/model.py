@@ -303,6 +303,13 @@ class GPT(nn.Module):
     (``model.logits(hidden[mask])``).
     """
 
+    architecture = "gpt2"
+    """The family name recorded in ``gptft.json`` (see ``gptft.models``)."""
+    peft_layers = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    """The linear layers of a block that LoRA may adapt, under PEFT's names for this family."""
+    hf_prefix = "transformer."
+    """Where the body sits in the Hugging Face model (``GPT2LMHeadModel.transformer``)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -318,6 +325,25 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    # ---- the model interface every family offers (see gptft.models) ----------------------------
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The repeated layers: FSDP's and activation checkpointing's unit, trainable policies'."""
+        return self.h
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.ln_f
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.wte
+
+    @property
+    def block_class(self) -> type[nn.Module]:
+        return Block
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
