@@ -22,7 +22,6 @@ from gptft.errors import GPTFTError
 from gptft.io import check_file
 from gptft.validation import build, non_negative, positive
 
-
 SHAPE_KEYS = ("n_layers", "emb_dim", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
               "context_length")
 """The ``model`` keys that set a model's shape (random weights), or must match a checkpoint's."""

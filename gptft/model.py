@@ -345,6 +345,10 @@ class GPT(nn.Module):
     def block_class(self) -> type[nn.Module]:
         return Block
 
+    def tie_weights(self) -> None:
+        """Share the embedding with the output projection (GPT-2 always does)."""
+        self.lm_head.weight = self.wte.weight
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -588,14 +592,22 @@ class GPT(nn.Module):
 
 
 def empty_model(build: Callable[[], nn.Module], device: str | torch.device) -> nn.Module:
-    """``build()`` (a GPT, or a model holding one) with uninitialised storage on `device`, for
-    weights to be loaded into: laid out on ``meta`` first, so no random initialisation is
-    computed only to be overwritten (nor drawn from the global RNG). Each GPT's ``lm_head`` is
-    tied to ``wte`` again (``to_empty`` gives every module its own storage)."""
+    """``build()`` (a language model of any family, or a model holding one) with uninitialised
+    storage on `device`, for weights to be loaded into: laid out on ``meta`` first, so no random
+    initialisation is computed only to be overwritten (nor drawn from the global RNG). Tied
+    weights are tied again (``to_empty`` gives every parameter its own storage): each module's
+    ``tie_weights()``, as transformers does."""
     with torch.device("meta"):
         model = build()
     model.to_empty(device=device)
     for module in model.modules():
-        if isinstance(module, GPT):
-            module.lm_head.weight = module.wte.weight
+        if hasattr(module, "tie_weights"):  # a no-op for a family with an untied head
+            module.tie_weights()
     return model
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    """The parameter names that are another parameter again (a tied ``lm_head.weight``): a
+    state dict stores each tensor once, under its first name."""
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {n for n, _ in model.named_parameters()}
