@@ -39,6 +39,14 @@ class Tokenizer:
         return self._enc.eot_token
 
     @property
+    def eos_id(self) -> int:
+        return self.eot_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.eot_id
+
+    @property
     def vocab_size(self) -> int:
         return self._enc.n_vocab
 
@@ -102,3 +110,7 @@ def _get_encoding(name: str):
             "Without network access, point TIKTOKEN_CACHE_DIR at a folder holding its BPE files "
             "(e.g. export TIKTOKEN_CACHE_DIR=/path/to/tiktoken_cache); gptft's own 'gpt2' needs none."
         ) from None
+
+
+def load_tokenizer(spec) -> Tokenizer:
+    return Tokenizer(str(spec))
