@@ -23,8 +23,8 @@ from gptft.models.decoder import Decoder, DecoderConfig
 from gptft.models.families import BY_MODEL_TYPE, FAMILIES
 from gptft.models.families import config_from_hf as decoder_config_from_hf
 
-__all__ = ["ARCHITECTURES", "PRESETS", "Decoder", "DecoderConfig", "build_model", "config_from_dict", "hub_repo", "is_gpt2_name",
-           "config_from_hf", "from_pretrained", "preset_config"]
+__all__ = ["ARCHITECTURES", "PRESETS", "Decoder", "DecoderConfig", "build_model", "config_from_dict",
+           "hub_repo", "is_gpt2_name", "config_from_hf", "from_pretrained", "preset_config"]
 
 ARCHITECTURES = ("gpt2", *FAMILIES)
 """Every ``architecture`` a run's ``gptft.json`` may record."""
