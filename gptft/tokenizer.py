@@ -256,10 +256,6 @@ class HFTokenizer:
         pad = self._special_id("pad_token", config_path)
         self.pad_id = self.eos_id if pad is None else pad
         self.stop_ids = (self.eos_id, *[i for i in self._generation_eos_ids() if i != self.eos_id])
-        self._explicit = {k: bool(self.config[k]) for k in ("add_bos_token", "add_eos_token")
-                          if k in self.config and self.config[k] is not None}
-        if self._explicit and self.bos_id is None:
-            self._explicit["add_bos_token"] = False
         first = self.encode("a", add_special_tokens=True)[:1]
         self.add_bos = self.bos_id is not None and first == [self.bos_id]
         self.chat_templates = self._read_chat_templates(config_path)
@@ -358,20 +354,13 @@ class HFTokenizer:
         return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; with `add_special_tokens`, framed as a model input (BOS ...)."""
-        return self.encode_batch([text], add_special_tokens)[0] if add_special_tokens and self._explicit \
-            else self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; with `add_special_tokens`, framed as a model input: what the
+        tokenizer's post-processor adds (Llama 3's BOS; ``transformers`` 5 goes by it too, not by
+        ``add_bos_token`` / ``add_eos_token`` in ``tokenizer_config.json``)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
-        # with add_bos_token / add_eos_token set in the config, transformers replaces the
-        # post-processor by one adding just those: so does gptft, around the plain encoding
-        frame = add_special_tokens and bool(self._explicit)
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens and not frame)
-        if not frame:
-            return [e.ids for e in encodings]
-        bos = [self.bos_id] if self._explicit.get("add_bos_token") else []
-        eos = [self.eos_id] if self._explicit.get("add_eos_token") else []
-        return [bos + e.ids + eos for e in encodings]
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def encode_offsets(self, text: str, specials: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids of `text` (no special tokens added) and each one's ``(start, end)``
