@@ -27,6 +27,7 @@ from gptft.io import write_json, write_text
 from gptft.model import tied_names
 from gptft.runs import TOKENIZER_DIR, check_vocab, is_run_folder, load_gpt, run_tokenizer, save_model
 from gptft.timing import Phases
+from gptft.tokenizer import HFTokenizer
 from gptft.trainer import EpochContext, EpochReport, Trainer, format_value, use_compile
 
 CONFIG_HEADER = "# The resolved configuration of this run. Re-run it with:\n" \
@@ -144,7 +145,8 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
     meta = {"task": job.task, "architecture": task.backbone().architecture,
             "model": task.gpt_config().to_dict(), "tokenizer": task.tokenizer.name, **task.meta()}
     with phases("saving"):
-        if acc.is_main_process and hasattr(task.tokenizer, "save"):  # a Hugging Face tokenizer
+        if acc.is_main_process and isinstance(task.tokenizer, HFTokenizer):  # its files go along
+            (Path(job.output_dir) / TOKENIZER_DIR).mkdir(exist_ok=True)
             task.tokenizer.save(Path(job.output_dir) / TOKENIZER_DIR)
         save_final(acc, trainer.model, job, meta, metrics)
     task.write_outputs(trainer, metrics)
