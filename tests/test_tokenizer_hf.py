@@ -95,6 +95,7 @@ def test_qwen3_encodes_the_whole_instruction_file_as_autotokenizer():
     assert [tok.decode(ids) for ids in ours] == auto.batch_decode(theirs)
 
 
+@pytest.mark.slow  # loading Qwen3's 151,669-token tokenizer twice
 def test_qwen3_special_tokens_as_autotokenizer():
     tok, auto = _qwen3(), _auto(str(shared_path("tokenizers", "qwen3")))
     assert isinstance(tok, HFTokenizer)
@@ -114,6 +115,7 @@ def test_qwen3_special_tokens_as_autotokenizer():
         assert tok.decode(ids, skip_special_tokens=skip) == auto.decode(ids, skip_special_tokens=skip)
 
 
+@pytest.mark.slow  # loading Qwen3's 151,669-token tokenizer twice
 def test_offsets_are_the_backend_offsets():
     tok, auto = _qwen3(), _auto(str(shared_path("tokenizers", "qwen3")))
     ids, offsets = tok.encode_offsets(MIXED)
