@@ -335,7 +335,7 @@ def tokenize_chat(tokenizer, template: str | ChatTemplate, messages: Sequence[di
     variables = {**tokenizer.special_tokens_map, **kwargs}
     tagged = template.has_generation_tags
     text, spans = _render(template, messages, add_generation_prompt, variables, track=tagged)
-    ids, offsets = tokenizer.encode_offsets(text, specials=True)
+    ids, offsets = tokenizer.encode_offsets(text)
     if train_on == "all":
         return ids, [1] * len(ids)
     if not tagged:
