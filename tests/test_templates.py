@@ -39,6 +39,9 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Echo: hello"}, {"role": "assistant", "content": "Echo: hello"}],
 ]
 ENDS_WITH_ASSISTANT = [c for c in CONVERSATIONS if c[-1]["role"] == "assistant"]
+ASSISTANT_FIRST = [{"role": "assistant", "content": "Hi! Ask me anything."},
+                   {"role": "user", "content": "Anything."}, {"role": "assistant", "content": "Done."}]
+UNTAGGED_CHATML = CHATML.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
 
 
 @cache
@@ -113,7 +116,7 @@ def test_qwen3_assistant_mask_equals_transformers_on_the_tagged_template():
     tok = _qwen3()
     auto = _auto(str(tok.folder))
     tagged = qwen3_tagged(tok.chat_template)
-    for conv in CONVERSATIONS:
+    for conv in [*CONVERSATIONS, ASSISTANT_FIRST]:
         assert auto.apply_chat_template(conv, tokenize=False, chat_template=tagged) == \
             auto.apply_chat_template(conv, tokenize=False)
         ids, mask = apply(auto, conv, tagged, mask=True)
@@ -167,6 +170,23 @@ def test_named_templates_render_tokenize_and_mask_as_transformers(spec, name, tm
     # overlapping the turn is marked (transformers' rule), so that "<" is a target too
     between = "<" if (spec, name) == ("gpt2", "llama3") else ""
     assert marked == f"The cat was sitting.{end}{between}The cat will sit.{end}"
+
+
+def test_untagged_template_masks_as_its_tagged_twin():
+    """The mask found by prefixes (no tags) equals transformers' mask on the same template with
+    tags, whatever the conversation (an assistant opening it too)."""
+    tok = load_tokenizer("tiny-chatml")
+    auto = _auto(str(tok.folder))
+    assert not ChatTemplate("x", UNTAGGED_CHATML).has_generation_tags
+    for conv in [*CONVERSATIONS, ASSISTANT_FIRST]:
+        assert render_chat(UNTAGGED_CHATML, conv) == render_chat(CHATML, conv)
+        expected = apply(auto, conv, CHATML, mask=True)
+        assert tokenize_chat(tok, UNTAGGED_CHATML, conv) == expected
+        last = (expected[0], last_run(expected[1]))
+        assert tokenize_chat(tok, UNTAGGED_CHATML, conv, "last_assistant") == last
+    ids, mask = tokenize_chat(tok, UNTAGGED_CHATML, ASSISTANT_FIRST)
+    marked = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert marked == "Hi! Ask me anything.<|im_end|>\nDone.<|im_end|>\n"
 
 
 def test_tiny_chatml_own_template_is_the_named_one():
