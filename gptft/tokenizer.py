@@ -333,13 +333,23 @@ class HFTokenizer:
         return list(dict.fromkeys(ids))
 
     def _read_chat_templates(self, config_path: Path) -> dict[str, str]:
+        """The chat templates: ``chat_template.jinja`` (the default) and
+        ``additional_chat_templates/NAME.jinja``, which ``transformers`` 5 saves and which win, as
+        there; else ``tokenizer_config.json``'s ``chat_template`` (a string or named templates)."""
+        files = {"default": self.folder / "chat_template.jinja"}
+        extra = self.folder / "additional_chat_templates"
+        if extra.is_dir():
+            files.update({f.name.removesuffix(".jinja"): f for f in sorted(extra.glob("*.jinja"))})
+        templates = {}
+        for name, file in files.items():
+            if file.exists():
+                try:
+                    templates[name] = file.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as e:
+                    raise GPTFTError(f"{file}: cannot read the chat template: {e}") from None
+        if templates:
+            return templates
         value = self.config.get("chat_template")
-        jinja = self.folder / "chat_template.jinja"
-        if jinja.exists():  # transformers 5 saves the template beside the config; it wins there too
-            try:
-                value = jinja.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise GPTFTError(f"{jinja}: cannot read the chat template: {e}") from None
         if value is None:
             return {}
         if isinstance(value, str):

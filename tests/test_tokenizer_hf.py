@@ -243,6 +243,26 @@ def test_save_keeps_named_templates(tmp_path):
     assert load_tokenizer(out).chat_templates == tok.chat_templates
 
 
+def test_reads_the_template_files_transformers_saves(tmp_path):
+    tok = load_tokenizer("tiny-chatml")
+    auto = _auto(str(tok.folder))
+    import copy
+
+    auto = copy.deepcopy(auto)
+    auto.chat_template = {"default": "D{{ messages|length }}", "tool_use": "T", "rag": "R"}
+    auto.save_pretrained(tmp_path)  # chat_template.jinja + additional_chat_templates/*.jinja
+    assert (tmp_path / "chat_template.jinja").is_file()
+    assert sorted(p.name for p in (tmp_path / "additional_chat_templates").iterdir()) == ["rag.jinja",
+                                                                                       "tool_use.jinja"]
+    ours = load_tokenizer(tmp_path)
+    assert ours.chat_templates == {"default": "D{{ messages|length }}", "tool_use": "T", "rag": "R"}
+    assert ours.chat_template == "D{{ messages|length }}"
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path).chat_template == ours.chat_templates
+    assert ours.encode_batch([MIXED]) == tok.encode_batch([MIXED])
+
+
 def test_gpt2_save_loads_in_autotokenizer_with_its_template(tmp_path):
     from transformers import AutoTokenizer
 
