@@ -31,6 +31,10 @@ class GPTClassifier(nn.Module):
         self.head = nn.Linear(backbone.config.emb_dim, num_classes,
                               bias=getattr(backbone, "architecture", "gpt2") == "gpt2")
 
+    @property
+    def _no_split_modules(self) -> list[str]:  # FSDP's unit: the backbone's block
+        return self.backbone._no_split_modules
+
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Class logits (B, num_classes) for right-padded `input_ids` with real `lengths`."""
         return self.head(self.backbone.pooled_hidden_states(input_ids, lengths - 1))

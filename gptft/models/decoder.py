@@ -339,6 +339,8 @@ class Decoder(nn.Module):
     """The linear layers of a block that LoRA may adapt, under PEFT's names."""
     hf_prefix = "model."
     """Where the body sits in the Hugging Face model (``XForCausalLM.model``)."""
+    _no_split_modules = ["DecoderBlock"]
+    """The block class, as transformers declares it: Accelerate's FSDP wraps each one."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
