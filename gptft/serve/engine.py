@@ -241,6 +241,8 @@ class GenerationEngine(_Engine):
         self.cache = SlotCache(max_batch, self.context_length)
         self._rows: list[_Row] = []
         self.steps = 0  # decoding steps run (a batch of any size counts once)
+        self.peak = 0  # the most requests decoded in one step
+        self.cancelled = 0  # requests that left before their end (client gone, timeout, shutdown)
 
     def active(self) -> int:
         return len(self._rows)
@@ -307,6 +309,7 @@ class GenerationEngine(_Engine):
         for r in rows:
             r.length += 1
         self.steps += 1
+        self.peak = max(self.peak, len(rows))
         self._accept(rows, self.model.logits(hidden))
 
     def _accept(self, rows: list[_Row], logits: torch.Tensor) -> None:
@@ -353,6 +356,7 @@ class GenerationEngine(_Engine):
                 i += 1
                 continue
             if not row.finished:
+                self.cancelled += 1
                 row.request.emit(Event(done=True, finish_reason="cancelled",
                                        prompt_tokens=len(row.request.prompt_ids),
                                        completion_tokens=len(row.out)))
