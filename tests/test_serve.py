@@ -347,6 +347,26 @@ def test_a_client_that_leaves_stops_its_decoding(lm_run):
             restore()
 
 
+def test_a_failing_step_is_a_500_without_traceback_and_the_server_goes_on(lm_server):
+    engine = lm_server.served.engine
+    inner = engine.model.hidden_states
+
+    def broken(*args, **kwargs):
+        del engine.model.hidden_states  # fails once
+        raise RuntimeError("out of memory (simulated)")
+
+    engine.model.hidden_states = broken
+    try:
+        reply = lm_server.post("/chat/completions", GOOD)
+    finally:
+        engine.model.__dict__.pop("hidden_states", None)
+    assert reply.status_code == 500 and "Traceback" not in reply.text
+    assert reply.json()["error"] == {"message": "generation failed: RuntimeError: out of memory (simulated)",
+                                     "type": "server_error", "param": None, "code": None}
+    assert engine.model.hidden_states == inner
+    assert lm_server.post("/chat/completions", GOOD).status_code == 200
+
+
 def test_judge_scores_against_serve(tmp_path, monkeypatch):
     """``gptft judge --url http://127.0.0.1:PORT/v1 --model NAME`` against a server whose model
     always answers "85" (its final norm outputs that token's embedding)."""
