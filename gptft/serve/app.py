@@ -255,18 +255,23 @@ class _Api:
                     yield chunk(i, None, None, first=True)
             while any(f is None for f in finals):
                 try:
-                    i, event = await asyncio.wait_for(events.get(), deadline - time.monotonic())
+                    ready = [await asyncio.wait_for(events.get(), deadline - time.monotonic())]
                 except TimeoutError:
                     yield _sse(_timeout_error(self.options.timeout).body())
                     return
-                if event.text:
-                    yield chunk(i, event.text, None)
-                if event.done:
-                    finals[i] = event
-                    if event.finish_reason in ("error", "cancelled"):
-                        yield _sse(_failure(event).body())
-                        return
-                    yield chunk(i, None, event.finish_reason)
+                while not events.empty():  # what else is there goes out in the same write
+                    ready.append(events.get_nowait())
+                out = []
+                for i, event in ready:
+                    if event.text:
+                        out.append(chunk(i, event.text, None))
+                    if event.done:
+                        finals[i] = event
+                        if event.finish_reason in ("error", "cancelled"):
+                            yield "".join(out) + _sse(_failure(event).body())
+                            return
+                        out.append(chunk(i, None, event.finish_reason))
+                yield "".join(out)
             if include_usage:
                 yield _sse({**reply, "object": kind, "choices": [], "usage": _usage(finals)})
             yield "data: [DONE]\n\n"
@@ -291,11 +296,14 @@ class _Api:
                     if gone in done:
                         raise RequestError(499, "the client closed the connection", type="cancelled")
                     raise _timeout_error(self.options.timeout)
-                i, event = get.result()
-                if texts is not None:
-                    texts[i] += event.text
-                if event.done:
-                    finals.append((i, event))
+                ready = [get.result()]
+                while not events.empty():
+                    ready.append(events.get_nowait())
+                for i, event in ready:
+                    if texts is not None:
+                        texts[i] += event.text
+                    if event.done:
+                        finals.append((i, event))
             return finals
         finally:
             gone.cancel()
