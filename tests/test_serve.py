@@ -416,6 +416,14 @@ def test_a_failing_step_is_a_500_without_traceback_and_the_server_goes_on(lm_ser
     assert lm_server.post("/chat/completions", GOOD).status_code == 200
 
 
+def test_judge_takes_an_openai_base_url():
+    from gptft.judge import Judge
+
+    assert Judge("http://h:1/v1/", "m", api="openai").endpoint == "http://h:1/v1/chat/completions"
+    assert Judge("http://h:1", "m", api="openai").endpoint == "http://h:1/v1/chat/completions"
+    assert Judge("http://h:1", "m").endpoint == "http://h:1/api/chat"
+
+
 def test_judge_scores_against_serve(tmp_path, monkeypatch):
     """``gptft judge --url http://127.0.0.1:PORT/v1 --model NAME`` against a server whose model
     always answers "85" (its final norm outputs that token's embedding)."""
