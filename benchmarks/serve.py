@@ -6,7 +6,8 @@ completions at temperature 0 with usage):
 
 1. ``sequential``: --requests requests one at a time;
 2. ``concurrent``: the same number from --clients clients at once;
-   for each: generated tokens/s, and the p50/p95 of the latency and of the time to first token;
+   the two alternate in --rounds rounds; for each: generated tokens/s, and the p50/p95 of the
+   latency and of the time to first token;
 3. ``cancellations``: --cancel-requests requests from --clients clients, each cancelled with
    probability --cancel-share (the client leaves before the reply, or after a few chunks): every
    request not cancelled must be answered in full, none lost, and the server must be alive and
@@ -50,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context-length", type=int, default=256)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=64, help="requests per throughput phase")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="the phases alternate this many times, --requests / rounds each time")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--cancel-requests", type=int, default=200)
     p.add_argument("--cancel-share", type=float, default=0.3)
@@ -139,6 +142,19 @@ async def one_request(client: httpx.AsyncClient, url: str, instruction: str, max
             "ttft": (first or end) - started}
 
 
+def merge(phases: list[dict]) -> dict:
+    """Rounds of one phase as one: summed requests, tokens and seconds; the percentiles over
+    every request."""
+    seconds, tokens = sum(p["seconds"] for p in phases), sum(p["tokens"] for p in phases)
+    lat = sorted(x for p in phases for x in p.pop("_latencies"))
+    ttft = sorted(x for p in phases for x in p.pop("_ttfts"))
+    return {"requests": sum(p["requests"] for p in phases), "clients": phases[0]["clients"],
+            "rounds": len(phases), "seconds": round(seconds, 3), "tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 1), "latency_p50_s": round(pct(lat, 50), 4),
+            "latency_p95_s": round(pct(lat, 95), 4), "ttft_p50_s": round(pct(ttft, 50), 4),
+            "ttft_p95_s": round(pct(ttft, 95), 4)}
+
+
 async def phase(url: str, n: int, clients: int, max_tokens: int) -> dict:
     """`n` requests from `clients` concurrent clients; tokens/s and latency percentiles."""
     queue = list(range(n))
@@ -159,10 +175,8 @@ async def phase(url: str, n: int, clients: int, max_tokens: int) -> dict:
         raise SystemExit(f"{len(bad)} requests failed: {bad[:3]}")
     tokens = sum(r["tokens"] for r in results)
     lat, ttft = sorted(r["latency"] for r in results), sorted(r["ttft"] for r in results)
-    return {"requests": n, "clients": clients, "seconds": round(wall, 3), "tokens": tokens,
-            "tokens_per_s": round(tokens / wall, 1), "latency_p50_s": round(pct(lat, 50), 4),
-            "latency_p95_s": round(pct(lat, 95), 4), "ttft_p50_s": round(pct(ttft, 50), 4),
-            "ttft_p95_s": round(pct(ttft, 95), 4)}
+    return {"requests": n, "clients": clients, "seconds": wall, "tokens": tokens,
+            "_latencies": lat, "_ttfts": ttft}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -199,8 +213,12 @@ def main(argv=None) -> dict:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         try:
             asyncio.run(phase(url, 4, 4, 8))  # warm-up
-            sequential = asyncio.run(phase(url, args.requests, 1, args.max_tokens))
-            concurrent = asyncio.run(phase(url, args.requests, args.clients, args.max_tokens))
+            rounds = [], []  # the two phases alternate, so that a change in the machine's load
+            for _ in range(args.rounds):  # falls on both
+                for results, clients in zip(rounds, (1, args.clients)):
+                    results.append(asyncio.run(phase(url, args.requests // args.rounds, clients,
+                                                     args.max_tokens)))
+            sequential, concurrent = (merge(r) for r in rounds)
             cancel = asyncio.run(cancellations(url, args.cancel_requests, args.clients, args.cancel_share,
                                                args.max_tokens, args.seed))
             time.sleep(0.5)
