@@ -482,3 +482,20 @@ def test_serve_command_answers_and_exits_0_on_sigterm(lm_run):
             proc.kill()
     out = proc.stdout.read()
     assert "tiny-instruct" in out and KEY not in out
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs(tmp_path):
+    """benchmarks/serve.py end to end at a tiny size: every request not cancelled is answered."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "benchmarks" / "serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--requests", "2", "--rounds", "1", "--clients", "2", "--max-tokens", "8",
+                      "--cancel-requests", "12", "--cancel-share", "0.5", "--emb-dim", "32"])
+    cancel = out["cancellations"]
+    assert cancel["lost"] == 0 and cancel["all_results"] and cancel["answered"] == cancel["kept"] > 0
+    assert out["server_alive_after"] and out["server_idle_after"]["decoding"] == 0
+    assert out["exit_status_on_sigterm"] == 0
+    assert out["sequential"]["tokens"] == out["concurrent"]["tokens"] == 16
