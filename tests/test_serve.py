@@ -143,8 +143,8 @@ def chat(client, instruction: str, **kwargs):
 @pytest.mark.parametrize("max_batch", [4, 16])
 def test_engine_equals_generate_with_joins_leaves_and_reused_slots(max_batch):
     """16 prompts of different lengths submitted at once (prefilled together), with different
-    max_tokens (rows leave at different steps, their slots refilled from the queue), greedy and
-    seeded sampling, stop strings: each equals ``generate`` on its prompt alone."""
+    max_tokens (rows leave at different steps, their slots refilled from the queue; the cache
+    grows mid-way), greedy and seeded sampling: each equals ``generate`` on its prompt alone."""
     from gptft.serve.engine import GenerationEngine, GenerationRequest
 
     torch.manual_seed(0)
@@ -160,7 +160,7 @@ def test_engine_equals_generate_with_joins_leaves_and_reused_slots(max_batch):
                 done.release()
         return emit
 
-    prompts = [tok.encode(f"Prompt {i}: " + "word " * i) for i in range(16)]
+    prompts = [tok.encode(f"Prompt {i}: " + "word " * (4 * i)) for i in range(16)]  # 4..64 tokens
     sampling = [{} if i % 2 == 0 else dict(temperature=0.8, top_k=40, seed=i) for i in range(16)]
     requests = [GenerationRequest(p, 4 + i, emitter(i), **sampling[i]) for i, p in enumerate(prompts)]
     engine.start()
@@ -171,6 +171,7 @@ def test_engine_equals_generate_with_joins_leaves_and_reused_slots(max_batch):
     finally:
         engine.stop(10)
     assert engine.peak == max_batch
+    assert engine.cache.capacity == 128  # grown from 64 while decoding (the slots' keys copied)
     for i, p in enumerate(prompts):
         tokens = generate(model, [p], 4 + i, eos_id=tok.eot_id, **sampling[i])[0]
         assert "".join(e.text for e in events[i]) == tok.decode(tokens), i
@@ -449,6 +450,18 @@ def test_judge_scores_against_serve(tmp_path, monkeypatch):
 
 
 # ---- the command -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-batch", "0", "--timeout", "-1"], "--max-batch: must be > 0 (got 0); --timeout: must be > 0"),
+    (["--port", "70000"], "--port: must be in 0..65535 (got 70000)"),
+    ([], "run folder not found"),
+])
+def test_serve_command_errors_are_one_line(lm_run, tmp_path, capsys, args, message):
+    run = str(tmp_path / "missing") if not args else str(lm_run)
+    assert main(["serve", run, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
 
 @pytest.mark.slow
 def test_serve_command_answers_and_exits_0_on_sigterm(lm_run):

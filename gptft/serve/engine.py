@@ -85,6 +85,10 @@ class SlotCache:
     new keys go, and how many positions the returned keys span (the rest of a row's span is
     masked by the engine's 4-D mask). It duck-types ``KVCache`` for ``hidden_states``:
     ``update(layer, k, v)`` and ``length`` (which the model advances; nothing here reads it).
+
+    Each slot holds ``capacity`` positions, grown (doubled, up to ``max_length``) when a call
+    needs more: the memory follows the longest sequence served so far, not the context length
+    times the slots.
     """
 
     def __init__(self, slots: int, max_length: int):
@@ -92,6 +96,7 @@ class SlotCache:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.length = 0
+        self.capacity = 0
         self._rows, self._starts, self._width = slice(0, 0), torch.zeros(0, dtype=torch.long), 0
 
     def bind(self, rows: slice, starts: torch.Tensor, width: int) -> None:
@@ -99,12 +104,19 @@ class SlotCache:
         ``starts[b]``; the keys returned span positions ``[0, width)``."""
         if width > self.max_length:
             raise ValueError(f"slot cache: {width} positions > max_length {self.max_length}")
+        if width > self.capacity:
+            self.capacity = min(self.max_length, max(width, 2 * self.capacity, 64))
+            for cached in (self.k, self.v):
+                for layer, t in enumerate(cached):
+                    grown = t.new_zeros((*t.shape[:2], self.capacity, t.size(3)))
+                    grown[:, :, : t.size(2)] = t
+                    cached[layer] = grown
         self._rows, self._starts, self._width, self.length = rows, starts, width, 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this call's (B, H, T, hd) keys/values of `layer`; return (B, H, width, hd)."""
         if layer == len(self.k):  # first use of this layer: allocate every slot
-            shape = (self.slots, k.size(1), self.max_length, k.size(3))
+            shape = (self.slots, k.size(1), self.capacity, k.size(3))
             self.k.append(k.new_zeros(shape))
             self.v.append(v.new_zeros(shape))
         keys, values = self.k[layer][self._rows], self.v[layer][self._rows]
@@ -112,7 +124,7 @@ class SlotCache:
             index = torch.arange(k.size(0), device=k.device)
             keys[index, :, self._starts] = k[:, :, 0]
             values[index, :, self._starts] = v[:, :, 0]
-        else:  # a prefill: rows of equal length from the same start
+        else:  # a prefill: every row from the same start (shorter prompts padded)
             start = int(self._starts[0])
             keys[:, :, start : start + k.size(2)] = k
             values[:, :, start : start + k.size(2)] = v
