@@ -305,6 +305,8 @@ GOOD = {"model": "tiny-instruct", "messages": [{"role": "user", "content": "hi"}
     ({**GOOD, "max_tokens": -3}, KEY, 400, "max_tokens", "must be >= 1"),
     ({**GOOD, "max_tokens": 1000}, KEY, 400, "max_tokens", "at most 256"),
     ({**GOOD, "max_tokens": "4"}, KEY, 400, "max_tokens", "must be an integer (got a string)"),
+    ({k: v for k, v in GOOD.items() if k != "max_tokens"} | {"max_completion_tokens": 0}, KEY, 400,
+     "max_completion_tokens", "must be >= 1"),
     ({**GOOD, "temperature": "hot"}, KEY, 400, "temperature", "must be a number"),
     ({**GOOD, "temperature": 3}, KEY, 400, "temperature", "[0, 2]"),
     ({**GOOD, "top_p": 0}, KEY, 400, "top_p", "(0, 1]"),

@@ -162,8 +162,6 @@ class _Api:
         self._check_model(data, "lm")
         messages = _messages(data)
         prompt = render_messages(self.served.meta, self.served.tokenizer, messages)
-        if data.get("max_completion_tokens") is not None and data.get("max_tokens") is None:
-            data["max_tokens"] = data["max_completion_tokens"]
         return await self._generate(request, data, [prompt], "messages", chat=True)
 
     async def completions(self, request: Request):
@@ -198,7 +196,8 @@ class _Api:
         data_out = [{"index": i, "object": "classification", "label": p.label,
                      "probability": p.probability, "probabilities": p.probabilities}
                     for i, p in enumerate(predictions)]
-        tokens = sum(len(t) for t in self.served.tokenizer.encode_batch(texts))
+        limit = self.served.context_length  # a classifier reads its max_length first tokens
+        tokens = sum(min(len(t), limit) for t in self.served.tokenizer.encode_batch(texts))
         return JSONResponse({"object": "list", "model": self.options.model_name, "data": data_out,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
@@ -213,7 +212,7 @@ class _Api:
         for i, text in enumerate(prompts):
             ids = self.served.tokenizer.encode(text)
             where = prompt_field if len(prompts) == 1 or chat else f"{prompt_field}[{i}]"
-            max_tokens = self._max_tokens(len(ids), data.get("max_tokens"), where)
+            max_tokens = self._max_tokens(len(ids), data, where)
             jobs.append(GenerationRequest(ids, max_tokens, _emitter(loop, events, i), **params))
         self._submit(jobs)
         kind = "chat.completion" if chat else "text_completion"
@@ -377,24 +376,27 @@ class _Api:
                                f"(got {json.dumps(stop)[:80]})", param="stop")
         return {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed, "stop": stops}
 
-    def _max_tokens(self, prompt_tokens: int, value: Any, prompt_field: str) -> int:
+    def _max_tokens(self, prompt_tokens: int, data: dict, prompt_field: str) -> int:
+        """The request's ``max_tokens`` (or chat's newer ``max_completion_tokens``), checked
+        against ``--max-new-tokens`` and the context; by default as many as both allow."""
         ctx, cap = self.served.context_length, self.options.max_new_tokens
+        name = "max_tokens" if data.get("max_tokens") is not None else "max_completion_tokens"
         if prompt_tokens == 0:
             raise RequestError(400, f"{prompt_field}: the prompt is empty", param=prompt_field)
         if prompt_tokens >= ctx:
             raise RequestError(400, f"{prompt_field}: the prompt is {prompt_tokens} tokens; this "
                                f"model's context is {ctx} tokens (prompt and response together)",
                                param=prompt_field, code="context_length_exceeded")
-        requested = _integer({"max_tokens": value}, "max_tokens", None, 1)
+        requested = _integer(data, name, None, 1)
         if requested is None:
             return min(cap, ctx - prompt_tokens)
         if requested > cap:
-            raise RequestError(400, f"max_tokens: at most {cap} on this server (--max-new-tokens; "
-                               f"got {requested})", param="max_tokens")
+            raise RequestError(400, f"{name}: at most {cap} on this server (--max-new-tokens; "
+                               f"got {requested})", param=name)
         if prompt_tokens + requested > ctx:
-            raise RequestError(400, f"max_tokens: the prompt ({prompt_tokens} tokens) and max_tokens "
+            raise RequestError(400, f"{name}: the prompt ({prompt_tokens} tokens) and {name} "
                                f"({requested}) exceed this model's context of {ctx} tokens",
-                               param="max_tokens", code="context_length_exceeded")
+                               param=name, code="context_length_exceeded")
         return requested
 
     def _submit(self, jobs: list) -> None:
