@@ -485,12 +485,14 @@ def test_serve_command_answers_and_exits_0_on_sigterm(lm_run):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
-        stream = chat(client, "Count to five.", temperature=0, max_tokens=60, stream=True)
+        stream = chat(client, "Count to five.", temperature=0, max_tokens=60, stream=True,
+                      stream_options={"include_usage": True})
         first = next(iter(stream))
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # most of the 60 tokens are yet to be decoded
         rest = list(stream)
         assert first.choices[0].delta.role == "assistant"
-        assert rest[-1].choices[0].finish_reason == "length"
+        assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "length"
+        assert rest[-1].usage.completion_tokens == 60
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
