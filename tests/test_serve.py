@@ -178,6 +178,30 @@ def test_engine_equals_generate_with_joins_leaves_and_reused_slots(max_batch):
         assert events[i][-1].completion_tokens == len(tokens) and events[i][-1].finish_reason == "length"
 
 
+def test_classify_engine_labels_waiting_requests_in_one_batch(classifier_run):
+    from gptft.serve.engine import ClassifyEngine, ClassifyRequest
+
+    clf = load_classifier(classifier_run)
+    calls = []
+    predict = clf.predict
+    clf.predict = lambda texts, batch_size: calls.append(len(texts)) or predict(texts, batch_size)
+    engine = ClassifyEngine(clf, max_batch=5, max_queue=8)
+    results: dict[int, list] = {}
+    texts = [["spam spam", "ham"], ["call now"], ["see you", "at 7"], ["a", "b", "c", "d"],
+             [f"text {j}" for j in range(7)]]
+    for i, t in enumerate(texts):  # queued before the engine runs: they wait together
+        engine.submit([ClassifyRequest(t, lambda e, i=i: results.__setitem__(i, e.result))])
+    engine.start()
+    deadline = time.monotonic() + 30
+    while len(results) < len(texts):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    engine.stop(10)
+    assert calls == [5, 4, 7]  # 2 + 1 + 2 texts; 4 (+ 7 would pass max_batch); 7 alone
+    for i, t in enumerate(texts):
+        assert [p.label for p in results[i]] == [p.label for p in predict(t)]
+
+
 # ---- the routes, with the openai client ---------------------------------------------------------
 
 def test_models_and_health(lm_server):
