@@ -178,6 +178,7 @@ def test_engine_equals_generate_with_joins_leaves_and_reused_slots(max_batch):
         assert events[i][-1].completion_tokens == len(tokens) and events[i][-1].finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_classify_engine_labels_waiting_requests_in_one_batch(classifier_run):
     from gptft.serve.engine import ClassifyEngine, ClassifyRequest
 
