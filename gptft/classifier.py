@@ -63,7 +63,7 @@ class Classifier:
         out = []
         for i in range(0, len(texts), batch_size):
             ids = [t[: self.max_length] or [self.tokenizer.eos_id]
-                   for t in self.tokenizer.encode_batch(texts[i : i + batch_size])]
+                   for t in self.tokenizer.encode_batch(texts[i : i + batch_size], add_special_tokens=True)]
             lengths = torch.tensor([len(t) for t in ids])
             batch = torch.full((len(ids), int(lengths.max())), self.tokenizer.pad_id)
             for row, t in enumerate(ids):
