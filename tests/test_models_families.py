@@ -306,3 +306,21 @@ def test_hub_repo_ids_from_the_cache_and_offline(tmp_path, monkeypatch):
     ids = torch.randint(0, VOCAB, (1, 8))
     with torch.no_grad():
         assert_close(from_pretrained("Org/tiny-qwen3")(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_a_shared_prompt_prefix_generates_as_transformers(family, tmp_path):
+    """generate() computes a prefix shared by the batch once and copies its keys/values after
+    each row's left padding: positions and sliding windows must come out as transformers'."""
+    hf = hf_model(family)
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    prefix = torch.randint(0, VOCAB, (7,)).tolist()
+    prompts = [prefix + torch.randint(0, VOCAB, (n,)).tolist() for n in (1, 6, 3)]
+    ours = generate(model, prompts, 12)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    hf.generation_config.eos_token_id = None
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert ours == out[:, width:].tolist()
