@@ -8,7 +8,8 @@ response), mean cross-entropy over the targets. gptft computes logits at the tar
 computes its own logits and loss; the textbook model returns full logits and the loss is
 ``F.cross_entropy(..., ignore_index=-100)``. Each implementation runs in a fresh process (so the
 peak resident memory, ``ru_maxrss``, is its own), ``--warmup`` untimed steps then ``--steps``
-timed ones; examples/s and tokens/s (all positions) are medians of per-step rates.
+timed ones; examples/s and tokens/s (all positions) are medians of per-step rates; with
+``--rounds N`` the processes are interleaved (A, B, C, A, B, C ...) and medians over rounds shown.
 
 ``--generate``: greedy decoding with the KV cache at ``--batch-size`` (default 8) of gptft's
 ``generate()`` against transformers' ``generate()`` on the same weights (gptft's
@@ -115,14 +116,17 @@ def train_step(impl: str, args) -> dict:
 
 def compare_training(args) -> None:
     impls = ["gptft", "transformers"] + (["textbook"] if args.family == "qwen3" else [])
-    results = {}
-    for impl in impls:
-        cmd = [sys.executable, __file__, "--child", impl, *sys.argv[1:]]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results[impl] = json.loads(out.strip().splitlines()[-1])
+    runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+    for _ in range(args.rounds):  # interleaved, so that load from other processes hits all alike
+        for impl in impls:
+            cmd = [sys.executable, __file__, "--child", impl, *sys.argv[1:]]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs[impl].append(json.loads(out.strip().splitlines()[-1]))
+    results = {impl: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "impl"}
+               for impl, rs in runs.items()}
     print(f"{args.family}: width {args.width}, {args.layers} layers, {args.heads} heads "
           f"({args.kv_heads} kv), vocab {args.vocab}, batch {args.batch_size} x {args.seq_len}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, medians of {args.rounds} fresh processes each")
     base = results["gptft"]["examples_per_s"]
     for impl, r in results.items():
         print(f"  {impl:<13} {r['examples_per_s']:8.2f} examples/s {r['tokens_per_s']:9.0f} tokens/s "
@@ -190,6 +194,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="fresh processes per implementation")
     p.add_argument("--generate", action="store_true", help="time KV-cache generation instead")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
