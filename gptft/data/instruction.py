@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
-from gptft.data.readers import check_records, parse_json_records, read_text
+from gptft.data.conversations import Record, conversation_record, locate, read_examples, read_rows
+from gptft.data.readers import JsonRecord, check_records, parse_json_records, read_text
 from gptft.download import seed_file
 from gptft.errors import GPTFTError
 from gptft.prompts import PromptStyle, format_example
@@ -40,11 +41,37 @@ class InstructionSplits:
     test: list[dict]
 
 
-def load_instruction_data(cfg: InstructionData) -> InstructionSplits:
-    """Read ``cfg.path`` (unset: the book's set, which gptft carries) and split it (``split_records``)."""
+def load_instruction_data(cfg: InstructionData, chat: bool = False) -> InstructionSplits:
+    """Read ``cfg.path`` (unset: the book's set, which gptft carries) and split it (``split_records``).
+
+    With `chat` (a chat template renders the data) every record becomes a conversation
+    (``gptft.data.conversations.conversation_record``: messages, ShareGPT or Alpaca); without,
+    records are Alpaca's ``{instruction, input?, output}`` (a text prompt style's). Records are
+    ``Record`` s: they know the file and line they were read from.
+    """
     name = "instruction-data.json"
-    path = Path(cfg.path) if cfg.path else seed_file(name, [INSTRUCTION_URL], name)
-    return split_records(read_records(path, cfg.format), cfg.split, cfg.shuffle, cfg.seed, str(path))
+    path = cfg.path if cfg.path else str(seed_file(name, [INSTRUCTION_URL], name))
+    rows = read_rows(path, cfg.format, cfg.dataset_split, cfg.columns)
+    if chat:
+        records = read_examples(str(path), rows, conversation_record)
+    else:
+        records = text_records(str(path), rows, _text_style_problem)
+    return split_records(records, cfg.split, cfg.shuffle, cfg.seed, str(path))
+
+
+def text_records(name: str, rows: list[JsonRecord], problem: Callable[[Any], str | None]) -> list[Record]:
+    """Alpaca-shaped records (a missing or null ``input`` as ``""``), each checked by `problem`."""
+    check_records(name, rows, problem)
+    return [Record.at({**r.value, "input": r.value.get("input") or ""}, f"{name}: {locate(r)}")
+            for r in rows]
+
+
+def _text_style_problem(record: Any) -> str | None:
+    problem = _record_problem(record)
+    if problem and isinstance(record, dict) and ("messages" in record or "conversations" in record):
+        return ("a conversation: set data.prompt_style to template, chatml or llama3 (alpaca and "
+                "phi3 format one instruction)")
+    return problem
 
 
 def split_records(records: list[dict], split: Sequence[float], shuffle: bool, seed: int,
