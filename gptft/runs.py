@@ -57,7 +57,7 @@ def load_meta(run_dir: str | os.PathLike, produces: str | None = None,
 def model_config(meta: dict[str, Any], run_dir: str | os.PathLike, **overrides) -> GPTConfig:
     """The ``GPTConfig`` of a run's ``gptft.json`` (plus `overrides`), every field checked, and its
     vocabulary checked against the run's tokenizer; one error names the file and the field."""
-    from gptft.tokenizer import Tokenizer
+    from gptft.tokenizer import load_tokenizer
 
     path = Path(run_dir) / META_FILE
     model, known = meta.get("model"), {f.name for f in dataclasses.fields(GPTConfig)}
@@ -71,7 +71,7 @@ def model_config(meta: dict[str, Any], run_dir: str | os.PathLike, **overrides) 
         config = GPTConfig(**{**model, **overrides})
     except GPTFTError as e:
         raise GPTFTError(f"{path}: {e}") from None
-    check_vocab(config.vocab_size, Tokenizer(meta.get("tokenizer", "gpt2")).vocab_size, path)
+    check_vocab(config.vocab_size, load_tokenizer(meta.get("tokenizer", "gpt2")).vocab_size, path)
     return config
 
 
@@ -164,10 +164,23 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def load_lm_run(run_dir: str | os.PathLike, device: str | torch.device = "auto"):
     """The model of a finished language-model run (instruction, preference) on `device`, its
     tokenizer and its prompt style: what ``gptft generate`` and ``gptft chat`` need."""
-    from gptft.tokenizer import Tokenizer
+    from gptft.tokenizer import load_tokenizer
 
     model, meta = load_gpt(run_dir, resolve_device(device))
     missing = [k for k in ("tokenizer", "prompt_style") if k not in meta]
     if missing:
         raise GPTFTError(f"{run_dir}: gptft.json lacks {', '.join(missing)}")
-    return model, Tokenizer(meta["tokenizer"]), meta["prompt_style"]
+    return model, load_tokenizer(meta["tokenizer"]), meta["prompt_style"]
+
+
+def load_chat_run(run_dir: str | os.PathLike, device: str | torch.device = "auto"):
+    """``load_lm_run``'s model, and the run's ``gptft.data.chat.ChatFormat`` (its tokenizer and
+    prompt style, and the chat template recorded in ``gptft.json``): what ``gptft chat`` and
+    ``gptft generate`` need to prompt the model as it was trained."""
+    from gptft.data.chat import ChatFormat
+
+    model, tokenizer, style = load_lm_run(run_dir, device)
+    template = load_meta(run_dir).get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise GPTFTError(f"{Path(run_dir) / META_FILE}: 'chat_template' must be the template's text")
+    return model, ChatFormat(style, tokenizer, template)

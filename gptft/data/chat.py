@@ -69,6 +69,7 @@ class Fitted:
 
     input_ids: list[int]
     target_mask: list[int]
+    assistant_mask: list[int]
     dropped: int = 0
     cut: bool = False
     length: int = 0
@@ -84,7 +85,7 @@ def fit(messages: list[dict], encode: Encode, train_on: str, limit: int) -> Fitt
     ids, mask = encode(messages, False)
     full = len(ids)
     if full <= limit:
-        return Fitted(ids, targets(mask, messages, train_on), length=full)
+        return Fitted(ids, targets(mask, messages, train_on), mask, length=full)
     system = messages[:1] if messages[0]["role"] == "system" else []
     body = messages[len(system):]
     starts = [i for i, m in enumerate(body) if m["role"] == "user" and i > 0]
@@ -97,7 +98,7 @@ def fit(messages: list[dict], encode: Encode, train_on: str, limit: int) -> Fitt
     dropped = sum(m["role"] == "assistant" for m in body[: len(body) - len(kept)])
     tmask = targets(mask, system + kept, train_on)
     cut = len(ids) > limit
-    return Fitted(ids[:limit], tmask[:limit], dropped=dropped, cut=cut, length=full)
+    return Fitted(ids[:limit], tmask[:limit], mask[:limit], dropped=dropped, cut=cut, length=full)
 
 
 class ChatDataset(Dataset):
@@ -156,3 +157,74 @@ def _common_prefix(*seqs: list[int]) -> int:
         if any(s[i] != seqs[0][i] for s in seqs[1:]):
             return i
     return n
+
+
+# ---- the run's format: a chat template or a text prompt style -------------------------------------
+
+class ChatFormat:
+    """How a run turns conversations into tokens: a chat template (``template``, ``chatml``,
+    ``llama3``) or one of ``gptft.prompts``' one-turn text styles (``alpaca``, ``phi3``). The same
+    object serves training, ``generate``, ``chat`` and the test-set responses.
+
+    Attributes:
+        style: the prompt style (``data.prompt_style``, resolved: ``template`` when the tokenizer
+            has a chat template and none was set, else ``alpaca``).
+        tokenizer: the run's tokenizer.
+        template: the ``gptft.templates.ChatTemplate`` (None for a text style).
+    """
+
+    def __init__(self, style: str | None, tokenizer, template_source: str | None = None):
+        from gptft.data.conversations import TEMPLATE_STYLES
+
+        self.tokenizer = tokenizer
+        self.style = style or ("template" if getattr(tokenizer, "chat_template", None) else "alpaca")
+        self.template = None
+        if self.style in TEMPLATE_STYLES:
+            from gptft.templates import ChatTemplate, resolve_template
+
+            self.template = (ChatTemplate(f"the chat template of {tokenizer.name}", template_source)
+                             if template_source else resolve_template(self.style, tokenizer))
+
+    @property
+    def chat(self) -> bool:
+        """Whether a chat template renders the conversations (else a one-turn text style)."""
+        return self.template is not None
+
+    def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids and assistant mask of a conversation (``gptft.templates.tokenize_chat``)."""
+        from gptft.templates import tokenize_chat
+
+        return tokenize_chat(self.tokenizer, self.template, messages, "assistant", add_generation_prompt)
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        """The ids that ask the model for the next assistant turn after `messages`."""
+        if self.chat:
+            return self.encode(messages, True)[0]
+        from gptft.prompts import format_prompt
+
+        user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        return self.tokenizer.encode(format_prompt({"instruction": user, "input": ""}, self.style))
+
+    def end_texts(self) -> list[str]:
+        """The texts that end an assistant turn: the stop tokens, and with a chat template the
+        built-in templates' end-of-turn markers (text, not one token, with GPT-2's vocabulary)."""
+        from gptft.templates import END_OF_TURN
+
+        texts = [self.tokenizer.decode([i]) for i in self.tokenizer.stop_ids]
+        return list(dict.fromkeys(texts + (list(END_OF_TURN.values()) if self.chat else [])))
+
+    def response(self, ids: list[int]) -> str:
+        """The text of generated ids, up to the first stop token or end-of-turn text, stripped."""
+        stops = set(self.tokenizer.stop_ids)
+        ids = next((ids[:i] for i, t in enumerate(ids) if t in stops), ids)
+        text = self.tokenizer.decode(ids)
+        for end in self.end_texts():
+            text = text.split(end)[0]
+        return text.strip()
+
+    def meta(self) -> dict:
+        """What ``gptft.json`` records so that a run reloads this format."""
+        out = {"prompt_style": self.style}
+        if self.template is not None:
+            out["chat_template"] = self.template.source
+        return out

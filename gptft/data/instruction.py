@@ -143,17 +143,21 @@ class InstructionDataset(Dataset):
     Attributes:
         lengths: token count of each item (after truncation); an item fills ``length - 1``
             positions of a row (inputs and targets are shifted by one).
+        full_lengths: the same before truncation.
     """
 
     def __init__(self, records: Sequence[dict], tokenizer: Tokenizer, style: str | PromptStyle,
                  max_length: int):
         self.records = list(records)
         self.items: list[dict] = []
+        self.full_lengths: list[int] = []  # before truncation
         for record in self.records:
             prompt, response = format_example(record, style)
             prompt_ids = tokenizer.encode(prompt)
-            ids = (prompt_ids + tokenizer.encode(response) + [tokenizer.eot_id])[: max_length + 1]
+            full = prompt_ids + tokenizer.encode(response) + [tokenizer.eot_id]
+            ids = full[: max_length + 1]
             self.items.append({"input_ids": ids, "prompt_len": min(len(prompt_ids), len(ids))})
+            self.full_lengths.append(len(full))
         self.lengths: list[int] = [len(item["input_ids"]) for item in self.items]
 
     def __len__(self) -> int:
