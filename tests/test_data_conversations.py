@@ -159,7 +159,7 @@ def test_source_errors_are_one_line(tmp_path):
     with pytest.raises(GPTFTError, match="bad.parquet: cannot read as Parquet"):
         read_rows(str(tmp_path / "bad.parquet"))
     (tmp_path / "folder").mkdir()
-    with pytest.raises(GPTFTError, match="not one saved by datasets' save_to_disk"):
+    with pytest.raises(GPTFTError, match="is a folder, not a data file \\(nor one saved by datasets' save_to_disk"):
         read_rows(str(tmp_path / "folder"))
     with pytest.raises(GPTFTError, match="nope/none: cannot load the Hugging Face dataset"):
         read_rows("nope/none", "hf")

@@ -190,7 +190,8 @@ class ChatFormat:
         """Whether a chat template renders the conversations (else a one-turn text style)."""
         return self.template is not None
 
-    def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def encode(self, messages: list[dict],
+               add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """Token ids and assistant mask of a conversation (``gptft.templates.tokenize_chat``)."""
         from gptft.templates import tokenize_chat
 

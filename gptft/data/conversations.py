@@ -65,9 +65,8 @@ def source_kind(path: str, fmt: str) -> str:
     if p.is_dir():
         if any((p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
             return "disk"
-        raise GPTFTError(f"{path}: a folder, but not one saved by datasets' save_to_disk (no "
-                         "dataset_info.json / state.json / dataset_dict.json); give a file, or "
-                         "data.format=hf for a Hugging Face dataset")
+        raise GPTFTError(f"{path}: is a folder, not a data file (nor one saved by datasets' "
+                         "save_to_disk: no dataset_info.json / state.json / dataset_dict.json)")
     if p.suffix.lower() == ".parquet":
         return "parquet"
     return "auto"

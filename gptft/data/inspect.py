@@ -22,7 +22,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gptft.data.chat import ChatDataset, ChatFormat, fit, preference_items, spans
+from gptft.data.chat import ChatDataset, ChatFormat, preference_items, spans
 from gptft.data.collate import _shifted
 from gptft.data.conversations import instruction_messages
 from gptft.errors import GPTFTError
@@ -57,13 +57,27 @@ class LMData:
 
 def prepare(job, tokenizer, max_length: int) -> LMData:
     """Read and tokenize the data of an instruction or preference `job` as its run does."""
-    from gptft.data.instruction import InstructionDataset, load_instruction_data
-    from gptft.data.preference import PreferenceDataset, load_preference_data
+    fmt, splits = read(job, tokenizer)
+    return tokenize(job, fmt, splits, max_length)
 
-    data = job.data
-    fmt = ChatFormat(data.prompt_style, tokenizer)
+
+def read(job, tokenizer) -> tuple[ChatFormat, object]:
+    """The job's format (prompt style or chat template) and the records of each split."""
+    from gptft.data.instruction import load_instruction_data
+    from gptft.data.preference import load_preference_data
+
+    fmt = ChatFormat(job.data.prompt_style, tokenizer)
+    load = load_preference_data if job.task == "preference" else load_instruction_data
+    return fmt, load(job.data, chat=fmt.chat)
+
+
+def tokenize(job, fmt: ChatFormat, splits, max_length: int) -> LMData:
+    """The records of each split tokenized as training sees them (``LMData``)."""
+    from gptft.data.instruction import InstructionDataset
+    from gptft.data.preference import PreferenceDataset
+
+    data, tokenizer = job.data, fmt.tokenizer
     if job.task == "preference":
-        splits = load_preference_data(data, chat=fmt.chat)
         if fmt.chat:
             datasets = {s: PairItems(preference_items(getattr(splits, s), fmt.encode, max_length))
                         for s in SPLITS}
@@ -71,7 +85,6 @@ def prepare(job, tokenizer, max_length: int) -> LMData:
             datasets = {s: PreferenceDataset(getattr(splits, s), tokenizer, fmt.style, max_length)
                         for s in SPLITS}
         return LMData(fmt, splits, datasets, "preference", "responses", True, max_length)
-    splits = load_instruction_data(data, chat=fmt.chat)
     if fmt.chat:
         train_on = data.train_on or "assistant"
         datasets = {s: ChatDataset(getattr(splits, s), fmt.encode, train_on, max_length) for s in SPLITS}
