@@ -344,18 +344,16 @@ def histogram(lengths: Sequence[int], limit: int, bins: int = 8, width: int = 40
     """Rows ``lo - hi | ####  count`` of the token lengths; the limit marks where truncation starts."""
     if not lengths:
         return []
-    top = max(max(lengths), 1)
-    step = max(1, -(-top // bins))
-    counts = [0] * (-(-top // step) + (top % step == 0))
+    low, top = min(lengths), max(lengths)
+    step = max(1, -(-(top - low + 1) // bins))
+    counts = [0] * -(-(top - low + 1) // step)
     for n in lengths:
-        counts[min((n - 1) // step if n else 0, len(counts) - 1)] += 1
+        counts[(n - low) // step] += 1
     most = max(counts)
     rows = []
     for b, c in enumerate(counts):
-        lo, hi = b * step + 1, (b + 1) * step
-        if lo > top:
-            break
-        over = " > max_length" if lo > limit + 1 else ""
+        lo, hi = low + b * step, low + (b + 1) * step - 1
+        over = " (over max_length: truncated)" if hi > limit + 1 else ""
         rows.append(f"  {lo:>6} - {hi:<6} | {'#' * max(c * width // most, 1 if c else 0):<{width}} "
                     f"{c}{over}")
     return rows
@@ -402,3 +400,25 @@ def report_text(report: Report, color: bool = False) -> str:
             if len(items) > MAX_LISTED:
                 lines.append(f"  {kind}: ... and {len(items) - MAX_LISTED} more")
     return "\n".join(lines)
+
+
+def context_length(model) -> int:
+    """The context length of a job's model (``ModelConfig``) without building it: the config's,
+    a gptft run's or a Hugging Face folder's (``config.json``), else the preset's."""
+    from pathlib import Path
+
+    from gptft.io import read_json_object
+    from gptft.model import GPTConfig
+
+    if model.context_length:
+        return model.context_length
+    if model.weights == "pretrained" and model.checkpoint:
+        folder = Path(model.checkpoint)
+        if (folder / "gptft.json").is_file():
+            return int(read_json_object(folder / "gptft.json")["model"]["context_length"])
+        if (folder / "config.json").is_file():
+            hf = read_json_object(folder / "config.json")
+            value = hf.get("n_positions") or hf.get("max_position_embeddings")
+            if isinstance(value, int):
+                return value
+    return GPTConfig.from_name(model.name).context_length

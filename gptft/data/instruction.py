@@ -53,10 +53,26 @@ def load_instruction_data(cfg: InstructionData, chat: bool = False) -> Instructi
     path = cfg.path if cfg.path else str(seed_file(name, [INSTRUCTION_URL], name))
     rows = read_rows(path, cfg.format, cfg.dataset_split, cfg.columns)
     if chat:
-        records = read_examples(str(path), rows, conversation_record)
+        records = join_turns(read_examples(str(path), rows, conversation_record), cfg.turns)
     else:
         records = text_records(str(path), rows, _text_style_problem)
     return split_records(records, cfg.split, cfg.shuffle, cfg.seed, str(path))
+
+
+def join_turns(records: list[Record], turns: int) -> list[Record]:
+    """Every `turns` consecutive conversations as one (the first one's system message kept, the
+    others' dropped; a last group with fewer records is kept shorter), named after its first
+    record; ``instruction`` / ``output`` are its last turn's."""
+    if turns == 1:
+        return records
+    out = []
+    for i in range(0, len(records), turns):
+        group = records[i : i + turns]
+        messages = [m for k, r in enumerate(group) for m in r["messages"] if k == 0 or m["role"] != "system"]
+        joined = {**group[-1], "messages": messages}
+        out.append(Record.at(joined, f"{group[0].where} (+{len(group) - 1} joined)" if len(group) > 1
+                             else group[0].where))
+    return out
 
 
 def text_records(name: str, rows: list[JsonRecord], problem: Callable[[Any], str | None]) -> list[Record]:

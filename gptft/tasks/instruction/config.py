@@ -36,6 +36,9 @@ class InstructionData:
     """Which tokens the loss learns with a chat template: every assistant turn (each with its
     end-of-turn token), the last one only, or all tokens; unset: assistant (with alpaca / phi3,
     mask_prompt decides)."""
+    turns: int = 1
+    """With a chat template: join this many consecutive records (in file order, before the split)
+    into one conversation of that many turns; 1: each record is one conversation."""
     mask_prompt: bool = False
     """alpaca / phi3: train on the response only (the prompt's targets are ignored by the loss)."""
     max_length: int | None = None
@@ -47,7 +50,10 @@ class InstructionData:
     false: random batches, as the book."""
 
     def problems(self) -> list[str]:
-        out = split_problems(self.split) + positive(self, "max_length")
+        out = split_problems(self.split) + positive(self, "max_length", "turns")
+        if self.turns > 1 and self.prompt_style in ("alpaca", "phi3"):
+            out.append(f"turns: only with a chat template (prompt_style {self.prompt_style} formats "
+                       "one instruction)")
         if self.train_on is not None and self.prompt_style in ("alpaca", "phi3"):
             out.append(f"train_on: only with a chat template (prompt_style {self.prompt_style} "
                        "uses mask_prompt)")
