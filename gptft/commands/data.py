@@ -20,7 +20,8 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                help="inspect: show what a job's model will learn from its data")
     inspect = sub.add_parser("inspect", help="show what a job's model will learn from its data",
                              description="Show what a job's model will learn from its data.")
     inspect.add_argument("--config", required=True, help="YAML job file of an instruction or "
