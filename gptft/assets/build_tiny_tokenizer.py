@@ -56,6 +56,7 @@ def build(folder: Path) -> None:
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
         "unk_token": None,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
         "clean_up_tokenization_spaces": False,
         "model_max_length": 2048,
         "added_tokens_decoder": {str(ids[t]): {"content": t, "lstrip": False, "normalized": False,
