@@ -27,8 +27,9 @@ def chat_run(tmp_path):
     config = GPTConfig(vocab_size=load_tokenizer("tiny-chatml").vocab_size, context_length=96, emb_dim=32,
                        n_layers=2, n_heads=2)
     run = tmp_path / "run"
-    save_model(run, GPT(config), {"task": "instruction", "model": config.to_dict(), "tokenizer": "tiny-chatml",
-                                  "prompt_style": "chatml", "chat_template": CHATML, "max_length": 96})
+    meta = {"task": "instruction", "model": config.to_dict(), "tokenizer": "tiny-chatml",
+            "prompt_style": "chatml", "chat_template": CHATML, "max_length": 96}
+    save_model(run, GPT(config), meta)
     return run
 
 
@@ -61,7 +62,8 @@ def test_the_second_answer_sees_the_first_turn(chat_run, monkeypatch, capsys):
     assert out == [a1 or "(empty response: the model ended its answer at once)", a2]
     assert a2 != answer(model, fmt, [user(second)])  # the history changed the answer
     # /reset forgets it; /system sets a system message and starts afresh
-    out, err = chat(monkeypatch, capsys, chat_run, f"{first}\n/reset\n{second}\n/system Be terse.\n{second}\n")
+    text = f"{first}\n/reset\n{second}\n/system Be terse.\n{second}\n"
+    out, err = chat(monkeypatch, capsys, chat_run, text)
     assert out[1] == answer(model, fmt, [user(second)])
     assert out[2] == answer(model, fmt, [{"role": "system", "content": "Be terse."}, user(second)])
     assert "(conversation reset)" in err and "(system message set; conversation reset)" in err
