@@ -159,7 +159,7 @@ def test_source_errors_are_one_line(tmp_path):
     with pytest.raises(GPTFTError, match="bad.parquet: cannot read as Parquet"):
         read_rows(str(tmp_path / "bad.parquet"))
     (tmp_path / "folder").mkdir()
-    with pytest.raises(GPTFTError, match="is a folder, not a data file \\(nor one saved by datasets' save_to_disk"):
+    with pytest.raises(GPTFTError, match=r"is a folder, not a data file \(nor one saved by datasets'"):
         read_rows(str(tmp_path / "folder"))
     with pytest.raises(GPTFTError, match="nope/none: cannot load the Hugging Face dataset"):
         read_rows("nope/none", "hf")
@@ -232,3 +232,50 @@ def test_collate_keeps_the_marked_targets_and_never_pads_a_target():
                                                for t, m in zip(short_ids[1:], short_mask[1:])]
     assert set(labels[1][len(short_ids) - 1:]) == {IGNORE_INDEX}
     assert labels[0][-1] == 99  # the last end-of-turn is a target
+
+
+# ---- preference pairs with a chat template -------------------------------------------------------
+
+def test_preference_pairs_are_the_prompt_rendered_then_each_answer(tmp_path):
+    from gptft.data.chat import ChatFormat, preference_items
+    from gptft.data.collate import preference_collate
+    from gptft.tokenizer import load_tokenizer
+
+    fmt = ChatFormat("chatml", load_tokenizer("tiny-chatml"))
+    prompt = TWO_TURNS[:4]
+    record, _ = preference_record({"prompt": prompt, "chosen": [{"role": "assistant", "content": "Red."}],
+                                   "rejected": [{"role": "assistant", "content": "I refuse."}]})
+    item = preference_items([record], fmt.encode, 64)[0]
+    assert item["chosen"] == fmt.encode(prompt + [{"role": "assistant", "content": "Red."}])[0]
+    assert item["prompt_len"] == len(fmt.prompt(prompt)) and item["chosen"][: item["prompt_len"]] == \
+        fmt.prompt(prompt)
+    labels = preference_collate([item], pad_id=fmt.tokenizer.pad_id)["labels"][0, 0].tolist()
+    answer = [t for t in labels if t != IGNORE_INDEX]
+    assert fmt.tokenizer.decode(answer) == "Red.<|im_end|>\n"  # the answer and its end of turn only
+
+
+@pytest.mark.slow
+def test_dpo_on_conversation_pairs_runs_and_records_the_template(tmp_path):
+    from gptft.config import load_job
+    from gptft.finetune import finetune
+
+    rows = [{"chosen": [{"role": "user", "content": f"Name color {i}."},
+                        {"role": "assistant", "content": f"Color {i} is red."}],
+             "rejected": [{"role": "user", "content": f"Name color {i}."},
+                          {"role": "assistant", "content": "No."}]} for i in range(20)]
+    path = jsonl(tmp_path, "pairs.jsonl", rows)
+    job = tmp_path / "dpo.yaml"
+    job.write_text(f"""task: preference
+output_dir: {tmp_path / 'run'}
+model: {{weights: random, tokenizer: tiny-chatml, n_layers: 1, emb_dim: 32, n_heads: 2, context_length: 48}}
+data: {{path: {path}, prompt_style: chatml}}
+train: {{epochs: 1, batch_size: 8, device: cpu}}
+generate: {{max_new_tokens: 4}}
+""")
+    metrics = finetune(load_job(job))
+    assert 0 <= metrics["test_reward_accuracy"] <= 1
+    meta = json.loads((tmp_path / "run" / "gptft.json").read_text())
+    assert meta["prompt_style"] == "chatml" and "<|im_start|>" in meta["chat_template"]
+    responses = json.loads((tmp_path / "run" / "responses.json").read_text())
+    assert responses[0]["messages"] == [{"role": "user", "content": "Name color 17."}]
+    assert responses[0]["output"] == "Color 17 is red." and "model_response" in responses[0]

@@ -363,7 +363,8 @@ def report_text(report: Report, color: bool = False) -> str:
     """The inspector's output (``gptft data inspect``)."""
     data, fmt = report.data, report.data.fmt
     template = f"chat template {fmt.style}" if fmt.chat else f"prompt style {fmt.style}"
-    counts = ", ".join(f"{s} {report.stats[s].examples}" for s in SPLITS)
+    counts = ", ".join(f"{s} {report.stats[s].examples}" for s in SPLITS) + (
+        " (sequences: each pair's chosen and rejected)" if data.kind == "preference" else "")
     lines = [f"{data.kind} data: {template}, tokenizer {fmt.tokenizer.name}, train on {data.train_on}, "
              f"max_length {data.max_length}", f"examples: {counts}", ""]
     for i, ex in enumerate(report.samples):
