@@ -119,3 +119,23 @@ def test_generate_prompts_a_chat_run_with_its_template(chat_run, capsys, tmp_pat
 
     record = json.loads(capsys.readouterr().out)
     assert record["model_response"] == answer(model, fmt, conversation)
+
+
+def test_export_carries_the_chat_template(tmp_path):
+    """A GPT-2 run trained with chatml exports with the template in tokenizer_config.json, so
+    transformers' apply_chat_template prompts it as gptft does."""
+    from transformers import AutoTokenizer
+
+    from gptft.export import export_run
+
+    config = GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_layers=1, n_heads=2)
+    run = tmp_path / "run"
+    save_model(run, GPT(config), {"task": "instruction", "model": config.to_dict(), "tokenizer": "gpt2",
+                                  "prompt_style": "chatml", "chat_template": CHATML, "max_length": 32})
+    export_run(run, tmp_path / "out")
+    auto = AutoTokenizer.from_pretrained(tmp_path / "out")
+    _, fmt = load_chat_run(run, "cpu")
+    messages = [user("Hi"), assistant("Hello."), user("Bye")]
+    assert auto.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"] == \
+        fmt.prompt(messages)
+    assert not (tmp_path / "out" / "prompt_style.json").exists()
