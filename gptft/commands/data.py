@@ -43,9 +43,11 @@ def run(args: argparse.Namespace) -> int:
     if args.examples < 0:
         raise GPTFTError(f"-n: must be >= 0 (got {args.examples})")
     job = load_job(args.config, args.overrides)
-    if job.task not in ("instruction", "preference"):
-        raise GPTFTError(f"{args.config}: a {job.task} job; gptft data inspect reads instruction and "
-                         "preference jobs (language-model data)")
+    from gptft.tasks import get_task
+
+    if get_task(job.task).produces != "lm":
+        raise GPTFTError(f"{args.config}: a {job.task} job; gptft data inspect reads the data of "
+                         "language-model jobs (instruction, preference)")
     context = context_length(job.model)
     if job.data.max_length and job.data.max_length > context:
         raise GPTFTError(f"data.max_length ({job.data.max_length}) exceeds the model's context "

@@ -67,7 +67,7 @@ def read(job, tokenizer) -> tuple[ChatFormat, object]:
     from gptft.data.preference import load_preference_data
 
     fmt = ChatFormat(job.data.prompt_style, tokenizer)
-    load = load_preference_data if job.task == "preference" else load_instruction_data
+    load = load_preference_data if _pairs(job) else load_instruction_data
     return fmt, load(job.data, chat=fmt.chat)
 
 
@@ -77,7 +77,7 @@ def tokenize(job, fmt: ChatFormat, splits, max_length: int) -> LMData:
     from gptft.data.preference import PreferenceDataset
 
     data, tokenizer = job.data, fmt.tokenizer
-    if job.task == "preference":
+    if _pairs(job):
         if fmt.chat:
             datasets = {s: PairItems(preference_items(getattr(splits, s), fmt.encode, max_length))
                         for s in SPLITS}
@@ -92,6 +92,13 @@ def tokenize(job, fmt: ChatFormat, splits, max_length: int) -> LMData:
     datasets = {s: InstructionDataset(getattr(splits, s), tokenizer, fmt.style, max_length) for s in SPLITS}
     return LMData(fmt, splits, datasets, "instruction", "response" if data.mask_prompt else "all",
                   data.mask_prompt, max_length)
+
+
+def _pairs(job) -> bool:
+    """Whether `job` trains on preference pairs (its data section is the preference task's)."""
+    from gptft.tasks.preference.config import PreferenceData
+
+    return isinstance(job.data, PreferenceData)
 
 
 class PairItems(list):
