@@ -7,7 +7,7 @@ import pytest
 
 from gptft import GPTFTError
 from gptft.data.chat import fit, spans, targets
-from gptft.data.collate import instruction_collate
+from gptft.data.collate import instruction_collate, packed_collate
 from gptft.data.conversations import conversation_record, preference_record, read_rows
 from gptft.data.instruction import load_instruction_data
 from gptft.data.preference import load_preference_data
@@ -146,6 +146,11 @@ def test_parquet_and_saved_datasets_with_a_column_map(tmp_path):
         offset = 10 if split == "test" else 0
         assert [r.value["messages"] for r in got] == [e["messages"] for e in expected[offset:offset + n]]
         assert got[0].value["id"] == offset and "chat" not in got[0].value
+    # data.format=hf on a folder of data files: datasets.load_dataset reads it (as a hub dataset)
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    got = read_rows(str(tmp_path / "repo"), "hf", "train", {"messages": "chat"})
+    assert [r.value["messages"] for r in got] == [e["messages"] for e in expected[:5]]
     cfg, problems = build(InstructionData, {"path": str(tmp_path / "chat.parquet"),
                                             "columns": {"messages": "chat"}})
     assert not problems
@@ -232,6 +237,12 @@ def test_collate_keeps_the_marked_targets_and_never_pads_a_target():
                                                for t, m in zip(short_ids[1:], short_mask[1:])]
     assert set(labels[1][len(short_ids) - 1:]) == {IGNORE_INDEX}
     assert labels[0][-1] == 99  # the last end-of-turn is a target
+    packed = packed_collate([{"input_ids": ids, "target_mask": mask},
+                             {"input_ids": short_ids, "target_mask": short_mask}],
+                            pad_id=0, mask_prompt=False, max_length=32)
+    row = packed["labels"][0].tolist()
+    assert row[: len(ids) - 1] == labels[0] and row[len(ids) - 1 : len(ids) + len(short_ids) - 2] == \
+        labels[1][: len(short_ids) - 1]  # packed: the same targets, example by example
 
 
 # ---- preference pairs with a chat template -------------------------------------------------------

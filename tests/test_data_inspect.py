@@ -144,3 +144,17 @@ def test_histogram():
                                                         ["203", "-", "301"]]
     assert [re.search(r"\|\s*#*\s+(\d+)", r).group(1) for r in rows] == ["4", "0", "1"]
     assert "over max_length" not in rows[0] and all("over max_length" in r for r in rows[1:])
+
+
+def test_training_counts_truncation_and_warnings_at_start(tmp_path):
+    from gptft.data.inspect import check_or_raise
+
+    rows = [good(i) for i in range(10)]
+    rows[0] = {"messages": turn("Hi.", "Hello.") + turn("Say it all.", " ".join(["word"] * 30))}
+    rows[1] = {"messages": turn("Long?", " ".join(["word"] * 80))}
+    job = load_job(write_job(tmp_path, rows))
+    lines = []
+    check_or_raise(prepare(job, load_tokenizer("tiny-chatml"), 48), lines.append)
+    assert lines == ["truncation to max_length 48: train 2 of 8 example(s) lost an answer or part of one "
+                     "(1 cut inside it)",
+                     "data: 2 warning(s): 2 truncated (gptft data inspect --config ... lists them by record)"]

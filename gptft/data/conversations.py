@@ -31,6 +31,7 @@ from gptft.errors import GPTFTError
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # save_to_disk's folders
 TEMPLATE_STYLES = ("template", "chatml", "llama3")  # prompt styles rendered by a chat template
 TEXT_STYLES = ("alpaca", "phi3")  # gptft.prompts' one-turn formats
 
@@ -57,13 +58,14 @@ def locate(row: JsonRecord) -> str:
 
 def source_kind(path: str, fmt: str) -> str:
     """``json``, ``jsonl``, ``parquet``, ``disk`` (a ``save_to_disk`` folder) or ``hub``."""
-    if fmt == "hf":
-        return "disk" if Path(path).is_dir() else "hub"
+    p = Path(path)
+    saved = p.is_dir() and any((p / f).is_file() for f in SAVED_MARKERS)
+    if fmt == "hf":  # a saved folder, else what load_dataset reads: a hub name or a data folder
+        return "disk" if saved else "hub"
     if fmt != "auto":
         return fmt
-    p = Path(path)
     if p.is_dir():
-        if any((p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        if saved:
             return "disk"
         raise GPTFTError(f"{path}: is a folder, not a data file (nor one saved by datasets' "
                          "save_to_disk: no dataset_info.json / state.json / dataset_dict.json)")
