@@ -373,6 +373,13 @@ def read_prompt_records(path: str) -> list[dict]:
     def problem(record) -> str | None:
         if not isinstance(record, dict):
             return f"expected an object with instruction and input, got {type(record).__name__}"
+        if "messages" in record:  # a conversation to continue (runs with a chat template)
+            from gptft.data.conversations import parse_messages
+
+            messages, problem = parse_messages(record["messages"])
+            if messages is not None:
+                record["messages"] = messages
+            return problem
         if not isinstance(record.get("instruction"), str):
             return "'instruction' must be a string" if "instruction" in record else (
                 "missing key 'instruction'")
