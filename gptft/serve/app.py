@@ -36,7 +36,7 @@ from gptft.serve.engine import (
 )
 from gptft.serve.errors import RequestError
 from gptft.serve.options import ServeOptions
-from gptft.serve.prompts import ROLES, render_messages
+from gptft.serve.prompts import ROLES, end_texts, render_messages
 
 log = logging.getLogger("gptft.serve")
 
@@ -162,7 +162,8 @@ class _Api:
         self._check_model(data, "lm")
         messages = _messages(data)
         prompt = render_messages(self.served.meta, self.served.tokenizer, messages)
-        return await self._generate(request, data, [prompt], "messages", chat=True)
+        ends = end_texts(self.served.meta, self.served.tokenizer)
+        return await self._generate(request, data, [prompt], "messages", chat=True, ends=ends)
 
     async def completions(self, request: Request):
         self._authorize(request)
@@ -203,14 +204,16 @@ class _Api:
 
     # ---- generation ------------------------------------------------------------------------
 
-    async def _generate(self, request: Request, data: dict, prompts: list[str], prompt_field: str,
-                        chat: bool):
+    async def _generate(self, request: Request, data: dict, prompts: list[str | list[int]],
+                        prompt_field: str, chat: bool, ends: list[str] | None = None):
         params = self._sampling(data)
+        if ends:  # the template's end-of-turn text ends a reply as a stop string would
+            params["stop"] = list(dict.fromkeys([*(params["stop"] or []), *ends]))
         stream, include_usage = _stream_options(data)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         jobs = []
         for i, text in enumerate(prompts):
-            ids = self.served.tokenizer.encode(text)
+            ids = text if isinstance(text, list) else self.served.tokenizer.encode(text)
             where = prompt_field if len(prompts) == 1 or chat else f"{prompt_field}[{i}]"
             max_tokens = self._max_tokens(len(ids), data, where)
             jobs.append(GenerationRequest(ids, max_tokens, _emitter(loop, events, i), **params))

@@ -16,22 +16,21 @@ SYSTEM_ROLES = ("system", "developer")
 ROLES = (*SYSTEM_ROLES, "user", "assistant")
 
 
-def render_messages(meta: dict[str, Any], tokenizer, messages: list[dict[str, str]]) -> str:
+def render_messages(meta: dict[str, Any], tokenizer, messages: list[dict[str, str]]) -> str | list[int]:
     """The prompt for `messages` (``[{"role", "content": str}, ...]``, roles in ``ROLES``, already
     type-checked), ready for generation: it ends where the assistant's reply begins.
 
-    Today a run has a prompt style (``meta["prompt_style"]``: alpaca, phi3), made for one
-    instruction and its response: the system messages and then the user messages, joined by blank
-    lines, become the instruction. A conversation with an assistant turn is refused (400), as the
-    model never saw one. When runs carry a chat template (``tokenizer.chat_template``,
-    ``gptft.templates.render_chat``), this function returns instead
-    ``render_chat(template, messages, add_generation_prompt=True)`` and takes every turn; the
-    routes and the engine need no change.
+    A run tuned with a chat template (``gptft.json``'s ``chat_template``) gets every turn rendered
+    with it and the generation prompt, as ``gptft chat`` does (the token ids are returned). A run
+    with a one-turn prompt style (``meta["prompt_style"]``: alpaca, phi3) gets the system messages
+    and then the user messages, joined by blank lines, as the instruction; a conversation with an
+    assistant turn is refused (400), as the model never saw one.
 
     Raises:
         RequestError: no user message, or an assistant turn the prompt style cannot show.
     """
-    del tokenizer  # used by the chat-template branch (special tokens), not by prompt styles
+    if meta.get("chat_template"):  # a run tuned on conversations: every turn, its template
+        return chat_format(meta, tokenizer).prompt(messages)
     style = get_style(meta["prompt_style"])
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
@@ -51,3 +50,19 @@ def stop_ids(tokenizer) -> frozenset[int]:
     (a chat model's end-of-turn token besides its end-of-text) adds them here."""
     declared = getattr(tokenizer, "stop_ids", None)
     return frozenset(declared) if declared else frozenset({tokenizer.eot_id})
+
+
+def chat_format(meta: dict[str, Any], tokenizer):
+    """The run's ``gptft.data.chat.ChatFormat`` (its prompt style or chat template)."""
+    from gptft.data.chat import ChatFormat
+
+    return ChatFormat(meta.get("prompt_style"), tokenizer, meta.get("chat_template"))
+
+
+def end_texts(meta: dict[str, Any], tokenizer) -> list[str]:
+    """Texts that end a chat reply besides the stop tokens: a built-in template's end-of-turn
+    marker, which GPT-2's vocabulary spells with several tokens (empty for prompt styles)."""
+    if not meta.get("chat_template"):
+        return []
+    stops = {tokenizer.decode([i]) for i in stop_ids(tokenizer)}
+    return [t for t in chat_format(meta, tokenizer).end_texts() if t not in stops]

@@ -42,7 +42,6 @@ class InstructionTask(TaskBase):
         if job.model.trainable == "head":
             raise GPTFTError("model.trainable=head: an instruction model has no classification head; "
                              "use all, last_block, last_two_blocks or lora")
-        self.tokenizer = job_tokenizer(job.model)
         with accelerator.main_process_first():  # downloads happen once
             self.tokenizer = job_tokenizer(job.model)
             self.format, self.splits = read(job, self.tokenizer)
