@@ -130,3 +130,41 @@ def test_lora_adapter_loads_in_peft(family, tmp_path):
             base_logits = hf(ids).logits
         torch.testing.assert_close(model(ids), theirs, atol=1e-4, rtol=0)
     assert (theirs - base_logits).abs().max() > 1e-3  # the adapter changed the model
+
+
+def test_two_processes_equal_one_and_kill_resume_is_exact(tmp_path):
+    """A Qwen3-architecture instruction run: 2 processes of batch b give the losses and weights of
+    1 process of batch 2b (test_distributed's bar for GPT-2), and a run killed after its first
+    checkpoint and resumed ends with the uninterrupted run's weights and log."""
+    import os
+    import signal
+
+    from conftest import run_results, start_until_checkpoint
+    from test_distributed import assert_same_training, run_one_process, run_two_processes
+
+    family = [f"model.name={FAMILIES['qwen3']}", *SHAPE, "model.n_layers=1", "model.context_length=96",
+              "data.max_length=96", "data.mask_prompt=true", "train.max_steps=6",
+              "generate.max_new_tokens=2", "generate.batch_size=4", "train.final_eval_batches=1",
+              "train.checkpoint_every=3"]
+    one = run_one_process("llama-instruct-tiny.yaml", tmp_path / "one", family)
+    two = run_two_processes("llama-instruct-tiny.yaml", tmp_path / "two", family)
+    assert_same_training(one, two)
+
+    args = ["--config", str(CONFIGS / "llama-instruct-tiny.yaml"), *family, "train.batch_size=4",
+            "train.checkpoint_every=2", "train.log_every=1", "train.eval_every=3", "train.device=cpu",
+            "train.lr=1e-3", "model.drop_rate=0.1", "train.max_steps=10"]
+    ref = tmp_path / "ref"
+    assert main(["finetune", *args, f"output_dir={ref}"]) == 0
+    out = tmp_path / "killed"
+    proc = start_until_checkpoint([*args, f"output_dir={out}"], out, dict(os.environ))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (out / "model.safetensors").exists()  # it died during training
+    assert main(["finetune", *args, f"output_dir={out}", "train.resume=true"]) == 0
+    for name in ("log.jsonl", "metrics.json"):
+        assert run_results(out, name) == run_results(ref, name), name
+    from safetensors.torch import load_file
+
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
