@@ -61,10 +61,6 @@ class ModelConfig:
     """Override the MLP's hidden width (families other than GPT-2)."""
     context_length: int | None = None
     """Override the preset's context length (random weights; with a checkpoint, must match it)."""
-    tokenizer: str = "gpt2"
-    """Instruction and preference runs: gpt2, a tokenizer gptft carries (tiny-chatml), a folder
-    holding tokenizer.json, or a hub id; its vocabulary sizes a random model, its chat template
-    is data.prompt_style=template."""
     drop_rate: float = 0.0
     """Dropout rate during fine-tuning."""
     pad_vocab_multiple: int = 1
