@@ -17,7 +17,7 @@ def respond_to(model, fmt: ChatFormat, conversations: list[list[dict]], cfg: Gen
 
     prompts = [fmt.prompt(c) for c in conversations]
     tokens = generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                      top_p=cfg.top_p, eos_id=fmt.tokenizer.eos_id, seed=cfg.seed,
+                      top_p=cfg.top_p, eos_id=list(fmt.tokenizer.stop_ids), seed=cfg.seed,
                       batch_size=cfg.batch_size, stats=stats, progress=progress)
     return [fmt.response(t) for t in tokens]
 

@@ -182,8 +182,9 @@ class ChatFormat:
         if self.style in TEMPLATE_STYLES:
             from gptft.templates import ChatTemplate, resolve_template
 
-            self.template = (ChatTemplate(f"the chat template of {tokenizer.name}", template_source)
-                             if template_source else resolve_template(self.style, tokenizer))
+            name = self.style if self.style != "template" else f"the chat template of {tokenizer.name}"
+            self.template = (ChatTemplate(name, template_source) if template_source
+                             else resolve_template(self.style, tokenizer))
 
     @property
     def chat(self) -> bool:

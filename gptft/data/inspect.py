@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from gptft.data.chat import ChatDataset, ChatFormat, preference_items, spans
 from gptft.data.collate import _shifted
 from gptft.data.conversations import instruction_messages
+from gptft.data.instruction import InstructionSplits
 from gptft.errors import GPTFTError
 from gptft.model import IGNORE_INDEX
 
@@ -42,12 +43,14 @@ class LMData:
         datasets: the tokenized dataset of each split (``ChatDataset``, ``InstructionDataset``
             or, for preference jobs, pair items).
         kind: ``instruction`` or ``preference``.
-        train_on: the chat targets (``data.train_on``), or ``prompt masked`` / ``all`` for a text style.
+        train_on: the chat targets (``data.train_on``); for a text style ``response`` (with
+            ``mask_prompt``) or ``all``; for pairs ``responses``.
+        mask_prompt: a text style's ``data.mask_prompt`` (pairs: always; chat: unused).
         max_length: examples hold at most ``max_length + 1`` tokens.
     """
 
     fmt: ChatFormat
-    splits: object
+    splits: InstructionSplits
     datasets: dict
     kind: str
     train_on: str
@@ -61,7 +64,7 @@ def prepare(job, tokenizer, max_length: int) -> LMData:
     return tokenize(job, fmt, splits, max_length)
 
 
-def read(job, tokenizer) -> tuple[ChatFormat, object]:
+def read(job, tokenizer) -> tuple[ChatFormat, InstructionSplits]:
     """The job's format (prompt style or chat template) and the records of each split."""
     from gptft.data.instruction import load_instruction_data
     from gptft.data.preference import load_preference_data
