@@ -517,7 +517,7 @@ def _pretrained(tmp, out, edit, *over):
 
 def case_hf_config_is_a_list(tmp, out):
     return (_pretrained(tmp, out, lambda hf: (hf / "config.json").write_text("[1, 2]")),
-            [str(tmp / "hf" / "config.json"), "expected a JSON object of GPT-2 settings, found a list"])
+            [str(tmp / "hf" / "config.json"), "expected a JSON object of model settings, found a list"])
 
 
 def case_hf_config_negative_layers(tmp, out):
