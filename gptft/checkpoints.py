@@ -41,7 +41,8 @@ RESUMABLE_CHANGES = ("train.resume", "output_dir", "train.epochs", "train.max_st
                      "train.final_eval_batches",
                      "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
                      "train.checkpoint_epochs", "train.keep_last", "train.skip_nonfinite",
-                     "train.overwrite", "train.timeout_minutes", "tracking.", "generate.")
+                     "train.overwrite", "train.timeout_minutes", "train.activation_checkpointing",
+                     "train.auto_batch", "tracking.", "generate.")
 
 
 @dataclass

@@ -208,6 +208,10 @@ class Trainer:
         self._eval_loader, self._prepared = eval_loader, {}
         # Fused AdamW (one kernel for all parameters) runs on CUDA and CPU: 1.17x a CPU step. It
         # also skips a step on the device when told its gradients are not finite (found_inf).
+        if self.cfg.activation_checkpointing:
+            from gptft.activations import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model, self.cfg.activation_checkpointing)
         optimizer = torch.optim.AdamW(param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr,
                                       betas=tuple(self.cfg.betas), fused=True)
         if use_compile(self.cfg.compile, accelerator.device):
