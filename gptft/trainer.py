@@ -202,6 +202,7 @@ class Trainer:
         self.job, self.cfg, self.accelerator, self.task = job, job.train, accelerator, task
         self.output_dir = Path(job.output_dir)
         self.sampler = train_loader.batch_sampler
+        self.sampler.set_grad_accum_steps(self.cfg.grad_accum_steps)  # whole steps of examples
         self.state = TrainState()
         self.resume_from = resume
         self.phases = phases or Phases()
@@ -586,6 +587,8 @@ class Trainer:
         best = checkpoints.load_checkpoint(self.accelerator, point, self.output_dir)
         self.state.load_state_dict(point.state["progress"])
         self.scheduler.load_state_dict(point.state["scheduler"])
+        if point.relaid:
+            self._relay(point)
         if best is not None:
             self.best = {k: v.to(self.accelerator.device) for k, v in best.items()}
         if self.accelerator.is_main_process:
@@ -593,6 +596,17 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.print(f"resumed from {point.path} (step {self.state.step}, epoch "
                                f"{self.state.epoch}, batch {self.state.batches_in_epoch})")
+
+    def _relay(self, point: ResumePoint) -> None:
+        """Resuming with the steps split otherwise (another number of processes, batch size or
+        accumulation; the same global batch): the position in the epoch is counted in this run's
+        micro-batches, and each process's RNG is seeded from the seed, the step and its rank
+        (a process may have no saved state, or another process's)."""
+        from accelerate.utils import set_seed
+
+        steps_in_epoch = self.state.batches_in_epoch // point.saved_layout[2]
+        self.state.batches_in_epoch = steps_in_epoch * point.layout[2]
+        set_seed(self.cfg.seed * 1_000_003 + self.state.step, device_specific=True)
 
 
 def _rows(batch: dict | torch.Tensor) -> int:
