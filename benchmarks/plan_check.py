@@ -1,0 +1,132 @@
+"""The memory planner (gptft/plan.py) against the measured peak of real CPU training runs.
+
+Each configuration is a real ``gptft finetune`` in a fresh process, its data made so that every
+sequence is exactly ``max_length`` tokens (texts longer than that, truncated), for 3 steps with a
+validation after each (the best weights kept from the first). The measured value is the peak
+resident memory growth from the start of ``Trainer.fit`` (Linux ``VmHWM`` reset there, as the DPO
+memory test does), with every freed block of 64 KiB or more returned to the system, so the peak
+follows the live tensors; the planner's is its peak less what is allocated before training (the
+weights). Prints one line per configuration and, with ``--json``, a JSON list.
+
+    python benchmarks/plan_check.py            # the 8 configurations of tests/test_plan.py
+    python benchmarks/plan_check.py --only cls-full-ckpt --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's gptft
+
+PEAK = """
+import sys
+from gptft import trainer
+from gptft.cli import main
+fit = trainer.Trainer.fit
+def rss(field):
+    return 1024 * int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
+def measured(self):
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident size (VmHWM) to the current one
+    start = rss("VmRSS:")
+    fit(self)
+    print("growth_bytes", rss("VmHWM:") - start, flush=True)
+trainer.Trainer.fit = measured
+sys.exit(main(sys.argv[1:]))
+"""
+
+RUN = ["model.weights=random", "model.checkpoint=null", "model.drop_rate=0.0", "train.max_steps=3",
+       "train.eval_every=1", "train.eval_batches=1", "train.eval_batch_size=1", "train.log_every=1",
+       "train.device=cpu", "train.checkpoint_minutes=null", "train.final_eval_batches=1"]
+# GPT-2's layout at two shapes: a classifier (4 blocks, width 256; no logits) and a language model
+# (6 blocks, width 384, GPT-2's vocabulary: the loss's logits weigh in).
+SHAPES = {
+    "cls": ("spam-tiny.yaml", ["model.n_layers=4", "model.emb_dim=256", "model.n_heads=4",
+                               "model.context_length=256", "data.max_length=256",
+                               "train.batch_size=8", "train.grad_accum_steps=1"]),
+    "lm": ("instruct-tiny.yaml", ["model.n_layers=6", "model.emb_dim=384", "model.n_heads=6",
+                                  "model.context_length=128", "data.max_length=128",
+                                  "train.batch_size=4", "train.grad_accum_steps=2"]),
+}
+VARIANTS = {"full": ["model.trainable=all"], "lora": ["model.trainable=lora"]}
+CONFIGS = {f"{shape}-{variant}-{'ckpt' if ckpt else 'plain'}":
+           (shape, [*VARIANTS[variant], f"train.activation_checkpointing={str(ckpt).lower()}"])
+           for shape in SHAPES for variant in VARIANTS for ckpt in (False, True)}
+
+
+def make_data(folder: Path) -> dict[str, Path]:
+    """Texts of 400+ tokens (truncated to max_length): every batch is max_length long."""
+    folder.mkdir(parents=True, exist_ok=True)
+    long = " ".join(f"word{i % 50}" for i in range(400))
+    tsv = folder / "long.tsv"
+    tsv.write_text("".join(f"{'spam' if i % 2 else 'ham'}\t{i} {long}\n" for i in range(60)),
+                   encoding="utf-8")
+    records = [{"instruction": f"Repeat {i}.", "input": "", "output": long} for i in range(60)]
+    js = folder / "long.json"
+    js.write_text(json.dumps(records), encoding="utf-8")
+    return {"cls": tsv, "lm": js}
+
+
+def args_of(name: str, data: dict[str, Path], out: Path) -> tuple[Path, list[str]]:
+    shape, more = CONFIGS[name]
+    config, shape_args = SHAPES[shape]
+    return ROOT / "configs" / config, [*RUN, *shape_args, *more, f"data.path={data[shape]}",
+                                       f"output_dir={out}"]
+
+
+def measure(config: Path, overrides: list[str]) -> int:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "GPTFT_CPU_ALLOCATOR": "default",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    out = subprocess.run([sys.executable, "-c", PEAK, "finetune", "--config", str(config), *overrides],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return int(out.stdout.split("growth_bytes")[-1].split()[0])
+
+
+def estimate(config: Path, overrides: list[str]) -> dict:
+    from gptft.config import load_job
+    from gptft.plan import plan_job
+
+    p = plan_job(load_job(config, overrides))
+    return {"estimate_bytes": round(p.peak - p.resident_before_training), "plan": p.to_dict()}
+
+
+def check(names: list[str], folder: Path) -> list[dict]:
+    data = make_data(folder / "data")
+    results = []
+    for name in names:
+        config, overrides = args_of(name, data, folder / name)
+        measured = measure(config, overrides)
+        est = estimate(config, overrides)
+        results.append({"name": name, "measured_bytes": measured, **est,
+                        "ratio": round(est["estimate_bytes"] / measured, 4)})
+    return results
+
+
+def main() -> None:
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=list(CONFIGS), help="these configurations only")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = check(args.only or list(CONFIGS), Path(tmp))
+    for r in results:
+        print(f"{r['name']:<16} measured {r['measured_bytes'] / 2**20:8.1f} MiB, planned "
+              f"{r['estimate_bytes'] / 2**20:8.1f} MiB ({r['ratio'] - 1:+.1%})", flush=True)
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "plan"} for r in results]))
+
+
+if __name__ == "__main__":
+    main()
