@@ -65,6 +65,20 @@ class Shape:
                    context_length=cfg.context_length, learned_positions=True, bias=True)
 
     @classmethod
+    def from_model(cls, decoder) -> Shape:
+        """From a model offering the model interface (its ``config`` and ``architecture``): GPT-2's
+        layout for ``gpt2``, else a decoder of today's families (gated MLP, no position table),
+        read from its config's optional ``n_kv_heads``, ``head_dim``, ``intermediate_size``,
+        ``tie_embeddings`` and ``bias``."""
+        cfg = decoder.config
+        if getattr(decoder, "architecture", "gpt2") == "gpt2":
+            return cls.from_gpt_config(cfg)
+        return dataclasses.replace(
+            cls.from_gpt_config(cfg), gated_mlp=True, learned_positions=False,
+            tied_embeddings=bool(getattr(cfg, "tie_embeddings", getattr(cfg, "tie_word_embeddings", False))),
+            bias=bool(getattr(cfg, "bias", False)))
+
+    @classmethod
     def from_hf_config(cls, hf: dict, source: str = "config.json") -> Shape:
         """From a Hugging Face ``config.json`` (GPT-2's names or Llama's)."""
         if hf.get("model_type") == "gpt2" or "n_embd" in hf:
@@ -265,8 +279,11 @@ def job_shape(job) -> Shape:
                                                      **overrides))
 
 
-def job_setup(job, gpus: int = 1, fsdp: bool | None = None, cpu_offload: bool = False) -> Setup:
-    shape_len = job_shape(job).context_length
+def job_setup(job, shape: Shape, gpus: int = 1, fsdp: bool | None = None,
+              cpu_offload: bool = False) -> Setup:
+    """The job's settings that memory depends on (sequences: ``data.max_length`` if set, else the
+    context length, an upper bound)."""
+    shape_len = shape.context_length
     max_length = getattr(getattr(job, "data", None), "max_length", None)
     dpo = getattr(job, "dpo", None)
     reference = "precomputed"
@@ -281,8 +298,11 @@ def job_setup(job, gpus: int = 1, fsdp: bool | None = None, cpu_offload: bool = 
                  dpo_reference=reference)
 
 
-def plan_job(job, gpus: int = 1, fsdp: bool | None = None, cpu_offload: bool = False) -> Plan:
-    return plan(job_shape(job), job_setup(job, gpus, fsdp, cpu_offload))
+def plan_job(job, gpus: int = 1, fsdp: bool | None = None, cpu_offload: bool = False,
+             shape: Shape | None = None) -> Plan:
+    """The plan of `job` on `gpus` devices (`shape`: the model's, if built; else from the job)."""
+    shape = shape or job_shape(job)
+    return plan(shape, job_setup(job, shape, gpus, fsdp, cpu_offload))
 
 
 def fixes(shape: Shape, setup: Setup, budget: float) -> list[tuple[dict[str, Any], Plan]]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 
 from gptft import __version__
-from gptft.commands import chat, classify, evaluate, export, finetune, generate, judge
+from gptft.commands import chat, classify, evaluate, export, finetune, generate, judge, plan
 
 COMMANDS = {"finetune": finetune, "classify": classify, "evaluate": evaluate, "generate": generate,
-            "chat": chat, "judge": judge, "export": export}
+            "chat": chat, "judge": judge, "export": export, "plan": plan}
 
 
 def build_parser() -> argparse.ArgumentParser:
