@@ -10,6 +10,8 @@ weights). Prints one line per configuration and, with ``--json``, a JSON list.
 
     python benchmarks/plan_check.py            # the 8 configurations of tests/test_plan.py
     python benchmarks/plan_check.py --only cls-full-ckpt --json
+    python benchmarks/plan_check.py --device cuda --set train.mixed_precision=bf16   # on a GPU:
+        # torch.cuda.max_memory_allocated (reset when fit starts) against the plan's whole peak
 """
 
 from __future__ import annotations
@@ -37,6 +39,20 @@ def measured(self):
     start = rss("VmRSS:")
     fit(self)
     print("growth_bytes", rss("VmHWM:") - start, flush=True)
+trainer.Trainer.fit = measured
+sys.exit(main(sys.argv[1:]))
+"""
+
+CUDA_PEAK = """
+import sys, torch
+from gptft import trainer
+from gptft.cli import main
+fit = trainer.Trainer.fit
+def measured(self):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fit(self)
+    print("peak_bytes", torch.cuda.max_memory_allocated(), flush=True)
 trainer.Trainer.fit = measured
 sys.exit(main(sys.argv[1:]))
 """
@@ -80,32 +96,40 @@ def args_of(name: str, data: dict[str, Path], out: Path) -> tuple[Path, list[str
                                        f"output_dir={out}"]
 
 
-def measure(config: Path, overrides: list[str]) -> int:
+def measure(config: Path, overrides: list[str], device: str = "cpu") -> int:
+    """The CPU's peak resident growth from the start of ``fit``, or on CUDA the peak of
+    ``torch.cuda.max_memory_allocated`` (reset at the start of ``fit``: the weights included)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "GPTFT_CPU_ALLOCATOR": "default",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    out = subprocess.run([sys.executable, "-c", PEAK, "finetune", "--config", str(config), *overrides],
+    code, key = (PEAK, "growth_bytes") if device == "cpu" else (CUDA_PEAK, "peak_bytes")
+    if device != "cpu":
+        overrides = [o for o in overrides if o != "train.device=cpu"]
+    out = subprocess.run([sys.executable, "-c", code, "finetune", "--config", str(config), *overrides],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
-    return int(out.stdout.split("growth_bytes")[-1].split()[0])
+    return int(out.stdout.split(key)[-1].split()[0])
 
 
-def estimate(config: Path, overrides: list[str]) -> dict:
+def estimate(config: Path, overrides: list[str], device: str = "cpu") -> dict:
+    """The plan's peak; on the CPU less what is resident before training (the weights)."""
     from gptft.config import load_job
     from gptft.plan import plan_job
 
     p = plan_job(load_job(config, overrides))
-    return {"estimate_bytes": round(p.peak - p.resident_before_training), "plan": p.to_dict()}
+    value = p.peak - p.resident_before_training if device == "cpu" else p.peak
+    return {"estimate_bytes": round(value), "plan": p.to_dict()}
 
 
-def check(names: list[str], folder: Path) -> list[dict]:
+def check(names: list[str], folder: Path, device: str = "cpu", more: list[str] = ()) -> list[dict]:
     data = make_data(folder / "data")
     results = []
     for name in names:
         config, overrides = args_of(name, data, folder / name)
-        measured = measure(config, overrides)
-        est = estimate(config, overrides)
+        overrides = [*overrides, *more]
+        measured = measure(config, overrides, device)
+        est = estimate(config, overrides, device)
         results.append({"name": name, "measured_bytes": measured, **est,
                         "ratio": round(est["estimate_bytes"] / measured, 4)})
     return results
@@ -117,10 +141,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS), help="these configurations only")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="more overrides for every run, e.g. train.mixed_precision=bf16")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = check(args.only or list(CONFIGS), Path(tmp))
+        results = check(args.only or list(CONFIGS), Path(tmp), args.device, args.set)
     for r in results:
         print(f"{r['name']:<16} measured {r['measured_bytes'] / 2**20:8.1f} MiB, planned "
               f"{r['estimate_bytes'] / 2**20:8.1f} MiB ({r['ratio'] - 1:+.1%})", flush=True)
