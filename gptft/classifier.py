@@ -1,5 +1,5 @@
-"""The classifier: a GPT backbone with a linear head on the last real token, and the API that
-labels texts with a finished run (``load_classifier(RUN).predict([...])``)."""
+"""The classifier: a language model (any family) with a linear head on the last real token, and
+the API that labels texts with a finished run (``load_classifier(RUN).predict([...])``)."""
 
 from __future__ import annotations
 
@@ -11,23 +11,25 @@ import torch
 import torch.nn as nn
 
 from gptft.errors import GPTFTError
-from gptft.model import GPT, empty_model
-from gptft.runs import META_FILE, load_meta, load_state_into, model_config, resolve_device
-from gptft.tokenizer import Tokenizer
+from gptft.model import empty_model
+from gptft.runs import META_FILE, load_meta, load_state_into, model_config, resolve_device, run_tokenizer
 
 
 class GPTClassifier(nn.Module):
-    """A GPT backbone with a linear head read at each sequence's last real token.
+    """A language model (``backbone``, any family) with a linear head read at each sequence's
+    last real token.
 
     Inputs are right-padded, so causal attention alone keeps padding out of every real position;
     the head is applied at ``lengths - 1`` only (never at position -1, a pad), and the vocabulary
-    projection is never computed.
+    projection is never computed. GPT-2's head has a bias (the book's); the other families' has
+    none, as their ``transformers`` ``*ForSequenceClassification.score``, so an export is exact.
     """
 
-    def __init__(self, backbone: GPT, num_classes: int):
+    def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.config.emb_dim, num_classes)
+        self.head = nn.Linear(backbone.config.emb_dim, num_classes,
+                              bias=getattr(backbone, "architecture", "gpt2") == "gpt2")
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Class logits (B, num_classes) for right-padded `input_ids` with real `lengths`."""
@@ -47,7 +49,7 @@ class Classifier:
     """A fine-tuned classifier ready to label texts (see ``load_classifier``)."""
 
     def __init__(self, model: GPTClassifier, labels: list[str], max_length: int,
-                 tokenizer: Tokenizer, device: str | torch.device = "cpu"):
+                 tokenizer, device: str | torch.device = "cpu"):
         self.model, self.labels, self.max_length = model.eval().to(device), labels, max_length
         self.tokenizer, self.device = tokenizer, torch.device(device)
 
@@ -56,10 +58,10 @@ class Classifier:
         """Label and probability of the most likely class for each text (and every class's)."""
         out = []
         for i in range(0, len(texts), batch_size):
-            ids = [t[: self.max_length] or [self.tokenizer.eot_id]
+            ids = [t[: self.max_length] or [self.tokenizer.eos_id]
                    for t in self.tokenizer.encode_batch(texts[i : i + batch_size])]
             lengths = torch.tensor([len(t) for t in ids])
-            batch = torch.full((len(ids), int(lengths.max())), self.tokenizer.eot_id)
+            batch = torch.full((len(ids), int(lengths.max())), self.tokenizer.pad_id)
             for row, t in enumerate(ids):
                 batch[row, : len(t)] = torch.tensor(t)
             probs = self.model(batch.to(self.device), lengths.to(self.device)).float().softmax(-1)
@@ -72,13 +74,15 @@ class Classifier:
 def load_classifier(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
     """Rebuild the classifier saved in a run folder: ``load_classifier(RUN).predict([...])``
     (`device` "auto": a GPU when there is one)."""
+    from gptft.models import build_model
+
     device = resolve_device(device)
     meta = load_meta(run_dir, produces="classifier")
     config = model_config(meta, run_dir)
     _check_classifier_meta(meta, Path(run_dir) / META_FILE)
-    model = empty_model(lambda: GPTClassifier(GPT(config), len(meta["labels"])), "cpu")
+    model = empty_model(lambda: GPTClassifier(build_model(config), len(meta["labels"])), "cpu")
     load_state_into(model, run_dir)  # every tensor: none left uninitialised
-    return Classifier(model, meta["labels"], meta["max_length"], Tokenizer(meta["tokenizer"]), device)
+    return Classifier(model, meta["labels"], meta["max_length"], run_tokenizer(run_dir, meta), device)
 
 
 def _check_classifier_meta(meta: dict, path: Path) -> None:

@@ -22,24 +22,43 @@ from gptft.errors import GPTFTError
 from gptft.io import check_file
 from gptft.validation import build, non_negative, positive
 
+SHAPE_KEYS = ("n_layers", "emb_dim", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
+              "context_length")
+"""The ``model`` keys that set a model's shape (random weights), or must match a checkpoint's."""
+
 
 @dataclass
 class ModelConfig:
     name: str = "gpt2-small"
-    """Preset and hub name: gpt2-small, gpt2-medium, gpt2-large, gpt2-xl."""
+    """What to fine-tune: a GPT-2 preset (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl), a family
+    preset (qwen3-0.6b, llama-3.2-1b, smollm2-360m, qwen2.5-0.5b, mistral-7b-v0.3, gemma-3-1b, ...:
+    ``gptft.models.PRESETS``) or a Hugging Face hub repo id (Qwen/Qwen3-0.6B), downloaded with
+    huggingface_hub; its config.json's model_type picks the family."""
     weights: Literal["pretrained", "random"] = "pretrained"
-    """pretrained: load GPT-2 weights (``checkpoint`` or the hub); random: initialise afresh."""
+    """pretrained: load the weights (``checkpoint`` or the hub); random: initialise afresh with the
+    preset's architecture (offline tiny runs)."""
     checkpoint: str | None = None
-    """Local folder to load instead of the hub: a Hugging Face GPT-2 folder (config.json +
-    model.safetensors) or a finished gptft run (gptft.json: its shape and weights): of a
+    """Local folder to load instead of the hub: a Hugging Face folder of a supported family
+    (config.json + model.safetensors, or a sharded model.safetensors.index.json; bf16/fp16 weights
+    are loaded in float32) or a finished gptft run (gptft.json: its architecture and weights): of a
     language-model task (e.g. the instruction run that preference tuning starts from), or, for a
     classification job, a classification run with the same labels (its head too: training goes on)."""
+    tokenizer: str | None = None
+    """The tokenizer: gpt2 (tiktoken, GPT-2's BPE), tiny-chatml (a small BPE gptft ships, for
+    offline tiny runs), a folder holding tokenizer.json (+ tokenizer_config.json), or a hub repo id.
+    Unset: gpt2 for GPT-2; the checkpoint folder's or the hub repo's own tokenizer otherwise."""
     n_layers: int | None = None
     """Override the preset's number of blocks (random weights; with a checkpoint, must match it)."""
     emb_dim: int | None = None
     """Override the preset's width (random weights; with a checkpoint, must match it)."""
     n_heads: int | None = None
     """Override the preset's number of heads (random weights; with a checkpoint, must match it)."""
+    n_kv_heads: int | None = None
+    """Override the number of key/value heads (grouped-query attention; families other than GPT-2)."""
+    head_dim: int | None = None
+    """Override the width of each head (families other than GPT-2; unset: the preset's)."""
+    intermediate_size: int | None = None
+    """Override the MLP's hidden width (families other than GPT-2)."""
     context_length: int | None = None
     """Override the preset's context length (random weights; with a checkpoint, must match it)."""
     drop_rate: float = 0.0
@@ -47,27 +66,28 @@ class ModelConfig:
     pad_vocab_multiple: int = 1
     """Pad the embedding table to a multiple of this (64: faster on GPUs)."""
     trainable: Literal["head", "last_block", "last_two_blocks", "all", "lora"] = "last_block"
-    """Which parameters train: the head only; + last block and final LayerNorm; + the last two
+    """Which parameters train: the head only; + last block and final norm; + the last two
     blocks; everything; or LoRA adapters (+ the classification head), see ``lora``."""
     adapter: str | None = None
     """A PEFT LoRA adapter folder to continue training (a run's adapter/, or one saved by peft on
-    a transformers GPT-2 of the base's shape): loaded onto the base model before training; needs
-    trainable=lora, and its r, lora_alpha, lora_dropout and target_modules replace ``lora``."""
+    the transformers model of the base's family and shape): loaded onto the base model before
+    training; needs trainable=lora, and its r, lora_alpha, lora_dropout and target_modules replace
+    ``lora``."""
+
+    def shape(self) -> dict[str, int]:
+        """The shape keys this config sets."""
+        return {k: getattr(self, k) for k in SHAPE_KEYS if getattr(self, k) is not None}
 
     def problems(self) -> list[str]:
         out = []
         if self.adapter is not None and self.trainable != "lora":
             out.append("adapter: needs trainable=lora (an adapter trains as LoRA)")
-        if self.weights == "pretrained" and not self.checkpoint:
-            shape = [k for k in ("n_layers", "emb_dim", "n_heads", "context_length")
-                     if getattr(self, k) is not None]
-            if shape:
-                out.append(f"{', '.join(shape)}: only with weights=random or a checkpoint "
-                           "(pretrained weights fix the shape)")
+        if self.weights == "pretrained" and not self.checkpoint and self.shape():
+            out.append(f"{', '.join(self.shape())}: only with weights=random or a checkpoint "
+                       "(pretrained weights fix the shape)")
         if not 0 <= self.drop_rate < 1:
             out.append(f"drop_rate: must be in [0, 1) (got {self.drop_rate})")
-        return out + positive(self, "n_layers", "emb_dim", "n_heads", "context_length",
-                               "pad_vocab_multiple")
+        return out + positive(self, *SHAPE_KEYS, "pad_vocab_multiple")
 
 
 @dataclass
@@ -167,6 +187,13 @@ class TrainConfig:
         return out
 
 
+LORA_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj",  # GPT-2
+               "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # Llama, Qwen, Mistral, Gemma
+"""The linear layers of a block that LoRA may adapt, in every family (PEFT's names); whether a
+layer belongs to the model's family is checked when LoRA is applied."""
+
+
 @dataclass
 class LoRAConfig:
     rank: int = 16
@@ -175,14 +202,20 @@ class LoRAConfig:
     """Scale: the update is multiplied by alpha / rank (as in the LoRA paper and peft)."""
     dropout: float = 0.0
     """Dropout on the LoRA branch's input."""
-    targets: list[str] = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj",
-                                                        "mlp.c_fc", "mlp.c_proj"])
-    """Linear layers to adapt: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, head."""
+    targets: list[str] | None = None
+    """Linear layers to adapt, under PEFT's names for the model's family, plus ``head`` (a
+    classifier's head). Unset: every linear layer of a block (GPT-2: attn.c_attn, attn.c_proj,
+    mlp.c_fc, mlp.c_proj; Llama, Qwen, Mistral, Gemma: self_attn.q_proj, self_attn.k_proj,
+    self_attn.v_proj, self_attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj). A short suffix
+    names every layer it ends ("q_proj", "c_proj"). Checked against the model when LoRA is applied."""
 
     def problems(self) -> list[str]:
-        known = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "head"}
-        out = [f"targets: unknown layer {t!r} (known: {', '.join(sorted(known))})"
-               for t in self.targets if t not in known]
+        out = []
+        if self.targets is not None and not self.targets:
+            out.append("targets: an empty list adapts nothing (unset: every linear layer of a block)")
+        out += [f"targets: unknown layer {t!r} (known: {', '.join(LORA_LAYERS)}, head)"
+                for t in self.targets or () if t != "head"
+                and not any(g == t or g.endswith("." + t) for g in LORA_LAYERS)]
         if not 0 <= self.dropout < 1:
             out.append(f"dropout: must be in [0, 1) (got {self.dropout})")
         return out + positive(self, "rank", "alpha")

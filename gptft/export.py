@@ -1,15 +1,17 @@
 """Export a run as a Hugging Face ``transformers`` folder: ``gptft export RUN_DIR OUT_DIR``.
 
-A language-model run (instruction tuning, preference tuning) becomes a ``GPT2LMHeadModel`` folder,
-a classification run a ``GPT2ForSequenceClassification`` folder (``id2label``, ``label2id``,
-``pad_token_id``; its head is ``score``, which has no bias: the head's bias is folded into the
-final LayerNorm's, see ``gptft.lora.fold_head_bias``, so the logits are gptft's). For a LoRA run
-the adapters are already merged into the weights. Every folder also holds:
+A language-model run (instruction tuning, preference tuning) becomes a folder of its family's
+causal LM (``GPT2LMHeadModel``, ``Qwen3ForCausalLM``, ``LlamaForCausalLM``, ...), a classification
+run one of its ``*ForSequenceClassification`` (``id2label``, ``label2id``, ``pad_token_id``; its
+head is ``score``, which has no bias: GPT-2's head bias is folded into the final LayerNorm's, see
+``gptft.lora.fold_head_bias``, and the other families' heads have none, so the logits are
+gptft's). For a LoRA run the adapters are already merged into the weights. Every folder also holds:
 
-- GPT-2's tokenizer files (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
-  ``special_tokens_map.json``) written from the BPE files gptft carries, so
-  ``transformers.AutoTokenizer.from_pretrained(OUT_DIR)`` works offline;
-- ``generation_config.json``: the end-of-text token and the run's ``generate`` settings
+- the tokenizer, so ``transformers.AutoTokenizer.from_pretrained(OUT_DIR)`` works offline:
+  GPT-2's files (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
+  ``special_tokens_map.json``) written from the BPE files gptft carries, or the run's own
+  ``tokenizer.json`` and ``tokenizer_config.json`` (with its chat template);
+- ``generation_config.json``: the end-of-sequence tokens and the run's ``generate`` settings
   (language models);
 - ``prompt_style.json``: the prompt template the model was tuned with (instruction and
   preference runs).
@@ -61,7 +63,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite
                 max_length = _write_classifier(run_dir, tmp)
             else:
                 max_length = _write_lm(run_dir, tmp, meta)
-            write_tokenizer_files(tmp, max_length, meta.get("tokenizer", "gpt2"))
+            _write_run_tokenizer(run_dir, meta, tmp, max_length)
             _replace_dir(tmp, target)
     except GPTFTError as e:  # a file of the temporary folder: name OUT_DIR instead
         if not hasattr(e, "reason"):
@@ -75,11 +77,13 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite
 
 def _write_lm(run_dir: Path, folder: Path, meta: dict) -> int:
     from gptft.prompts import get_style
-    from gptft.runs import load_gpt
+    from gptft.runs import load_gpt, run_tokenizer
 
     model, _ = load_gpt(run_dir)
     model.save_pretrained(folder)
-    write_json(folder / "generation_config.json", generation_config(run_dir, model.config))
+    tokenizer = run_tokenizer(run_dir, meta)
+    _set_special_ids(folder / "config.json", tokenizer)
+    write_json(folder / "generation_config.json", generation_config(run_dir, model.config, tokenizer))
     if meta.get("prompt_style"):
         style = asdict(get_style(meta["prompt_style"]))
         write_json(folder / "prompt_style.json", {
@@ -95,37 +99,78 @@ def _write_classifier(run_dir: Path, folder: Path) -> int:
     from gptft.lora import fold_head_bias
 
     clf = load_classifier(run_dir)
-    gpt, head = clf.model.backbone, clf.model.head
-    state = gpt.hf_state_dict()
+    body, head = clf.model.backbone, clf.model.head
+    state = {k: v for k, v in body.hf_state_dict().items() if k != "lm_head.weight"}
     state["score.weight"] = head.weight.detach()
-    state["transformer.ln_f.bias"] = fold_head_bias(gpt.ln_f.bias.detach(), head.weight.detach(),
-                                                    head.bias.detach())
+    if body.architecture == "gpt2":
+        state["transformer.ln_f.bias"] = fold_head_bias(body.ln_f.bias.detach(), head.weight.detach(),
+                                                        head.bias.detach())
+        config = {**body.config.to_hf_config(), "architectures": ["GPT2ForSequenceClassification"]}
+    else:
+        from gptft.models.families import to_hf_config
+
+        config = to_hf_config(body.config, classifier=True)
     save_safetensors(state, folder / "model.safetensors")
-    eot = clf.tokenizer.eot_id
     write_json(folder / "config.json", {
-        **gpt.config.to_hf_config(), "architectures": ["GPT2ForSequenceClassification"],
-        "id2label": dict(enumerate(clf.labels)), "label2id": {n: i for i, n in enumerate(clf.labels)},
-        "pad_token_id": eot, "problem_type": "single_label_classification"})
+        **config, "id2label": dict(enumerate(clf.labels)),
+        "label2id": {n: i for i, n in enumerate(clf.labels)},
+        "pad_token_id": clf.tokenizer.pad_id, "problem_type": "single_label_classification"})
+    if body.architecture != "gpt2":
+        _set_special_ids(folder / "config.json", clf.tokenizer)
     return clf.max_length
 
 
-def generation_config(run_dir: Path, config) -> dict[str, Any]:
-    """``generation_config.json``: GPT-2's end-of-text token and the run's ``generate`` settings
-    (from its ``config.yaml``; gptft's defaults when it has none)."""
+def _special_ids(tokenizer) -> dict[str, Any]:
+    """bos / eos / pad ids as ``transformers`` configs hold them (several stop ids: a list)."""
+    stops = list(dict.fromkeys([tokenizer.eos_id, *getattr(tokenizer, "stop_ids", [])]))
+    bos = getattr(tokenizer, "bos_id", None)
+    return {"bos_token_id": tokenizer.eos_id if bos is None else bos,
+            "eos_token_id": stops[0] if len(stops) == 1 else stops, "pad_token_id": tokenizer.pad_id}
+
+
+def _set_special_ids(path: Path, tokenizer) -> None:
+    """Make a written ``config.json`` name the run's tokenizer's special ids (a model initialised
+    from a preset carries the preset's, which another tokenizer does not have)."""
+    from gptft.io import read_json
+
+    write_json(path, {**read_json(path), **_special_ids(tokenizer)})
+
+
+def generation_config(run_dir: Path, config, tokenizer=None) -> dict[str, Any]:
+    """``generation_config.json``: the tokenizer's end-of-sequence ids (GPT-2's end-of-text when
+    none is given) and the run's ``generate`` settings (from its ``config.yaml``; gptft's defaults
+    when it has none)."""
     import yaml
 
     from gptft.config import GenerateConfig
-    from gptft.model import GPT2_EOT_ID
+    from gptft.tokenizer import load_tokenizer
 
     path = run_dir / "config.yaml"
     saved = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
     gen = GenerateConfig(**(saved.get("generate") or {}))
-    out: dict[str, Any] = {"bos_token_id": GPT2_EOT_ID, "eos_token_id": GPT2_EOT_ID,
-                           "pad_token_id": GPT2_EOT_ID, "max_new_tokens": gen.max_new_tokens,
-                           "do_sample": gen.temperature > 0}
+    out: dict[str, Any] = {**_special_ids(tokenizer or load_tokenizer("gpt2")),
+                           "max_new_tokens": gen.max_new_tokens, "do_sample": gen.temperature > 0}
     if gen.temperature > 0:  # greedy otherwise: sampling settings would only draw warnings
         out.update(temperature=gen.temperature, top_k=gen.top_k or 0, top_p=gen.top_p or 1.0)
     return out
+
+
+def _write_run_tokenizer(run_dir: Path, meta: dict, folder: Path, max_length: int) -> None:
+    """The run's tokenizer into the export: its own files (a Hugging Face tokenizer), or GPT-2's."""
+    from gptft.runs import TOKENIZER_DIR
+
+    own = run_dir / TOKENIZER_DIR
+    if not own.is_dir():
+        write_tokenizer_files(folder, max_length, meta.get("tokenizer", "gpt2"))
+        return
+    for file in sorted(own.iterdir()):
+        if file.is_file() and not file.is_symlink():
+            (folder / file.name).write_bytes(file.read_bytes())  # inside the temporary folder
+    config_path = folder / "tokenizer_config.json"
+    if config_path.is_file():
+        from gptft.io import read_json
+
+        write_json(config_path, {**read_json(config_path), "model_max_length": max_length})
 
 
 def write_tokenizer_files(folder: Path, max_length: int, name: str = "gpt2") -> None:

@@ -1,4 +1,5 @@
-"""Generating text with a GPT: batched decoding with a KV cache (``gptft generate`` is its command).
+"""Generating text with a language model (GPT-2 or any family of ``gptft.models``); ``gptft generate``
+is its command.
 
 Batched decoding with a KV cache: the prompts are sorted by length and cut into batches; a batch
 is left-padded and prefilled at once (a prefix that all its prompts share, such as an instruction
@@ -21,8 +22,12 @@ import torch.nn as nn
 
 from gptft.config import GenerateConfig
 from gptft.errors import GPTFTError
-from gptft.model import GPT, KVCache
+from gptft.model import KVCache
 from gptft.tokenizer import Tokenizer
+
+LanguageModel = nn.Module
+"""Any model of the interface ``gptft.model.GPT`` and ``gptft.models.Decoder`` offer
+(``last_hidden_state``, ``logits``, ``lm_head``, ``config.context_length``)."""
 
 
 def top_k_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,14 +112,18 @@ class _Greedy:
 
     chunk, run = 16384, 64
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: LanguageModel):
         self.model = model
         self.buffer: torch.Tensor | None = None
 
     def fused(self, hidden: torch.Tensor) -> bool:
         head = self.model.lm_head
+        # Soft-capped logits (Gemma) are argmax'd as the model computes them: tanh is monotonic,
+        # but it can round two different logits to one value, and ties go to the lower id.
+        capped = getattr(self.model.config, "final_logit_softcapping", None) is not None
         return (hidden.device.type == "cpu" and type(head) is nn.Linear and head.bias is None
-                and hidden.dtype == head.weight.dtype and not torch.is_autocast_enabled("cpu"))
+                and hidden.dtype == head.weight.dtype and not torch.is_autocast_enabled("cpu")
+                and not capped)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.fused(hidden):
@@ -171,7 +180,7 @@ class _Rows:
 _MIN_SHARED_PREFIX = 4
 
 
-def _prefill(model: GPT, prompts: list[list[int]], rows: _Rows, cache: KVCache) -> torch.Tensor:
+def _prefill(model: LanguageModel, prompts: list[list[int]], rows: _Rows, cache: KVCache) -> torch.Tensor:
     """Feed the left-padded prompts into `cache`; the final hidden state (B, emb_dim) of each last
     token. The longest prefix every prompt shares (but for its last token) is computed once, for
     one row, and copied into each row's cache after its padding; the rest is fed from there."""
@@ -189,7 +198,7 @@ def _prefill(model: GPT, prompts: list[list[int]], rows: _Rows, cache: KVCache) 
                                    kv_cache=cache)
 
 
-def _generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, pick: _Picker,
+def _generate_batch(model: LanguageModel, prompts: list[list[int]], max_new_tokens: int, pick: _Picker,
                     eos_id: int | None) -> list[list[int]]:
     """Decode one batch of (already cropped) prompts; see ``generate``.
 
@@ -251,7 +260,7 @@ def _generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, p
 
 @torch.no_grad()
 def generate(
-    model: GPT,
+    model: LanguageModel,
     prompts: list[list[int]],
     max_new_tokens: int,
     *,
@@ -267,7 +276,7 @@ def generate(
     """Continue each prompt by up to `max_new_tokens` tokens.
 
     Args:
-        model: the GPT; it runs in eval mode on its own device (its mode is restored after).
+        model: the language model; it runs in eval mode on its own device (its mode is restored after).
         prompts: token ids of each prompt (non-empty). A prompt longer than
             ``context_length - 1`` keeps its last tokens; once prompt + response exceed the
             context, each step reads the last ``context_length`` tokens only.
@@ -325,7 +334,7 @@ def generate(
     return results
 
 
-def generate_texts(model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: GenerateConfig,
+def generate_texts(model: LanguageModel, tokenizer: Tokenizer, prompts: list[str], cfg: GenerateConfig,
                    stats: dict | None = None, progress: bool = False) -> list[str]:
     """Responses to text prompts, generated ``cfg.batch_size`` at a time (prompts of similar
     lengths together), decoded and stripped.
@@ -341,7 +350,7 @@ def generate_texts(model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: Ge
     return [tokenizer.decode(t).strip() for t in tokens]
 
 
-def respond(model: GPT, tokenizer: Tokenizer, records: list[dict], prompt_style: str,
+def respond(model: LanguageModel, tokenizer: Tokenizer, records: list[dict], prompt_style: str,
             cfg: GenerateConfig, progress: bool = False) -> list[str]:
     """The model's response to each ``{"instruction", "input"?}`` record, in its prompt style."""
     from gptft.prompts import format_prompt

@@ -1,8 +1,9 @@
-"""Finding GPT-2 checkpoints: local Hugging Face folders or the Hugging Face hub."""
+"""Finding checkpoints: local Hugging Face folders or Hugging Face hub repos (any ``org/name``)."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from gptft.errors import GPTFTError
@@ -16,27 +17,32 @@ HUB_REPOS = {
     "gpt2-xl": "openai-community/gpt2-xl",
 }
 HINT = ("pass a local folder holding config.json and model.safetensors instead "
-        "(model.checkpoint=DIR, or GPT.from_pretrained('DIR'))")
+        "(model.checkpoint=DIR, or from_pretrained('DIR'))")
+HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+             "model-*.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+"""What is downloaded of a hub repo: the config, the safetensors weights, the tokenizer files."""
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
-    """Return a local folder for `name_or_path`, downloading a hub model into the HF cache."""
+    """Return a local folder for `name_or_path`: a folder as it is, a GPT-2 name or any hub repo
+    id ``org/name`` downloaded into the Hugging Face cache (its config, weights and tokenizer
+    files), or found there when ``HF_HUB_OFFLINE`` is set."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     name = str(name_or_path)
-    repo = HUB_REPOS.get(name, name if name in HUB_REPOS.values() else None)
+    repo = HUB_REPOS.get(name) or (name if _REPO_ID.fullmatch(name) else None)
     if repo is None:
         raise GPTFTError(
             f"{name!r} is not a folder and not a known model "
-            f"({', '.join(HUB_REPOS)}, or openai-community/gpt2*); {HINT}"
+            f"({', '.join(HUB_REPOS)}, or a hub repo id such as Qwen/Qwen3-0.6B); {HINT}"
         )
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
 
     try:
-        hf_hub_download(repo, "config.json")
-        weights = hf_hub_download(repo, "model.safetensors")
+        folder = snapshot_download(repo, allow_patterns=HUB_FILES)
     except Exception as e:  # network, offline mode, missing cache, auth: all end the same way
         where = "HF_HUB_OFFLINE is set and it is not in" if HF_HUB_OFFLINE else "tried"
         raise GPTFTError(
@@ -45,7 +51,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
             "from scratch without pretrained weights: model.weights=random (the configs/*-tiny.yaml "
             "jobs run offline on a CPU)"
         ) from None
-    return Path(weights).parent
+    return Path(folder)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -59,7 +65,7 @@ def weight_files(folder: Path) -> list[Path]:
         raise GPTFTError(
             f"{folder}: only pickle weights (*.bin / *.pt) found; gptft reads safetensors only. "
             "Convert once with transformers: "
-            "GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
         )
     raise GPTFTError(f"{folder}: no model.safetensors; {HINT}")
 

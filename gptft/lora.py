@@ -44,9 +44,53 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_META = "gptft_adapter.json"
 _PEFT = "base_model.model."  # PEFT's prefix: PeftModel > LoraModel > the transformers model
-_HEAD_MODULES = ("score", "ln_f")  # a classifier's modules_to_save
-_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-_BLOCK_LORA = re.compile(r"^(?:.*\.)?(h\.\d+\..+)\.(lora_[AB])$")
+_BLOCK_LORA = re.compile(r"^(?:.*\.)?((?:h|layers)\.\d+\..+)\.(lora_[AB])$")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftLayout:
+    """Where a family's modules sit in its ``transformers`` model, as PEFT names them."""
+
+    prefix: str  # the body: "transformer." (GPT-2), "model." (Llama, Qwen, Mistral, Gemma)
+    final_norm: str  # "ln_f", "norm"
+    fan_in_fan_out: bool  # GPT-2's Conv1D layers store (in, out)
+
+
+LAYOUTS = {"gpt2": PeftLayout("transformer.", "ln_f", True)}
+DECODER_LAYOUT = PeftLayout("model.", "norm", False)
+
+
+def layout(architecture: str | None) -> PeftLayout:
+    """The PEFT layout of a family (``gptft.json``'s ``architecture``; absent: GPT-2)."""
+    return LAYOUTS.get(architecture or "gpt2", DECODER_LAYOUT)
+
+
+def find_backbone(model: nn.Module) -> tuple[str, nn.Module]:
+    """The language model inside `model` (a module of a gptft family: itself, its ``backbone``,
+    or the first such submodule) and its qualified name ("" for `model` itself)."""
+    found = next(((n, m) for n, m in model.named_modules() if hasattr(m, "peft_layers")), None)
+    return found or ("", model)
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    return find_backbone(model)[1]
+
+
+def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
+    """``lora.targets`` checked against the model's family: each a layer of its blocks (a suffix
+    such as ``q_proj`` names every layer ending so) or ``head``; unset: every layer of a block."""
+    layers = getattr(backbone_of(model), "peft_layers", None)
+    if layers is None:  # a module outside gptft's families: the targets as given
+        return list(targets or ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"])
+    if targets is None:
+        return list(layers)
+    unknown = [t for t in targets
+               if t != "head" and not any(g == t or g.endswith("." + t) for g in layers)]
+    if unknown:
+        family = backbone_of(model).architecture
+        raise GPTFTError(f"lora.targets: {', '.join(map(repr, unknown))} is not a layer of a "
+                         f"{family} block (known: {', '.join(layers)}, head)")
+    return list(targets)
 
 
 class LoRALinear(nn.Linear):
@@ -179,10 +223,11 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         raise GPTFTError("invalid LoRA config: " + "; ".join(problems))
     if lora_modules(model):
         raise GPTFTError("LoRA is already applied to this model")
+    targets = resolve_targets(model, cfg.targets)
     names = [name for name, m in model.named_modules()
-             if type(m) is nn.Linear and _matches(name, cfg.targets)]
+             if type(m) is nn.Linear and _matches(name, targets)]
     if not names:
-        raise GPTFTError(f"LoRA targets {cfg.targets} match no nn.Linear layer of the model")
+        raise GPTFTError(f"LoRA targets {targets} match no nn.Linear layer of the model")
     for name in names:
         linear = model.get_submodule(name)
         _replace(model, name, LoRALinear.from_linear(linear, cfg.rank, cfg.alpha, cfg.dropout))
@@ -220,6 +265,7 @@ def save_adapter(
         raise GPTFTError("the model has no LoRA layers: call apply_lora first")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     adapter, _ = split_state_dict(model.state_dict(), trainable, cfg)
+    extra = {"architecture": backbone_of(model).architecture, **(extra or {})}
     write_adapter(adapter, folder, cfg, extra)
 
 
@@ -237,15 +283,18 @@ def write_adapter(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    peft_tensors = to_peft_names(tensors)
+    where = layout((extra or {}).get("architecture"))
+    peft_tensors = to_peft_names(tensors, where)
     classifier = f"{_PEFT}score.weight" in peft_tensors
+    heads = ["score"] + ([where.final_norm] if any(where.final_norm in k for k in peft_tensors) else [])
+    targets = sorted({_layer_name(k) for k in tensors if _BLOCK_LORA.match(k)})
     config = {
         "peft_type": "LORA", "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM",
         "base_model_name_or_path": (extra or {}).get("base_model"),
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-        "target_modules": [t for t in cfg.targets if t != "head"],
-        "fan_in_fan_out": True,  # GPT-2's Conv1D layers store (in, out)
-        "bias": "none", "modules_to_save": list(_HEAD_MODULES) if classifier else None,
+        "target_modules": targets,
+        "fan_in_fan_out": where.fan_in_fan_out,
+        "bias": "none", "modules_to_save": heads if classifier else None,
         "init_lora_weights": True, "inference_mode": True,
     }
     save_safetensors(peft_tensors, folder / ADAPTER_WEIGHTS)
@@ -277,30 +326,39 @@ def split_state_dict(
     return adapter, merged
 
 
+def _layer_name(lora_key: str) -> str:
+    """``h.0.attn.c_attn.lora_A`` -> ``attn.c_attn``: the block-relative layer (PEFT's target)."""
+    inner = _BLOCK_LORA.match(lora_key)[1]  # h.0.attn.c_attn / layers.0.self_attn.q_proj
+    return inner.split(".", 2)[2]
+
+
 # ---- PEFT's names --------------------------------------------------------------------------------
 
-def to_peft_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """gptft's adapter tensors under the names PEFT gives them on a ``transformers`` GPT-2.
+def to_peft_names(tensors: dict[str, torch.Tensor],
+                  where: PeftLayout = LAYOUTS["gpt2"]) -> dict[str, torch.Tensor]:
+    """gptft's adapter tensors under the names PEFT gives them on the ``transformers`` model.
 
     A block's ``...h.N.attn.c_attn.lora_A`` becomes ``base_model.model.transformer.h.N.attn.c_attn
-    .lora_A.weight`` (the same (rank, in) / (out, rank) layouts); a classifier's head becomes
-    ``score`` (``GPT2ForSequenceClassification``'s, which has no bias: the bias is folded into the
-    final LayerNorm's, see ``fold_head_bias``) and ``ln_f`` goes with it.
+    .lora_A.weight`` (``...model.layers.N.self_attn.q_proj...`` for the other families; the same
+    (rank, in) / (out, rank) layouts); a classifier's head becomes ``score`` (which has no bias in
+    ``transformers``: GPT-2's head bias is folded into the final LayerNorm's, see
+    ``fold_head_bias``, and the other families' heads have none) and GPT-2's ``ln_f`` goes with it.
     """
     out = {}
+    norm = where.final_norm
     for name, t in tensors.items():
         if m := _BLOCK_LORA.match(name):
-            out[f"{_PEFT}transformer.{m[1]}.{m[2]}.weight"] = t
-        elif name.endswith(("ln_f.weight", "ln_f.bias")):
-            out[f"{_PEFT}transformer.ln_f.{name.rpartition('.')[2]}"] = t
+            out[f"{_PEFT}{where.prefix}{m[1]}.{m[2]}.weight"] = t
+        elif name.endswith((f"{norm}.weight", f"{norm}.bias")):
+            out[f"{_PEFT}{where.prefix}{norm}.{name.rpartition('.')[2]}"] = t
         elif name not in ("head.weight", "head.bias"):
-            raise GPTFTError(f"adapter tensor {name}: has no place in a PEFT adapter of GPT-2")
+            raise GPTFTError(f"adapter tensor {name}: has no place in a PEFT adapter")
     if "head.weight" in tensors:
-        ln_f_bias = next(t for n, t in tensors.items() if n.endswith("ln_f.bias"))
         out[f"{_PEFT}score.weight"] = tensors["head.weight"]
         if "head.bias" in tensors:
-            out[f"{_PEFT}transformer.ln_f.bias"] = fold_head_bias(ln_f_bias, tensors["head.weight"],
-                                                                   tensors["head.bias"])
+            norm_bias = next(t for n, t in tensors.items() if n.endswith(f"{norm}.bias"))
+            out[f"{_PEFT}{where.prefix}{norm}.bias"] = fold_head_bias(norm_bias, tensors["head.weight"],
+                                                                     tensors["head.bias"])
     return out
 
 
@@ -322,10 +380,9 @@ def fold_head_bias(ln_f_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 def from_peft_names(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """A PEFT adapter's tensors under `model`'s parameter names (a GPT, or a model holding one and
     maybe a ``head``); names that do not map are kept, for the caller to report."""
-    from gptft.model import GPT
-
-    gpt = next((n for n, m in model.named_modules() if isinstance(m, GPT)), "")
-    prefix = f"{gpt}." if gpt else ""
+    name, body = find_backbone(model)
+    hf_prefix = getattr(body, "hf_prefix", "transformer.")
+    prefix = f"{name}." if name else ""
     out = {}
     for name, t in tensors.items():
         inner = name.removeprefix(_PEFT)
@@ -333,8 +390,8 @@ def from_peft_names(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[
             out["head.weight"] = t
             if isinstance(getattr(model, "head", None), nn.Linear) and model.head.bias is not None:
                 out["head.bias"] = t.new_zeros(t.shape[0])  # a folded bias lives in ln_f
-        elif name.startswith(_PEFT + "transformer."):
-            key = prefix + inner.removeprefix("transformer.")
+        elif name.startswith(_PEFT + hf_prefix):
+            key = prefix + inner.removeprefix(hf_prefix)
             out[key.removesuffix(".weight") if ".lora_" in key else key] = t
         else:
             out[name] = t
@@ -384,9 +441,8 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[LoRAConfig, dict[str
         problems.append("target_modules: a regular expression is not supported (list the layers)")
     if problems:
         raise GPTFTError(f"{path}: " + "; ".join(problems))
-    layers = [[g for g in _LAYERS if g == t or g.endswith("." + t)] or [t] for t in targets]
     fields = {"rank": data["r"], "alpha": data["lora_alpha"], "dropout": data.get("lora_dropout", 0.0),
-              "targets": list(dict.fromkeys(g for names in layers for g in names))}
+              "targets": list(dict.fromkeys(targets))}
     cfg = check(LoRAConfig, fields, str(path))
     meta = Path(folder) / ADAPTER_META
     extra = read_json(meta) if meta.is_file() else {}

@@ -345,6 +345,10 @@ class GPT(nn.Module):
     def block_class(self) -> type[nn.Module]:
         return Block
 
+    def tie_weights(self) -> None:
+        """Share the embedding with the output projection (GPT-2 always does)."""
+        self.lm_head.weight = self.wte.weight
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -361,27 +365,8 @@ class GPT(nn.Module):
     def _mask(
         self, attention_mask: torch.Tensor | None, T: int, past: int
     ) -> tuple[torch.Tensor | None, bool]:
-        """The (attn_mask, is_causal) pair for SDPA.
-
-        No mask → plain causal attention (fast kernels). A 2-D (B, past + T) padding mask →
-        causal & not-padding, where every query may still see itself so that padding rows are
-        never empty (their outputs are meaningless and ignored). A 4-D boolean mask
-        (B, 1, T, past + T) is used as given (e.g. block-diagonal masks for packed rows).
-        """
-        if attention_mask is not None and attention_mask.dim() == 4:
-            return attention_mask.bool(), False
-        if attention_mask is None:
-            if past == 0:
-                return None, True
-            if T == 1:
-                return None, False  # one new token sees every cached position
-        device = self.wpe.weight.device
-        causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
-        if attention_mask is None:
-            return causal, False
-        itself = causal & ~torch.ones_like(causal).tril(diagonal=past - 1)
-        keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, past + T)
-        return (causal & keys) | itself, False
+        """The (attn_mask, is_causal) pair for SDPA (see ``sdpa_mask``)."""
+        return sdpa_mask(attention_mask, T, past, self.wpe.weight.device)
 
     def hidden_states(
         self,
@@ -478,23 +463,7 @@ class GPT(nn.Module):
         peak than recomputing it would, and a batch of one chunk (the usual case) is never
         recomputed.
         """
-        rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
-        if len(rows) == 0:  # nothing to predict: zero, still connected to the graph
-            return hidden[:, 0, 0] * 0.0
-        h, y = hidden[rows, cols], labels[rows, cols]
-        losses = []
-        for start in range(0, len(y), chunk_size):
-            hc, yc = h[start : start + chunk_size], y[start : start + chunk_size]
-            last = start + chunk_size >= len(y)
-            if torch.is_grad_enabled() and hc.requires_grad and not last:
-                losses.append(checkpoint(self._chunk_loss, hc, yc, use_reentrant=False))
-            else:
-                losses.append(self._chunk_loss(hc, yc))
-        per_token = torch.cat(losses) if losses else hidden.new_zeros(0)
-        return hidden.new_zeros(labels.size(0), dtype=per_token.dtype).index_add(0, rows, per_token)
-
-    def _chunk_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(h).float(), y, reduction="none")
+        return selective_cross_entropy(self.logits, hidden, labels, chunk_size)
 
     # ---- Hugging Face GPT-2 checkpoints --------------------------------------------------------
 
@@ -588,14 +557,84 @@ class GPT(nn.Module):
 
 
 def empty_model(build: Callable[[], nn.Module], device: str | torch.device) -> nn.Module:
-    """``build()`` (a GPT, or a model holding one) with uninitialised storage on `device`, for
-    weights to be loaded into: laid out on ``meta`` first, so no random initialisation is
-    computed only to be overwritten (nor drawn from the global RNG). Each GPT's ``lm_head`` is
-    tied to ``wte`` again (``to_empty`` gives every module its own storage)."""
+    """``build()`` (a language model of any family, or a model holding one) with uninitialised
+    storage on `device`, for weights to be loaded into: laid out on ``meta`` first, so no random
+    initialisation is computed only to be overwritten (nor drawn from the global RNG). Tied
+    weights are tied again (``to_empty`` gives every parameter its own storage): each module's
+    ``tie_weights()``, as transformers does."""
     with torch.device("meta"):
         model = build()
     model.to_empty(device=device)
     for module in model.modules():
-        if isinstance(module, GPT):
-            module.lm_head.weight = module.wte.weight
+        if hasattr(module, "tie_weights"):  # a no-op for a family with an untied head
+            module.tie_weights()
     return model
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    """The parameter names that are another parameter again (a tied ``lm_head.weight``): a
+    state dict stores each tensor once, under its first name."""
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {n for n, _ in model.named_parameters()}
+
+
+def sdpa_mask(
+    attention_mask: torch.Tensor | None, T: int, past: int, device: torch.device,
+    window: int | None = None,
+) -> tuple[torch.Tensor | None, bool]:
+    """The (attn_mask, is_causal) pair for SDPA, for `T` new queries after `past` cached positions.
+
+    No mask → plain causal attention (fast kernels). A 2-D (B, past + T) padding mask →
+    causal & not-padding, where every query may still see itself so that padding rows are
+    never empty (their outputs are meaningless and ignored). A 4-D boolean mask
+    (B, 1, T, past + T) is used as given (e.g. block-diagonal masks for packed rows). With a
+    sliding `window`, a query at index i also sees only keys at indices > i - window (indices in
+    the row, as Hugging Face counts them; left padding sits before every real token).
+    """
+    if window is not None and past + T <= window:
+        window = None  # the window covers every key
+    outside = None  # (T, past + T) True where a key is outside the window
+    if window is not None:
+        outside = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past - window)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask.bool()
+        return (mask if outside is None else mask & ~outside), False
+    if attention_mask is None and outside is None:
+        if past == 0:
+            return None, True
+        if T == 1:
+            return None, False  # one new token sees every cached position
+    causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+    if outside is not None:
+        causal &= ~outside
+    if attention_mask is None:
+        return causal, False
+    itself = causal & ~torch.ones_like(causal).tril(diagonal=past - 1)
+    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, past + T)
+    return (causal & keys) | itself, False
+
+
+def selective_cross_entropy(
+    logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """Summed cross-entropy per row (B,) of ``logits(hidden)`` over the positions whose label is
+    not ``IGNORE_INDEX`` (see ``GPT.selective_cross_entropy``)."""
+    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+    if len(rows) == 0:  # nothing to predict: zero, still connected to the graph
+        return hidden[:, 0, 0] * 0.0
+    h, y = hidden[rows, cols], labels[rows, cols]
+
+    def chunk_loss(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits(hc).float(), yc, reduction="none")
+
+    losses = []
+    for start in range(0, len(y), chunk_size):
+        hc, yc = h[start : start + chunk_size], y[start : start + chunk_size]
+        last = start + chunk_size >= len(y)
+        if torch.is_grad_enabled() and hc.requires_grad and not last:
+            losses.append(checkpoint(chunk_loss, hc, yc, use_reentrant=False))
+        else:
+            losses.append(chunk_loss(hc, yc))
+    per_token = torch.cat(losses) if losses else hidden.new_zeros(0)
+    return hidden.new_zeros(labels.size(0), dtype=per_token.dtype).index_add(0, rows, per_token)

@@ -34,6 +34,9 @@ RUN_FILES = ("config.yaml", "log.jsonl", "model.safetensors", "gptft.json", "met
              "responses.json", "loss.png", "accuracy.png", "rewards.png", "reward_margin.png",
              "reward_accuracy.png", "wandb_run.json")
 # PEFT's two files and gptft's own (and the names of gptft before PEFT's layout).
+# A Hugging Face tokenizer's files, kept in tokenizer/ (gptft.tokenizer.HFTokenizer.save).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "gptft_adapter.json",
                  "adapter.safetensors")
 # Folders under checkpoints/ that gptft makes: checkpoints, saves cut short, abandoned checkpoints.
@@ -87,6 +90,11 @@ def reset_run_folder(folder: Path) -> None:
         for name in ADAPTER_FILES:
             _remove_file(adapter / name)
         _rmdir_if_empty(adapter)
+    tokenizer = folder / "tokenizer"
+    if tokenizer.is_dir() and not tokenizer.is_symlink():
+        for name in TOKENIZER_FILES:
+            _remove_file(tokenizer / name)
+        _rmdir_if_empty(tokenizer)
     root = folder / "checkpoints"
     if root.is_dir() and not root.is_symlink():
         for p in root.iterdir():

@@ -1,13 +1,14 @@
 """Run folders: the files that let a fine-tuned model be rebuilt without the training config.
 
 A run folder (``output_dir``) holds ``model.safetensors`` (the task model's weights under their
-module names; the tied ``lm_head.weight`` is stored once as ``wte.weight``) and ``gptft.json``
-(the task, the GPT config, the tokenizer name, and the task's extras: label names, prompt style).
+module names; a tied ``lm_head.weight`` is stored once, as the embedding), ``gptft.json`` (the
+task, the model's ``architecture`` (family) and config, the tokenizer, and the task's extras:
+label names, prompt style) and, for a Hugging Face tokenizer, its files in ``tokenizer/``.
+A ``gptft.json`` without ``architecture`` (runs before model families) is GPT-2.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -17,19 +18,29 @@ import torch.nn as nn
 
 from gptft.errors import GPTFTError
 from gptft.io import load_safetensors, read_json_object, save_safetensors, write_json
-from gptft.model import GPT, GPTConfig, empty_model
+from gptft.model import empty_model, tied_names
 from gptft.runfolder import check_finished
 
 META_FILE = "gptft.json"
 WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
 
 
 def save_model(run_dir: str | os.PathLike, model: nn.Module | dict[str, torch.Tensor],
-               meta: dict[str, Any]) -> None:
-    """Write ``model.safetensors`` (from a module or its state dict) and ``gptft.json``, atomically."""
+               meta: dict[str, Any], tied: set[str] | None = None) -> None:
+    """Write ``model.safetensors`` (from a module or its state dict) and ``gptft.json``, atomically.
+
+    Tied parameters (`tied`, found from a module by ``tied_names``) are stored once, under their
+    first name; a state dict without `tied` drops a GPT-2 ``lm_head.weight`` (always tied)."""
     run_dir = Path(run_dir)
-    state = model if isinstance(model, dict) else model.state_dict()
-    state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+    if isinstance(model, dict):
+        state = model
+        if tied is None:
+            tied = {k for k in state if k.endswith("lm_head.weight")
+                    and meta.get("architecture", "gpt2") == "gpt2"}
+    else:
+        state, tied = model.state_dict(), tied_names(model)
+    state = {k: v for k, v in state.items() if k not in tied}
     save_safetensors(state, run_dir / WEIGHTS_FILE, {"task": meta["task"]})
     write_json(run_dir / META_FILE, meta)
 
@@ -54,33 +65,43 @@ def load_meta(run_dir: str | os.PathLike, produces: str | None = None,
     return meta
 
 
-def model_config(meta: dict[str, Any], run_dir: str | os.PathLike, **overrides) -> GPTConfig:
-    """The ``GPTConfig`` of a run's ``gptft.json`` (plus `overrides`), every field checked, and its
-    vocabulary checked against the run's tokenizer; one error names the file and the field."""
-    from gptft.tokenizer import Tokenizer
+def model_config(meta: dict[str, Any], run_dir: str | os.PathLike, **overrides):
+    """The model config of a run's ``gptft.json`` (its ``architecture`` and ``model``, plus
+    `overrides`), every field checked, and its vocabulary checked against the run's tokenizer; one
+    error names the file and the field."""
+    from gptft.models import config_from_dict
 
     path = Path(run_dir) / META_FILE
-    model, known = meta.get("model"), {f.name for f in dataclasses.fields(GPTConfig)}
+    model, architecture = meta.get("model"), meta.get("architecture", "gpt2")
     if not isinstance(model, dict):
         raise GPTFTError(f"{path}: 'model' must be an object of model settings (got {model!r})")
-    if set(model) - known:
-        raise GPTFTError(f"{path}: model: unknown key(s) {', '.join(sorted(set(model) - known))}")
+    if not isinstance(architecture, str):
+        raise GPTFTError(f"{path}: 'architecture' must be a model family name (got {architecture!r})")
     if not isinstance(meta.get("tokenizer", "gpt2"), str):
         raise GPTFTError(f"{path}: 'tokenizer' must be a tokenizer name (got {meta['tokenizer']!r})")
-    try:
-        config = GPTConfig(**{**model, **overrides})
-    except GPTFTError as e:
-        raise GPTFTError(f"{path}: {e}") from None
-    check_vocab(config.vocab_size, Tokenizer(meta.get("tokenizer", "gpt2")).vocab_size, path)
+    config = config_from_dict(architecture, {**model, **overrides}, str(path))
+    check_vocab(config.vocab_size, run_tokenizer(run_dir, meta).vocab_size, path,
+                exact=architecture == "gpt2")
     return config
 
 
-def check_vocab(model_vocab: int, tokenizer_vocab: int, source: str | os.PathLike) -> None:
+def run_tokenizer(run_dir: str | os.PathLike, meta: dict[str, Any]):
+    """The tokenizer a run was trained with: its own ``tokenizer/`` files, else the name in
+    ``gptft.json`` (``gpt2``)."""
+    from gptft.tokenizer import load_tokenizer
+
+    folder = Path(run_dir) / TOKENIZER_DIR
+    return load_tokenizer(folder if folder.is_dir() else meta.get("tokenizer", "gpt2"))
+
+
+def check_vocab(model_vocab: int, tokenizer_vocab: int, source: str | os.PathLike,
+                exact: bool = True) -> None:
     """A model whose vocabulary is smaller than the tokenizer's would fail mid-training (an index
-    out of range); one that differs at all was not trained with this tokenizer."""
-    if model_vocab != tokenizer_vocab:
+    out of range); a GPT-2 one (`exact`) that differs at all was not trained with this tokenizer.
+    Other families often carry unused rows (Qwen3: 151,936 rows for 151,669 tokens)."""
+    if model_vocab < tokenizer_vocab or exact and model_vocab != tokenizer_vocab:
         raise GPTFTError(f"{source}: vocab_size is {model_vocab:,}, but the tokenizer has "
-                         f"{tokenizer_vocab:,} tokens (gptft uses GPT-2's BPE: 50,257)")
+                         f"{tokenizer_vocab:,} tokens" + (" (GPT-2's BPE: 50,257)" if exact else ""))
 
 
 def _check_produces(run_dir: Path, task: object, produces: str) -> None:
@@ -100,9 +121,9 @@ def load_state_into(model: nn.Module, run_dir: str | os.PathLike) -> None:
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     missing, unexpected = [], list(state.keys() - model.state_dict().keys())
-    own = model.state_dict()
+    own, tied = model.state_dict(), tied_names(model)
     for k, v in own.items():
-        if k.endswith("lm_head.weight"):
+        if k in tied:
             continue
         if k not in state:
             missing.append(k)
@@ -120,28 +141,43 @@ def is_run_folder(path: str | os.PathLike) -> bool:
 
 
 def load_gpt(run_dir: str | os.PathLike, device: str | torch.device | None = None,
-             require_finished: bool = True, **overrides) -> tuple[GPT, dict[str, Any]]:
-    """The GPT language model of a run (e.g. instruction tuning), in eval mode, with its metadata.
+             require_finished: bool = True, **overrides) -> tuple[nn.Module, dict[str, Any]]:
+    """The language model of a run (e.g. instruction tuning; any family), in eval mode, with its
+    metadata.
 
     Args:
         run_dir: a finished run of a task that produces a language model.
         device: where to build it (default: the CPU); the weights are loaded without a random
             initialisation first.
         require_finished: refuse a run that has not finished (see ``load_meta``).
-        **overrides: ``GPTConfig`` fields that do not change the weights (``drop_rate``,
+        **overrides: model config fields that do not change the weights (``drop_rate``,
             ``pad_vocab_multiple``: the embedding table's padding rows are zeros).
     """
+    from gptft.models import build_model
+
     meta = load_meta(run_dir, produces="lm", require_finished=require_finished)
     config = model_config(meta, run_dir, **overrides)
     path = Path(run_dir) / WEIGHTS_FILE
     state = load_safetensors(path)
-    if len(state.get("wte.weight", ())) >= config.vocab_size:  # re-pad to this config's multiple
-        wte = state["wte.weight"][: config.vocab_size]
-        pad = wte.new_zeros(config.padded_vocab_size - len(wte), wte.size(1))
-        state["wte.weight"] = torch.cat([wte, pad])
-    model = empty_model(lambda: GPT(config), device or "cpu")
+    model = empty_model(lambda: build_model(config), device or "cpu")
+    repad_embeddings(model, state)
     _load_state(model, state, path)  # every tensor: none left uninitialised
     return model.eval(), meta
+
+
+def repad_embeddings(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Pad (or cut) the saved embedding table and untied head of `state` to `model`'s rows: a run
+    saved with one ``pad_vocab_multiple`` loads with another (the padding rows are zeros)."""
+    params = dict(model.named_parameters())
+    config = getattr(model, "config", None)
+    for name, p in params.items():
+        if config is None or not name.endswith(("wte.weight", "embed_tokens.weight", "lm_head.weight")):
+            continue
+        saved = state.get(name)
+        if saved is None or saved.dim() != 2 or len(saved) < config.vocab_size or saved.shape == p.shape:
+            continue
+        rows = saved[: config.vocab_size]
+        state[name] = torch.cat([rows, rows.new_zeros(len(p) - len(rows), rows.size(1))])
 
 
 def _a(word: object) -> str:
@@ -164,10 +200,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def load_lm_run(run_dir: str | os.PathLike, device: str | torch.device = "auto"):
     """The model of a finished language-model run (instruction, preference) on `device`, its
     tokenizer and its prompt style: what ``gptft generate`` and ``gptft chat`` need."""
-    from gptft.tokenizer import Tokenizer
-
     model, meta = load_gpt(run_dir, resolve_device(device))
     missing = [k for k in ("tokenizer", "prompt_style") if k not in meta]
     if missing:
         raise GPTFTError(f"{run_dir}: gptft.json lacks {', '.join(missing)}")
-    return model, Tokenizer(meta["tokenizer"]), meta["prompt_style"]
+    return model, run_tokenizer(run_dir, meta), meta["prompt_style"]

@@ -1,7 +1,8 @@
 """Which parameters train: the policies of ``model.trainable``, for any task's model.
 
-A task model is a GPT (``gptft.model.GPT``) or wraps one as ``backbone``, optionally with a
-task ``head`` (e.g. ``GPTClassifier``); the policies apply to the GPT, and a head always trains.
+A task model is a language model of any family (``gptft.models``: its ``blocks`` and
+``final_norm``) or wraps one as ``backbone``, optionally with a
+task ``head`` (e.g. ``GPTClassifier``); the policies apply to the language model, and a head always trains.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def set_trainable(model: nn.Module, policy: str, lora: LoRAConfig | None = None)
     else:
         model.requires_grad_(policy == "all")
     if policy in ("last_block", "last_two_blocks"):
-        for block in gpt.h[-1 if policy == "last_block" else -2 :]:
+        for block in gpt.blocks[-1 if policy == "last_block" else -2 :]:
             block.requires_grad_(True)
-        gpt.ln_f.requires_grad_(True)
+        gpt.final_norm.requires_grad_(True)
     if head is not None:
         head.requires_grad_(True)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)

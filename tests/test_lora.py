@@ -163,7 +163,8 @@ def test_adapter_round_trip(tiny_config, tmp_path):
     save_adapter(model, tmp_path / "adapter", cfg, extra={"base_model": "tiny", "labels": ["a", "b", "c"]})
 
     loaded_cfg, extra = read_adapter_config(tmp_path / "adapter")
-    assert loaded_cfg == cfg and extra == {"base_model": "tiny", "labels": ["a", "b", "c"]}
+    assert loaded_cfg == cfg
+    assert extra == {"architecture": "gpt2", "base_model": "tiny", "labels": ["a", "b", "c"]}
     fresh = Classifier(tiny_config)  # different head init; same base weights
     fresh.gpt.load_state_dict(base_state)
     load_adapter(fresh, tmp_path / "adapter")

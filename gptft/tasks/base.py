@@ -24,9 +24,10 @@ from gptft.data.collate import length_buckets
 from gptft.data.sampler import EpochBatchSampler
 from gptft.errors import GPTFTError
 from gptft.io import write_json, write_text
-from gptft.model import GPT, GPTConfig
-from gptft.runs import check_vocab, is_run_folder, load_gpt, save_model
+from gptft.model import tied_names
+from gptft.runs import TOKENIZER_DIR, check_vocab, is_run_folder, load_gpt, run_tokenizer, save_model
 from gptft.timing import Phases
+from gptft.tokenizer import HFTokenizer
 from gptft.trainer import EpochContext, EpochReport, Trainer, format_value, use_compile
 
 CONFIG_HEADER = "# The resolved configuration of this run. Re-run it with:\n" \
@@ -95,8 +96,12 @@ class TaskBase:
         """The task's fields of ``gptft.json`` besides task, model and tokenizer."""
         return {}
 
-    def gpt_config(self) -> GPTConfig:
-        return getattr(self.model, "backbone", self.model).config
+    def backbone(self) -> torch.nn.Module:
+        """The language model inside the task's model (the model itself, or its ``backbone``)."""
+        return getattr(self.model, "backbone", self.model)
+
+    def gpt_config(self):
+        return self.backbone().config
 
     def write_outputs(self, trainer: Trainer, metrics: dict) -> None:
         """Files beyond the weights and metrics (plots, responses), after they are saved."""
@@ -137,9 +142,12 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
             metrics.update({f"{split}_{k}": v for k, v in values.items()})
             metrics.update(task.split_report(split, gathered))
     trainer.log({f"final/{k}": v for k, v in metrics.items() if isinstance(v, float)})
-    meta = {"task": job.task, "model": task.gpt_config().to_dict(), "tokenizer": task.tokenizer.name,
-            **task.meta()}
+    meta = {"task": job.task, "architecture": task.backbone().architecture,
+            "model": task.gpt_config().to_dict(), "tokenizer": task.tokenizer.name, **task.meta()}
     with phases("saving"):
+        if acc.is_main_process and isinstance(task.tokenizer, HFTokenizer):  # its files go along
+            (Path(job.output_dir) / TOKENIZER_DIR).mkdir(exist_ok=True)
+            task.tokenizer.save(Path(job.output_dir) / TOKENIZER_DIR)
         save_final(acc, trainer.model, job, meta, metrics)
     task.write_outputs(trainer, metrics)
     metrics["time"] = phases.report()
@@ -210,32 +218,63 @@ def closing_summary(task: TaskBase, metrics: dict) -> str:
 
 # ---- pieces tasks build the same way ------------------------------------------------------------------
 
-def build_gpt(cfg: ModelConfig, vocab_size: int, device: torch.device | None = None) -> GPT:
-    """Pretrained weights (a finished gptft language-model run, a Hugging Face folder or the hub),
-    or a fresh model of the preset's shape, built directly on `device` (a fresh model is
-    initialised there, not on the CPU first)."""
-    shape = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
-             if getattr(cfg, k) is not None}
+def job_tokenizer(cfg: ModelConfig):
+    """The tokenizer of a job (``gptft.tokenizer``): ``model.tokenizer`` if set; else a gptft run's
+    own, a Hugging Face folder's ``tokenizer.json``, the hub repo's, or GPT-2's for GPT-2."""
+    from gptft.models import hub_repo, is_gpt2_name
+    from gptft.tokenizer import load_tokenizer
+
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if cfg.checkpoint and cfg.weights == "pretrained":
+        folder = Path(cfg.checkpoint)
+        if is_run_folder(folder):
+            from gptft.runs import load_meta
+
+            return run_tokenizer(folder, load_meta(folder))
+        if (folder / "tokenizer.json").is_file():
+            return load_tokenizer(folder)
+        return load_tokenizer("gpt2")  # a GPT-2 folder (vocab.json + merges.txt is GPT-2's BPE)
+    if is_gpt2_name(cfg.name):
+        return load_tokenizer("gpt2")
+    return load_tokenizer(hub_repo(cfg.name))
+
+
+def build_gpt(cfg: ModelConfig, vocab_size: int, device: torch.device | None = None) -> torch.nn.Module:
+    """The language model of a job, of any family (``gptft.models``): pretrained weights (a
+    finished gptft language-model run, a Hugging Face folder or the hub), or a fresh model of the
+    preset's architecture, built directly on `device` (a fresh model is initialised there, not on
+    the CPU first)."""
+    from gptft.models import from_pretrained, hub_repo, preset_config
+
+    shape = cfg.shape()
     if cfg.weights == "pretrained" and cfg.checkpoint and is_run_folder(cfg.checkpoint):
         model, _ = load_gpt(cfg.checkpoint, device, drop_rate=cfg.drop_rate,
                             pad_vocab_multiple=cfg.pad_vocab_multiple)  # its shape from gptft.json
         return check_checkpoint_shape(model, shape, cfg.checkpoint).train()
     if cfg.weights == "pretrained":
-        model = GPT.from_pretrained(cfg.checkpoint or cfg.name, device=device, drop_rate=cfg.drop_rate,
-                                    pad_vocab_multiple=cfg.pad_vocab_multiple)
+        source = cfg.checkpoint or hub_repo(cfg.name)
+        model = from_pretrained(source, device=device, drop_rate=cfg.drop_rate,
+                                pad_vocab_multiple=cfg.pad_vocab_multiple)
         check_vocab(model.config.vocab_size, vocab_size,
-                    Path(cfg.checkpoint) / "config.json" if cfg.checkpoint else cfg.name)
+                    Path(cfg.checkpoint) / "config.json" if cfg.checkpoint else cfg.name,
+                    exact=model.architecture == "gpt2")
         return check_checkpoint_shape(model, shape, cfg.checkpoint or cfg.name)
-    config = GPTConfig.from_name(cfg.name, vocab_size=vocab_size, drop_rate=cfg.drop_rate,
-                                 pad_vocab_multiple=cfg.pad_vocab_multiple, **shape)
+    from gptft.models import build_model
+
+    config = preset_config(cfg.name, vocab_size=vocab_size, drop_rate=cfg.drop_rate,
+                           pad_vocab_multiple=cfg.pad_vocab_multiple, **shape)
     with torch.device(device or "cpu"):
-        return GPT(config)
+        return build_model(config)
 
 
-def check_checkpoint_shape(model: GPT, shape: dict[str, int], source: str) -> GPT:
+build_model = build_gpt
+
+
+def check_checkpoint_shape(model: torch.nn.Module, shape: dict[str, int], source: str) -> torch.nn.Module:
     """`model` if the shape keys a config sets (with a checkpoint) are the checkpoint's."""
-    wrong = [f"model.{k}={v} (the checkpoint has {getattr(model.config, k)})"
-             for k, v in shape.items() if getattr(model.config, k) != v]
+    wrong = [f"model.{k}={v} (the checkpoint has {getattr(model.config, k, None)})"
+             for k, v in shape.items() if getattr(model.config, k, None) != v]
     if wrong:
         raise GPTFTError(f"{source}: the checkpoint's shape differs from the config: " + ", ".join(wrong)
                          + "; drop these keys (or set them to null) to take the checkpoint's shape")
@@ -289,6 +328,7 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, job: Job, meta:
     """
     state = accelerator.get_state_dict(model)  # the full weights on the main process (FSDP too)
     state = {_state_name(k): v for k, v in state.items()}
+    tied = {_state_name(k) for k in tied_names(accelerator.unwrap_model(model))}
     if accelerator.is_main_process:
         out = Path(job.output_dir)
         if job.model.trainable == "lora":
@@ -297,7 +337,7 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, job: Job, meta:
             adapter, state = split_state_dict(state, _trainable_names(accelerator, model), job.lora)
             write_adapter(adapter, out / "adapter", job.lora,
                           extra={"base_model": base_model_name(job.model), **meta})
-        save_model(out, state, meta)
+        save_model(out, state, meta, tied)
         write_json(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
 

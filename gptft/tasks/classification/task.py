@@ -24,11 +24,11 @@ from gptft.tasks.base import (
     build_gpt,
     check_checkpoint_shape,
     eval_batch_size,
+    job_tokenizer,
     make_loader,
     trainable_summary,
 )
 from gptft.tasks.classification.config import ClassificationJob
-from gptft.tokenizer import Tokenizer
 from gptft.trainable import set_trainable
 from gptft.trainer import EpochContext, EpochReport, format_metrics
 
@@ -41,7 +41,7 @@ class ClassificationTask(TaskBase):
 
     def __init__(self, job: ClassificationJob, accelerator: Accelerator):
         super().__init__(job, accelerator)
-        self.tokenizer = Tokenizer()
+        self.tokenizer = job_tokenizer(job.model)
         with accelerator.main_process_first():  # downloads happen once
             self.splits = load_classification_data(job.data)
             previous = classifier_checkpoint(job.model, self.splits.label_names, accelerator.device)
@@ -68,7 +68,7 @@ class ClassificationTask(TaskBase):
         examples = self.train_sample() if split == "train_sample" else getattr(self.splits, split)
         dataset = ClassificationDataset(examples, self.tokenizer, self.max_length)
         cfg = self.job.train
-        collate = partial(classification_collate, pad_id=self.tokenizer.eot_id,
+        collate = partial(classification_collate, pad_id=self.tokenizer.pad_id,
                           buckets=self.buckets(dataset.lengths, self.max_length),
                           max_length=self.max_length)
         return make_loader(dataset, collate, cfg.batch_size if train else eval_batch_size(self.job),
@@ -155,8 +155,9 @@ def classifier_checkpoint(cfg: ModelConfig, labels: list[str],
     """The classifier of the finished classification run ``model.checkpoint`` names, to continue
     training it (its shape, padding and head; ``drop_rate`` from `cfg`), or None when the
     checkpoint is not such a run (a language-model run gives ``build_gpt`` its backbone)."""
-    from gptft.model import GPT, GPTConfig, empty_model
-    from gptft.runs import is_run_folder, load_meta, load_state_into
+    from gptft.model import empty_model
+    from gptft.models import build_model
+    from gptft.runs import is_run_folder, load_meta, load_state_into, model_config
     from gptft.tasks import TASKS
 
     if cfg.weights != "pretrained" or not cfg.checkpoint or not is_run_folder(cfg.checkpoint):
@@ -167,12 +168,10 @@ def classifier_checkpoint(cfg: ModelConfig, labels: list[str],
     if meta["labels"] != labels:
         raise GPTFTError(f"{cfg.checkpoint}: a classifier of labels {meta['labels']}, the data has "
                          f"{labels} (data.labels sets their order)")
-    config = GPTConfig(**{**meta["model"], "drop_rate": cfg.drop_rate})
-    model = empty_model(lambda: GPTClassifier(GPT(config), len(labels)), device or "cpu")
+    config = model_config(meta, cfg.checkpoint, drop_rate=cfg.drop_rate)
+    model = empty_model(lambda: GPTClassifier(build_model(config), len(labels)), device or "cpu")
     load_state_into(model, cfg.checkpoint)
-    shape = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
-             if getattr(cfg, k) is not None}
-    check_checkpoint_shape(model.backbone, shape, cfg.checkpoint)
+    check_checkpoint_shape(model.backbone, cfg.shape(), cfg.checkpoint)
     return model.train()
 
 

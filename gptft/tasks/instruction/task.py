@@ -18,9 +18,15 @@ from gptft.io import write_json
 from gptft.model import IGNORE_INDEX
 from gptft.prompts import format_prompt
 from gptft.runs import load_gpt
-from gptft.tasks.base import TaskBase, build_gpt, eval_batch_size, make_loader, trainable_summary
+from gptft.tasks.base import (
+    TaskBase,
+    build_gpt,
+    eval_batch_size,
+    job_tokenizer,
+    make_loader,
+    trainable_summary,
+)
 from gptft.tasks.instruction.config import InstructionJob
-from gptft.tokenizer import Tokenizer
 from gptft.trainable import set_trainable
 from gptft.trainer import EpochContext, EpochReport, format_metrics
 
@@ -36,7 +42,7 @@ class InstructionTask(TaskBase):
         if job.model.trainable == "head":
             raise GPTFTError("model.trainable=head: an instruction model has no classification head; "
                              "use all, last_block, last_two_blocks or lora")
-        self.tokenizer = Tokenizer()
+        self.tokenizer = job_tokenizer(job.model)
         with accelerator.main_process_first():  # downloads happen once
             self.splits = self.load_splits()
             self.model = build_gpt(job.model, self.tokenizer.vocab_size, accelerator.device)
