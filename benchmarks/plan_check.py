@@ -8,7 +8,7 @@ memory test does), with every freed block of 64 KiB or more returned to the syst
 follows the live tensors; the planner's is its peak less what is allocated before training (the
 weights). Prints one line per configuration and, with ``--json``, a JSON list.
 
-    python benchmarks/plan_check.py            # the 8 configurations of tests/test_plan.py
+    python benchmarks/plan_check.py            # GPT-2 and Qwen3 x full / LoRA x checkpointing
     python benchmarks/plan_check.py --only cls-full-ckpt --json
     python benchmarks/plan_check.py --device cuda --set train.mixed_precision=bf16   # on a GPU:
         # torch.cuda.max_memory_allocated (reset when fit starts) against the plan's whole peak
@@ -60,8 +60,10 @@ sys.exit(main(sys.argv[1:]))
 RUN = ["model.weights=random", "model.checkpoint=null", "model.drop_rate=0.0", "train.max_steps=3",
        "train.eval_every=1", "train.eval_batches=1", "train.eval_batch_size=1", "train.log_every=1",
        "train.device=cpu", "train.checkpoint_minutes=null", "train.final_eval_batches=1"]
-# GPT-2's layout at two shapes: a classifier (4 blocks, width 256; no logits) and a language model
-# (6 blocks, width 384, GPT-2's vocabulary: the loss's logits weigh in).
+# Two families: GPT-2 as a classifier (4 blocks, width 256; no logits) and as a language model
+# (6 blocks, width 384, GPT-2's vocabulary: the loss's logits weigh in); Qwen3 as a language model
+# (6 blocks, width 384, 6 query and 2 key/value heads, q/k norm, SwiGLU of 1024, the 4,096-token
+# tiny-chatml vocabulary: activations weigh in).
 SHAPES = {
     "cls": ("spam-tiny.yaml", ["model.n_layers=4", "model.emb_dim=256", "model.n_heads=4",
                                "model.context_length=256", "data.max_length=256",
@@ -69,11 +71,18 @@ SHAPES = {
     "lm": ("instruct-tiny.yaml", ["model.n_layers=6", "model.emb_dim=384", "model.n_heads=6",
                                   "model.context_length=128", "data.max_length=128",
                                   "train.batch_size=4", "train.grad_accum_steps=2"]),
+    "qwen3": ("instruct-tiny.yaml", ["model.name=qwen3-0.6b", "model.tokenizer=tiny-chatml",
+                                     "model.n_layers=6", "model.emb_dim=384", "model.n_heads=6",
+                                     "model.n_kv_heads=2", "model.head_dim=64",
+                                     "model.intermediate_size=1024", "model.context_length=256",
+                                     "data.max_length=256", "train.batch_size=4",
+                                     "train.grad_accum_steps=2"]),
 }
 VARIANTS = {"full": ["model.trainable=all"], "lora": ["model.trainable=lora"]}
 CONFIGS = {f"{shape}-{variant}-{'ckpt' if ckpt else 'plain'}":
            (shape, [*VARIANTS[variant], f"train.activation_checkpointing={str(ckpt).lower()}"])
            for shape in SHAPES for variant in VARIANTS for ckpt in (False, True)}
+DEFAULT = [name for name in CONFIGS if not name.startswith("lm-")]  # two families, 8 configurations
 
 
 def make_data(folder: Path) -> dict[str, Path]:
@@ -86,7 +95,7 @@ def make_data(folder: Path) -> dict[str, Path]:
     records = [{"instruction": f"Repeat {i}.", "input": "", "output": long} for i in range(60)]
     js = folder / "long.json"
     js.write_text(json.dumps(records), encoding="utf-8")
-    return {"cls": tsv, "lm": js}
+    return {"cls": tsv, "lm": js, "qwen3": js}
 
 
 def args_of(name: str, data: dict[str, Path], out: Path) -> tuple[Path, list[str]]:
@@ -147,7 +156,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = check(args.only or list(CONFIGS), Path(tmp), args.device, args.set)
+        results = check(args.only or DEFAULT, Path(tmp), args.device, args.set)
     for r in results:
         print(f"{r['name']:<16} measured {r['measured_bytes'] / 2**20:8.1f} MiB, planned "
               f"{r['estimate_bytes'] / 2**20:8.1f} MiB ({r['ratio'] - 1:+.1%})", flush=True)

@@ -53,6 +53,8 @@ class Shape:
     tied_embeddings: bool = True
     learned_positions: bool = False  # GPT-2's position table
     bias: bool = False
+    qk_norm: bool = False  # Qwen3, Gemma 3: queries and keys normalised per head
+    sandwich_norms: bool = False  # Gemma 3: four norms a block
 
     @classmethod
     def from_gpt_config(cls, cfg) -> Shape:
@@ -65,38 +67,28 @@ class Shape:
                    context_length=cfg.context_length, learned_positions=True, bias=True)
 
     @classmethod
-    def from_model(cls, decoder) -> Shape:
-        """From a model offering the model interface (its ``config`` and ``architecture``): GPT-2's
-        layout for ``gpt2``, else a decoder of today's families (gated MLP, no position table),
-        read from its config's optional ``n_kv_heads``, ``head_dim``, ``intermediate_size``,
-        ``tie_embeddings`` and ``bias``."""
-        cfg = decoder.config
-        if getattr(decoder, "architecture", "gpt2") == "gpt2":
+    def from_config(cls, cfg, architecture: str = "gpt2") -> Shape:
+        """From a model's config: ``GPTConfig`` (``gpt2``) or a family's ``DecoderConfig``."""
+        if architecture == "gpt2":
             return cls.from_gpt_config(cfg)
         return dataclasses.replace(
             cls.from_gpt_config(cfg), gated_mlp=True, learned_positions=False,
-            tied_embeddings=bool(getattr(cfg, "tie_embeddings", getattr(cfg, "tie_word_embeddings", False))),
-            bias=bool(getattr(cfg, "bias", False)))
+            tied_embeddings=bool(getattr(cfg, "tie_embeddings", False)),
+            bias=bool(getattr(cfg, "qkv_bias", False)), qk_norm=bool(getattr(cfg, "qk_norm", False)),
+            sandwich_norms=bool(getattr(cfg, "sandwich_norms", False)))
+
+    @classmethod
+    def from_model(cls, model) -> Shape:
+        """From a model offering the model interface (its ``config`` and ``architecture``)."""
+        return cls.from_config(model.config, getattr(model, "architecture", "gpt2"))
 
     @classmethod
     def from_hf_config(cls, hf: dict, source: str = "config.json") -> Shape:
-        """From a Hugging Face ``config.json`` (GPT-2's names or Llama's)."""
-        if hf.get("model_type") == "gpt2" or "n_embd" in hf:
-            C, H = hf.get("n_embd", 768), hf.get("n_head", 12)
-            return cls(hf.get("vocab_size", 50257), C, hf.get("n_layer", 12), H, H, C // H,
-                       hf.get("n_inner") or 4 * C, hf.get("n_positions", 1024),
-                       learned_positions=True, bias=True)
-        try:
-            C, H = hf["hidden_size"], hf["num_attention_heads"]
-            return cls(vocab_size=hf["vocab_size"], emb_dim=C, n_layers=hf["num_hidden_layers"],
-                       n_heads=H, n_kv_heads=hf.get("num_key_value_heads") or H,
-                       head_dim=hf.get("head_dim") or C // H,
-                       intermediate_size=hf["intermediate_size"],
-                       context_length=hf.get("max_position_embeddings", 4096), gated_mlp=True,
-                       tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                       bias=bool(hf.get("attention_bias", False)))
-        except KeyError as e:
-            raise GPTFTError(f"{source}: no {e.args[0]} (the planner needs the model's shape)") from None
+        """From a Hugging Face ``config.json`` of GPT-2 or a supported family."""
+        from gptft.models import config_from_hf
+
+        config = config_from_hf(hf, source)
+        return cls.from_config(config, getattr(config, "architecture", "gpt2"))
 
     # ---- parameters ----------------------------------------------------------------------------
 
@@ -112,14 +104,18 @@ class Shape:
     def block_params(self) -> int:
         weights = sum(i * o for i, o in self.linears().values())
         biases = sum(o for _, o in self.linears().values()) if self.bias else 0
-        norms = 2 * self.emb_dim * (2 if self.bias else 1)
+        if self.bias and self.gated_mlp:  # Qwen2: biases on q, k and v only
+            biases = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        if not self.gated_mlp:
+            return weights + biases + 4 * self.emb_dim  # two LayerNorms, weight and bias
+        norms = (4 if self.sandwich_norms else 2) * self.emb_dim + (2 * self.head_dim if self.qk_norm else 0)
         return weights + biases + norms
 
     def embedding_params(self) -> int:
         """Token embedding, untied output head, position table and final norm."""
         n = self.vocab_size * self.emb_dim * (1 if self.tied_embeddings else 2)
         n += self.context_length * self.emb_dim if self.learned_positions else 0
-        return n + self.emb_dim * (2 if self.bias else 1)
+        return n + self.emb_dim * (1 if self.gated_mlp else 2)
 
     def params(self) -> int:
         return self.n_layers * self.block_params() + self.embedding_params()
@@ -132,13 +128,19 @@ class Shape:
 
     def block_activations(self) -> tuple[int, int]:
         """Values a block keeps per token for its backward pass: (residual-stream values, kept
-        in fp32 under autocast; the rest, in the compute dtype)."""
+        in fp32 under autocast; the rest, in the compute dtype). Measured on the CPU in fp32
+        (benchmarks/activation_memory.py, 12 blocks of width 256 at T=1024): GPT-2's block keeps
+        16.5 x width values a token (counted here: 16), Qwen3's (RMSNorm, q/k norm, RoPE, SwiGLU,
+        intermediate 3 x width) 24.7 x width (counted: 25.5)."""
         C, q, kv, m = self.emb_dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, \
             self.intermediate_size
-        residual = 2 * C + 2 * C  # block input, mid-block residual; the two norms' outputs
-        attention = 2 * q + 2 * kv  # q, k, v into attention, its output (flash kernels: no T x T)
-        mlp = (4 if self.gated_mlp else 2) * m  # gate, up, act(gate), product / fc, gelu(fc)
-        return residual, attention + mlp
+        if not self.gated_mlp:  # GPT-2: input, mid residual, two LayerNorm outputs; q/k/v, attention
+            return 4 * C, 2 * q + 2 * kv + 2 * m  # output; the MLP's fc and gelu outputs
+        # RMSNorm keeps its input and the normalised values, in fp32, then its output; attention:
+        # the projections, the (q/k-normed) rotated queries and keys, the output; SwiGLU: gate,
+        # up, act(gate) and the product
+        attention = (5 if self.qk_norm else 4) * (q + kv)
+        return 6 * C, attention + 4 * m
 
 
 @dataclass
@@ -192,7 +194,7 @@ def trainable_params(shape: Shape, setup: Setup, num_classes: int = 2) -> int:
     if policy == "head":
         return head
     blocks = 1 if policy == "last_block" else 2
-    return blocks * shape.block_params() + shape.emb_dim * (2 if shape.bias else 1) + head
+    return blocks * shape.block_params() + shape.emb_dim * (1 if shape.gated_mlp else 2) + head
 
 
 def grad_blocks(shape: Shape, setup: Setup) -> int:
@@ -254,29 +256,34 @@ def plan(shape: Shape, setup: Setup) -> Plan:
 # ---- from a job ------------------------------------------------------------------------------------
 
 def job_shape(job) -> Shape:
-    """The model shape a job trains: a Hugging Face folder's ``config.json``, a gptft run's
-    ``gptft.json``, or the preset with the job's overrides."""
-    from gptft.model import GPTConfig
+    """The model shape a job trains (no weights read): a finished gptft run's ``gptft.json``, a
+    Hugging Face folder's ``config.json``, or the preset (``gptft.models``) with the job's shape
+    keys and, for random weights, its tokenizer's vocabulary."""
+    from gptft.models import preset_config
 
     cfg = job.model
-    folder = Path(cfg.checkpoint) if cfg.checkpoint else None
-    if folder is not None and cfg.weights == "pretrained":
-        for name, key in (("gptft.json", "model"), ("config.json", None)):
-            path = folder / name
-            if path.is_file():
-                try:
-                    data = json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, ValueError) as e:
-                    raise GPTFTError(f"{path}: unreadable ({e})") from None
-                if key:
-                    return Shape.from_gpt_config(GPTConfig(**{k: v for k, v in data[key].items()
-                                                              if k in GPTConfig.__dataclass_fields__}))
-                return Shape.from_hf_config(data, str(path))
-        raise GPTFTError(f"model.checkpoint: {folder} has no config.json or gptft.json")
-    overrides = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
-                 if getattr(cfg, k) is not None}
-    return Shape.from_gpt_config(GPTConfig.from_name(cfg.name, pad_vocab_multiple=cfg.pad_vocab_multiple,
-                                                     **overrides))
+    if cfg.weights == "pretrained" and cfg.checkpoint:
+        folder = Path(cfg.checkpoint)
+        if (folder / "gptft.json").is_file():
+            from gptft.runs import load_meta, model_config
+
+            meta = load_meta(folder)
+            return Shape.from_config(model_config(meta, folder), meta.get("architecture", "gpt2"))
+        path = folder / "config.json"
+        if not path.is_file():
+            raise GPTFTError(f"model.checkpoint: {folder} has no config.json or gptft.json")
+        try:
+            hf = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise GPTFTError(f"{path}: unreadable ({e})") from None
+        return Shape.from_hf_config(hf, str(path))
+    overrides = cfg.shape()
+    if cfg.weights == "random":
+        from gptft.tasks.base import job_tokenizer
+
+        overrides["vocab_size"] = job_tokenizer(cfg).vocab_size
+    config = preset_config(cfg.name, pad_vocab_multiple=cfg.pad_vocab_multiple, **overrides)
+    return Shape.from_config(config, getattr(config, "architecture", "gpt2"))
 
 
 def job_setup(job, shape: Shape, gpus: int = 1, fsdp: bool | None = None,
