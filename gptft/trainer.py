@@ -357,11 +357,12 @@ class Trainer:
         p, device = self.plan, self.accelerator.device
         total = (f" of {human(torch.cuda.get_device_properties(device).total_memory)}"
                  if device.type == "cuda" else "")
-        parts = ", ".join(f"{k.replace('_', ' ')} {human(v)}" for k, v in p.parts.items() if v)
+        figures = "" if p is None else (
+            f" x up to {p.setup.seq_len} tokens): the memory plan's peak is {human(p.peak)} per device"
+            f"{total} (" + ", ".join(f"{k.replace('_', ' ')} {human(v)}" for k, v in p.parts.items() if v))
         raise GPTFTError(
-            f"out of memory at step {self.state.step + 1} (micro-batches of {size} x up to "
-            f"{p.setup.seq_len} tokens): the memory plan's peak is {human(p.peak)} per device{total} "
-            f"({parts}); lower train.batch_size and raise train.grad_accum_steps as much (the same "
+            f"out of memory at step {self.state.step + 1} (micro-batches of {size}{figures}); "
+            f"lower train.batch_size and raise train.grad_accum_steps as much (the same "
             "global batch), set train.activation_checkpointing=true, train.auto_batch=true, "
             "model.trainable=lora or a shorter data.max_length, or shard with FSDP "
             "(gptft plan --config ... --gpu-memory SIZE shows what fits)")
@@ -654,12 +655,17 @@ class Trainer:
 
 
 def memory_plan(job: Job, accelerator: Accelerator, model: nn.Module):
-    """The memory plan (``gptft.plan``) of this run on its processes, its peak printed."""
+    """The memory plan (``gptft.plan``) of this run on its processes, its peak printed (None for
+    a model without the model interface's blocks)."""
     from gptft.activations import decoder_of
     from gptft.plan import Shape, plan_job, summary_line
 
+    try:
+        decoder = decoder_of(model)
+    except GPTFTError:  # a task's own model without the model interface: no plan
+        return None
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    p = plan_job(job, accelerator.num_processes, fsdp, shape=Shape.from_model(decoder_of(model)))
+    p = plan_job(job, accelerator.num_processes, fsdp, shape=Shape.from_model(decoder))
     accelerator.print(summary_line(p))
     return p
 
