@@ -396,7 +396,7 @@ def report(p: Plan, budget: float | None = None) -> str:
              + (f", activation checkpointing {str(s.activation_checkpointing).lower()}"
                 if s.activation_checkpointing else ""),
              "per device:"]
-    lines += [f"  {k.replace('_', ' '):<12} {human(v):>12}" for k, v in p.parts.items()]
+    lines += [f"  {k.replace('_', ' '):<12} {human(v):>12}" for k, v in p.parts.items() if v]
     lines.append(f"  {'peak':<12} {human(p.peak):>12}")
     lengths = sorted({n for n in (512, 1024, 2048, 4096, 8192, s.seq_len) if n <= p.shape.context_length})
     batches = sorted({1, 2, 4, 8, s.batch_size})
