@@ -36,9 +36,10 @@ TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.yaml"
 # Keys that may change between a run and its resumption (prefixes): what to resume, where the run
 # folder is, how long to train (a cosine schedule then follows the new length), how often to
-# evaluate, log and checkpoint, whether to skip non-finite steps from now on, tracking and the
-# sample generations. Every other change (lr, model shape, data, seed...) would not continue the
-# same run, so it stops the resumption.
+# evaluate, log and checkpoint, whether to skip non-finite steps from now on, activation
+# checkpointing and auto_batch (the same gradients), tracking and the sample generations; and the
+# split of a step (LAYOUT) with the same global batch. Every other change (lr, model shape, data,
+# seed...) would not continue the same run, so it stops the resumption.
 RESUMABLE_CHANGES = ("train.resume", "output_dir", "train.epochs", "train.max_steps",
                      "train.eval_every", "train.eval_batches", "train.eval_batch_size",
                      "train.final_eval_batches",
