@@ -31,6 +31,10 @@ class GPTClassifier(nn.Module):
         self.head = nn.Linear(backbone.config.emb_dim, num_classes,
                               bias=getattr(backbone, "architecture", "gpt2") == "gpt2")
 
+    @property
+    def _no_split_modules(self) -> list[str]:  # FSDP's unit: the backbone's block
+        return self.backbone._no_split_modules
+
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Class logits (B, num_classes) for right-padded `input_ids` with real `lengths`."""
         return self.head(self.backbone.pooled_hidden_states(input_ids, lengths - 1))
@@ -59,7 +63,7 @@ class Classifier:
         out = []
         for i in range(0, len(texts), batch_size):
             ids = [t[: self.max_length] or [self.tokenizer.eos_id]
-                   for t in self.tokenizer.encode_batch(texts[i : i + batch_size])]
+                   for t in self.tokenizer.encode_batch(texts[i : i + batch_size], add_special_tokens=True)]
             lengths = torch.tensor([len(t) for t in ids])
             batch = torch.full((len(ids), int(lengths.max())), self.tokenizer.pad_id)
             for row, t in enumerate(ids):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gptft.errors import GPTFTError
-from gptft.io import make_folder, usual_mode, write_json, writing
+from gptft.io import make_folder, read_json_object, usual_mode, write_json, writing
 
 ENDOFTEXT = "<|endoftext|>"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -64,6 +64,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite
             else:
                 max_length = _write_lm(run_dir, tmp, meta)
             _write_run_tokenizer(run_dir, meta, tmp, max_length)
+            if isinstance(meta.get("chat_template"), str):  # the template the run was trained with
+                config = read_json_object(tmp / "tokenizer_config.json")
+                write_json(tmp / "tokenizer_config.json", {**config, "chat_template": meta["chat_template"]})
             _replace_dir(tmp, target)
     except GPTFTError as e:  # a file of the temporary folder: name OUT_DIR instead
         if not hasattr(e, "reason"):
@@ -84,7 +87,7 @@ def _write_lm(run_dir: Path, folder: Path, meta: dict) -> int:
     tokenizer = run_tokenizer(run_dir, meta)
     _set_special_ids(folder / "config.json", tokenizer)
     write_json(folder / "generation_config.json", generation_config(run_dir, model.config, tokenizer))
-    if meta.get("prompt_style"):
+    if meta.get("prompt_style") and not meta.get("chat_template"):  # a text style, not a template
         style = asdict(get_style(meta["prompt_style"]))
         write_json(folder / "prompt_style.json", {
             **style, "how": "prompt = template (+ input_template when the record has an input) "

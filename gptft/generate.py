@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -199,7 +200,7 @@ def _prefill(model: LanguageModel, prompts: list[list[int]], rows: _Rows, cache:
 
 
 def _generate_batch(model: LanguageModel, prompts: list[list[int]], max_new_tokens: int, pick: _Picker,
-                    eos_id: int | None) -> list[list[int]]:
+                    eos_id: int | Sequence[int] | None) -> list[list[int]]:
     """Decode one batch of (already cropped) prompts; see ``generate``.
 
     The prompts are prefilled at once into a ``KVCache`` sized for the whole response; each step
@@ -212,6 +213,9 @@ def _generate_batch(model: LanguageModel, prompts: list[list[int]], max_new_toke
     """
     ctx = model.config.context_length
     device = next(model.parameters()).device
+    stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    eos_id = stops[0] if stops else None
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
     rows = _Rows(prompts, max_new_tokens, eos_id if eos_id is not None else 0, device)
     n = rows.width  # tokens per row so far
     cache = KVCache(len(prompts), min(rows.ids.size(1), ctx))
@@ -230,7 +234,7 @@ def _generate_batch(model: LanguageModel, prompts: list[list[int]], max_new_toke
         if step == max_new_tokens - 1:
             break
         if eos_id is not None:
-            done |= nxt == eos_id
+            done |= (nxt == eos_id) if len(stops) == 1 else torch.isin(nxt, stop_ids)
             if step % check_every == check_every - 1 or greedy is None:
                 finished = int(done.sum())
                 if finished == len(done):
@@ -253,9 +257,9 @@ def _generate_batch(model: LanguageModel, prompts: list[list[int]], max_new_toke
             window = slice(n - ctx, n)
             hidden = model.last_hidden_state(rows.ids[:, window], attention_mask=rows.real[:, window])
     tokens = out.tolist()
-    if eos_id is not None:
-        tokens = [t[: t.index(eos_id)] if eos_id in t else t for t in tokens]
-    return [t[: t.index(-1)] if -1 in t else t for t in tokens]
+    for stop in (*stops, -1):
+        tokens = [t[: t.index(stop)] if stop in t else t for t in tokens]
+    return tokens
 
 
 @torch.no_grad()
@@ -267,7 +271,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     batch_size: int | None = None,
     stats: dict | None = None,
@@ -284,7 +288,8 @@ def generate(
         temperature: 0 for greedy decoding; > 0 to sample from softmax(logits / temperature).
         top_k: sample among the k most likely tokens only.
         top_p: sample from the smallest set of tokens whose probability reaches p.
-        eos_id: stop a prompt's response at this token (not included in the response).
+        eos_id: stop a prompt's response at this token, or at any of these tokens (not included in
+            the response).
         seed: seed of the sampling; prompt i draws from a generator seeded from (seed, i), so
             its tokens do not depend on the batching. Unset: drawn from torch's global RNG.
         batch_size: prompts decoded together (unset: all of them); the prompts are sorted by
@@ -339,12 +344,12 @@ def generate_texts(model: LanguageModel, tokenizer: Tokenizer, prompts: list[str
     """Responses to text prompts, generated ``cfg.batch_size`` at a time (prompts of similar
     lengths together), decoded and stripped.
 
-    Generation stops at the tokenizer's end-of-text token. `stats` and `progress` (a bar over
-    the prompts) as in ``generate``.
+    Generation stops at any of the tokenizer's ``stop_ids`` (GPT-2: its end-of-text token).
+    `stats` and `progress` (a bar over the prompts) as in ``generate``.
     """
     tokens = generate(
         model, tokenizer.encode_batch(prompts), cfg.max_new_tokens, temperature=cfg.temperature,
-        top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tokenizer.eot_id, seed=cfg.seed,
+        top_k=cfg.top_k, top_p=cfg.top_p, eos_id=list(tokenizer.stop_ids), seed=cfg.seed,
         batch_size=cfg.batch_size, stats=stats, progress=progress,
     )
     return [tokenizer.decode(t).strip() for t in tokens]
@@ -368,6 +373,13 @@ def read_prompt_records(path: str) -> list[dict]:
     def problem(record) -> str | None:
         if not isinstance(record, dict):
             return f"expected an object with instruction and input, got {type(record).__name__}"
+        if "messages" in record:  # a conversation to continue (runs with a chat template)
+            from gptft.data.conversations import parse_messages
+
+            messages, problem = parse_messages(record["messages"])
+            if messages is not None:
+                record["messages"] = messages
+            return problem
         if not isinstance(record.get("instruction"), str):
             return "'instruction' must be a string" if "instruction" in record else (
                 "missing key 'instruction'")

@@ -117,7 +117,10 @@ class Judge:
 
     @property
     def endpoint(self) -> str:
-        return self.url + ("/api/chat" if self.api == "ollama" else "/v1/chat/completions")
+        if self.api == "ollama":
+            return self.url + "/api/chat"
+        # an OpenAI base URL (the openai client's base_url, e.g. gptft serve's .../v1) or a root
+        return self.url + ("/chat/completions" if self.url.endswith("/v1") else "/v1/chat/completions")
 
     def body(self, prompt: str) -> dict:
         """The JSON request for `prompt`: deterministic decoding, the book's options."""

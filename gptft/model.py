@@ -309,6 +309,9 @@ class GPT(nn.Module):
     """The linear layers of a block that LoRA may adapt, under PEFT's names for this family."""
     hf_prefix = "transformer."
     """Where the body sits in the Hugging Face model (``GPT2LMHeadModel.transformer``)."""
+    _no_split_modules = ["Block"]
+    """The block class, as transformers declares it: Accelerate's FSDP wraps each one (its
+    TRANSFORMER_BASED_WRAP policy reads this when the config names no class)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()

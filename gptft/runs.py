@@ -205,3 +205,16 @@ def load_lm_run(run_dir: str | os.PathLike, device: str | torch.device = "auto")
     if missing:
         raise GPTFTError(f"{run_dir}: gptft.json lacks {', '.join(missing)}")
     return model, run_tokenizer(run_dir, meta), meta["prompt_style"]
+
+
+def load_chat_run(run_dir: str | os.PathLike, device: str | torch.device = "auto"):
+    """``load_lm_run``'s model, and the run's ``gptft.data.chat.ChatFormat`` (its tokenizer and
+    prompt style, and the chat template recorded in ``gptft.json``): what ``gptft chat`` and
+    ``gptft generate`` need to prompt the model as it was trained."""
+    from gptft.data.chat import ChatFormat
+
+    model, tokenizer, style = load_lm_run(run_dir, device)
+    template = load_meta(run_dir).get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise GPTFTError(f"{Path(run_dir) / META_FILE}: 'chat_template' must be the template's text")
+    return model, ChatFormat(style, tokenizer, template)

@@ -335,7 +335,7 @@ def tokenize_chat(tokenizer, template: str | ChatTemplate, messages: Sequence[di
     variables = {**tokenizer.special_tokens_map, **kwargs}
     tagged = template.has_generation_tags
     text, spans = _render(template, messages, add_generation_prompt, variables, track=tagged)
-    ids, offsets = tokenizer.encode_offsets(text, specials=True)
+    ids, offsets = tokenizer.encode_offsets(text)
     if train_on == "all":
         return ids, [1] * len(ids)
     if not tagged:
@@ -378,19 +378,20 @@ def _assistant_spans(template: ChatTemplate, messages: list[dict], text: str, va
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        prefix = _render(template, messages[:i], True, variables)[0] if i else ""
-        if not text.startswith(prefix) or len(prefix) < cursor:
+        content = message.get("content")
+        content = content.strip() if isinstance(content, str) else ""
+        start = _turn_start(template, messages[:i], text, variables)
+        if start is None and i == 0:  # a conversation opened by the assistant: from its text
+            start = text.find(content) if content else -1
+        at = -1 if start is None or start < 0 else text.find(content, start) if content else start
+        if start is not None and at < 0:
+            raise GPTFTError(f"{name}: the text of message {i} (assistant) is not in the rendered "
+                             "conversation; mark assistant turns with {% generation %} in the template")
+        if start is None or start < cursor:
             raise GPTFTError(
                 f"{name}: the conversation up to message {i} does not render as the start of the whole "
                 "conversation, so its assistant turns cannot be told apart; mark them with "
                 "{% generation %} ... {% endgeneration %} in the template")
-        start = len(prefix)
-        content = message.get("content")
-        content = content.strip() if isinstance(content, str) else ""
-        at = text.find(content, start) if content else start
-        if at < 0:
-            raise GPTFTError(f"{name}: the text of message {i} (assistant) is not in the rendered "
-                             "conversation; mark assistant turns with {% generation %} in the template")
         after = at + len(content)
         ends = [(j, t) for t in end_texts if t and (j := text.find(t, after)) >= 0]
         if not ends:
@@ -403,6 +404,18 @@ def _assistant_spans(template: ChatTemplate, messages: list[dict], text: str, va
         spans.append((start, end))
         cursor = end
     return spans
+
+
+def _turn_start(template: ChatTemplate, before: list[dict], text: str, variables: dict) -> int | None:
+    """Where the turn after the messages `before` starts in `text`: the length of `before`
+    rendered with the generation prompt, when `text` starts with that (else None)."""
+    try:
+        prefix = _render(template, before, True, variables)[0]
+    except GPTFTError:
+        if before:
+            raise
+        return None  # many templates cannot render no message at all
+    return len(prefix) if text.startswith(prefix) else None
 
 
 def prompt_ids(tokenizer, template: str | ChatTemplate, messages: Sequence[dict], **kwargs: Any) -> list[int]:

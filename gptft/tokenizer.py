@@ -52,7 +52,7 @@ class Tokenizer:
 
     User text is encoded as ordinary text: a literal ``<|endoftext|>`` inside a message does not
     become the special token (``encode``); a rendered chat template's text may hold it on purpose
-    (``encode_offsets(text, specials=True)``). GPT-2 has one special token, ``<|endoftext|>``: it
+    (``encode_offsets``). GPT-2 has one special token, ``<|endoftext|>``: it
     ends a response (``eos_id``), pads (``pad_id``) and stops generation (``stop_ids``); no BOS.
 
     Attributes:
@@ -101,10 +101,11 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
         return self._enc.encode_ordinary_batch(texts)
 
-    def encode_offsets(self, text: str, specials: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
-        """Token ids of `text` and each token's ``(start, end)`` character span in it; with
-        `specials`, the special tokens spelled in `text` become their ids (rendered templates)."""
-        ids = self._enc.encode(text, allowed_special="all") if specials else self._enc.encode_ordinary(text)
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of a rendered chat template's `text` (the special tokens it spells become
+        their ids, as ``transformers`` encodes it) and each token's ``(start, end)`` character
+        span in it."""
+        ids = self._enc.encode(text, allowed_special="all")
         char_of_byte = [i for i, ch in enumerate(text) for _ in range(len(ch.encode("utf-8")))]
         char_of_byte.append(len(text))
         offsets, pos = [], 0
@@ -237,6 +238,9 @@ class HFTokenizer:
         self.folder = Path(folder)
         self.name = name or str(folder)
         path = self.folder / "tokenizer.json"
+        if not path.exists() and all((self.folder / f).exists() for f in ("vocab.json", "merges.txt")):
+            raise GPTFTError(f"{path}: not found; gptft reads a Hugging Face tokenizer from its "
+                             "tokenizer.json (for a GPT-2 folder's vocab.json and merges.txt, use 'gpt2')")
         check_file(path, "tokenizer file (tokenizer.json)")
         try:
             self._text = path.read_text(encoding="utf-8")
@@ -248,9 +252,8 @@ class HFTokenizer:
             raise GPTFTError(f"{path}: not a tokenizer the tokenizers library reads: {e}") from None
         config_path = self.folder / "tokenizer_config.json"
         self.config = read_json_object(config_path) if config_path.exists() else {}
+        self.special_tokens_map = self._named_tokens(config_path)
         self._add_config_tokens(config_path)
-        self.special_tokens_map = {k: v for k in SPECIAL_TOKEN_KEYS
-                                   if (v := _token_text(self.config.get(k), config_path, k)) is not None}
         self.eos_id = self._required_id("eos_token", config_path)
         self.bos_id = self._special_id("bos_token", config_path)
         pad = self._special_id("pad_token", config_path)
@@ -282,16 +285,26 @@ class HFTokenizer:
                                           lstrip=bool(entry.get("lstrip")), rstrip=bool(entry.get("rstrip")),
                                           normalized=bool(entry.get("normalized")),
                                           special=bool(entry.get("special", True))))
-        for key in SPECIAL_TOKEN_KEYS:
-            text = _token_text(self.config.get(key), config_path, key)
-            if text is not None and self._tok.token_to_id(text) is None and \
-                    all(t.content != text for t in missing):
+        for text in self.special_tokens_map.values():
+            if self._tok.token_to_id(text) is None and all(t.content != text for t in missing):
                 missing.append(AddedToken(text, special=True, normalized=False))
         special = [t for t in missing if t.special]
         if special:
             self._tok.add_special_tokens(special)
         if len(special) < len(missing):
             self._tok.add_tokens([t for t in missing if not t.special])
+
+    def _named_tokens(self, config_path: Path) -> dict[str, str]:
+        """``bos_token``, ``eos_token`` ... of ``tokenizer_config.json``; those an older folder's
+        ``special_tokens_map.json`` names win, as in ``transformers``."""
+        named = {k: v for k in SPECIAL_TOKEN_KEYS
+                 if (v := _token_text(self.config.get(k), config_path, k)) is not None}
+        map_path = self.folder / "special_tokens_map.json"
+        if map_path.exists():
+            old = read_json_object(map_path)
+            named.update({k: v for k in SPECIAL_TOKEN_KEYS
+                          if (v := _token_text(old.get(k), map_path, k)) is not None})
+        return named
 
     def _special_id(self, key: str, config_path: Path) -> int | None:
         text = self.special_tokens_map.get(key)
@@ -300,8 +313,9 @@ class HFTokenizer:
     def _required_id(self, key: str, config_path: Path) -> int:
         token_id = self._special_id(key, config_path)
         if token_id is None:
-            raise GPTFTError(f"{config_path}: no {key!r}: gptft needs the token that ends a response "
-                             "(set eos_token to it, e.g. \"<|im_end|>\" or \"<|eot_id|>\")")
+            missing = "" if config_path.exists() else " (file not found)"
+            raise GPTFTError(f"{config_path}{missing}: no {key!r}: gptft needs the token that ends a "
+                             "response (set eos_token to it, e.g. \"<|im_end|>\" or \"<|eot_id|>\")")
         return token_id
 
     def _generation_eos_ids(self) -> list[int]:
@@ -319,13 +333,23 @@ class HFTokenizer:
         return list(dict.fromkeys(ids))
 
     def _read_chat_templates(self, config_path: Path) -> dict[str, str]:
+        """The chat templates: ``chat_template.jinja`` (the default) and
+        ``additional_chat_templates/NAME.jinja``, which ``transformers`` 5 saves and which win, as
+        there; else ``tokenizer_config.json``'s ``chat_template`` (a string or named templates)."""
+        files = {"default": self.folder / "chat_template.jinja"}
+        extra = self.folder / "additional_chat_templates"
+        if extra.is_dir():
+            files.update({f.name.removesuffix(".jinja"): f for f in sorted(extra.glob("*.jinja"))})
+        templates = {}
+        for name, file in files.items():
+            if file.exists():
+                try:
+                    templates[name] = file.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as e:
+                    raise GPTFTError(f"{file}: cannot read the chat template: {e}") from None
+        if templates:
+            return templates
         value = self.config.get("chat_template")
-        jinja = self.folder / "chat_template.jinja"
-        if jinja.exists():  # transformers 5 saves the template beside the config; it wins there too
-            try:
-                value = jinja.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise GPTFTError(f"{jinja}: cannot read the chat template: {e}") from None
         if value is None:
             return {}
         if isinstance(value, str):
@@ -362,9 +386,9 @@ class HFTokenizer:
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
-    def encode_offsets(self, text: str, specials: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
-        """Token ids of `text` (no special tokens added) and each one's ``(start, end)``
-        character span; special tokens spelled in the text are always recognised here."""
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of a rendered chat template's `text` (no special tokens added; those it
+        spells become their ids) and each one's ``(start, end)`` character span."""
         encoding = self._tok.encode(text, add_special_tokens=False)
         return encoding.ids, [tuple(o) for o in encoding.offsets]
 
@@ -428,10 +452,14 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer | HFTokenizer:
     if path.exists():
         raise GPTFTError(f"{path}: not a folder; name a folder holding tokenizer.json")
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return HFTokenizer(_download(text), name=text)
-    if "/" in text or "\\" in text:
-        raise GPTFTError(f"{text}: no such folder (a tokenizer is a folder holding tokenizer.json, "
-                         f"a hub repository id 'owner/name', {', '.join(PACKAGED)}, or a tiktoken name)")
+        return HFTokenizer(_download(text), name=text)  # not a local folder: a hub repository
+    import tiktoken
+
+    if text not in tiktoken.list_encoding_names():
+        what = "no such folder" if "/" in text or "\\" in text else "unknown tokenizer"
+        raise GPTFTError(f"{text}: {what} (a tokenizer is a folder holding tokenizer.json, a hub "
+                         f"repository id 'owner/name', {', '.join(PACKAGED)}, or a tiktoken encoding: "
+                         f"{', '.join(tiktoken.list_encoding_names())})")
     return Tokenizer(text)
 
 
@@ -455,7 +483,8 @@ def _download(repo: str) -> Path:
     except Exception as e:  # offline without the cache, no network, no such repo, auth
         where = "HF_HUB_OFFLINE is set and it is not in" if HF_HUB_OFFLINE else "tried"
         first = str(e).splitlines()[0] if str(e) else ""
-        raise GPTFTError(f"could not get the tokenizer of {repo!r} from the Hugging Face hub ({where} "
+        raise GPTFTError(f"{repo!r} is not a local folder, and its tokenizer could not be had from the "
+                         f"Hugging Face hub ({where} "
                          f"the cache {HF_HUB_CACHE}): {type(e).__name__}: {first}; pass a local folder "
                          "holding tokenizer.json instead") from None
     return folder

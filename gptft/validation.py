@@ -82,6 +82,8 @@ def _check_value(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         return _check_literal(value, typing.get_args(tp), key, errors)
     if origin is list:
         return _check_list(value, typing.get_args(tp)[0], key, errors)
+    if origin is dict:
+        return _check_dict(value, typing.get_args(tp), key, errors)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, errors)
     return _check_scalar(value, tp, key, errors)
@@ -115,6 +117,15 @@ def _check_list(value: Any, item: Any, key: str, errors: list[str]) -> Any:
     return [_check_value(v, item, f"{key}[{i}]", errors) for i, v in enumerate(value)]
 
 
+def _check_dict(value: Any, types_: tuple, key: str, errors: list[str]) -> Any:
+    if not isinstance(value, dict):
+        errors.append(f"{key}: expected a mapping of {type_name(types_[0])} to {type_name(types_[1])}, "
+                      f"got {value!r}")
+        return value
+    return {_check_value(k, types_[0], f"{key} (key {k!r})", errors):
+            _check_value(v, types_[1], f"{key}.{k}", errors) for k, v in value.items()}
+
+
 def _check_scalar(value: Any, tp: type, key: str, errors: list[str]) -> Any:
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
         try:
@@ -139,6 +150,9 @@ def type_name(tp: Any) -> str:
         return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if typing.get_origin(tp) is list:
         return f"list of {type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        key, value = typing.get_args(tp)
+        return f"mapping of {type_name(key)} to {type_name(value)}"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("GPTFT_SHARED", ROOT.parent / "shared"))  # a worktree: set it
+SHARED = Path(os.environ.get("GPTFT_SHARED_DIR") or ROOT.parent / "shared")  # a worktree: set it
 
 # Subprocesses (launch/*.py, accelerate launch) import gptft from this checkout, not from wherever
 # an editable install points (another worktree).

@@ -306,3 +306,43 @@ def test_hub_repo_ids_from_the_cache_and_offline(tmp_path, monkeypatch):
     ids = torch.randint(0, VOCAB, (1, 8))
     with torch.no_grad():
         assert_close(from_pretrained("Org/tiny-qwen3")(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_a_shared_prompt_prefix_generates_as_transformers(family, tmp_path):
+    """generate() computes a prefix shared by the batch once and copies its keys/values after
+    each row's left padding: positions and sliding windows must come out as transformers'."""
+    hf = hf_model(family)
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    prefix = torch.randint(0, VOCAB, (7,)).tolist()
+    prompts = [prefix + torch.randint(0, VOCAB, (n,)).tolist() for n in (1, 6, 3)]
+    ours = generate(model, prompts, 12)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    hf.generation_config.eos_token_id = None
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert ours == out[:, width:].tolist()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
+def test_a_classifier_exports_as_sequence_classification(family, tmp_path):
+    """The seam a classifier export uses: ``to_hf_config(classifier=True)`` + the body's
+    ``hf_state_dict()`` (no ``lm_head``) + ``score.weight`` load in
+    ``AutoModelForSequenceClassification``, which pools the last real token as
+    ``pooled_hidden_states`` does."""
+    from gptft.io import save_safetensors, write_json
+    from gptft.models.families import to_hf_config
+
+    model = build_model(config_from_hf(hf_config(family).to_dict(), pad_token_id=0)).eval()
+    score = torch.nn.Linear(64, 3, bias=False)
+    state = {k: v for k, v in model.hf_state_dict().items() if not k.startswith("lm_head.")}
+    save_safetensors({**state, "score.weight": score.weight.detach()}, tmp_path / "model.safetensors")
+    write_json(tmp_path / "config.json", {**to_hf_config(model.config, classifier=True), "num_labels": 3})
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    lengths = torch.tensor([14, 6, 10])
+    ids = torch.randint(1, VOCAB, (3, 14)).masked_fill(torch.arange(14)[None] >= lengths[:, None], 0)
+    with torch.no_grad():
+        ours = score(model.pooled_hidden_states(ids, lengths - 1))
+        assert_close(hf(ids).logits, ours, atol=1e-4, rtol=0)

@@ -140,6 +140,8 @@ def test_task_names_live_in_the_registry_and_the_tasks_only():
 def test_commands_alone_define_arguments_and_nothing_imports_them():
     for path in (ROOT / "gptft").rglob("*.py"):
         text = path.read_text()
+        if path.is_relative_to(ROOT / "gptft" / "assets"):  # the scripts that build the assets
+            continue
         if not path.is_relative_to(ROOT / "gptft" / "commands"):
             assert "add_argument" not in text, path
             if path.name != "cli.py":

@@ -95,6 +95,7 @@ def test_qwen3_encodes_the_whole_instruction_file_as_autotokenizer():
     assert [tok.decode(ids) for ids in ours] == auto.batch_decode(theirs)
 
 
+@pytest.mark.slow  # loading Qwen3's 151,669-token tokenizer twice
 def test_qwen3_special_tokens_as_autotokenizer():
     tok, auto = _qwen3(), _auto(str(shared_path("tokenizers", "qwen3")))
     assert isinstance(tok, HFTokenizer)
@@ -114,6 +115,7 @@ def test_qwen3_special_tokens_as_autotokenizer():
         assert tok.decode(ids, skip_special_tokens=skip) == auto.decode(ids, skip_special_tokens=skip)
 
 
+@pytest.mark.slow  # loading Qwen3's 151,669-token tokenizer twice
 def test_offsets_are_the_backend_offsets():
     tok, auto = _qwen3(), _auto(str(shared_path("tokenizers", "qwen3")))
     ids, offsets = tok.encode_offsets(MIXED)
@@ -241,6 +243,26 @@ def test_save_keeps_named_templates(tmp_path):
     assert load_tokenizer(out).chat_templates == tok.chat_templates
 
 
+def test_reads_the_template_files_transformers_saves(tmp_path):
+    tok = load_tokenizer("tiny-chatml")
+    auto = _auto(str(tok.folder))
+    import copy
+
+    auto = copy.deepcopy(auto)
+    auto.chat_template = {"default": "D{{ messages|length }}", "tool_use": "T", "rag": "R"}
+    auto.save_pretrained(tmp_path)  # chat_template.jinja + additional_chat_templates/*.jinja
+    assert (tmp_path / "chat_template.jinja").is_file()
+    assert sorted(p.name for p in (tmp_path / "additional_chat_templates").iterdir()) == ["rag.jinja",
+                                                                                       "tool_use.jinja"]
+    ours = load_tokenizer(tmp_path)
+    assert ours.chat_templates == {"default": "D{{ messages|length }}", "tool_use": "T", "rag": "R"}
+    assert ours.chat_template == "D{{ messages|length }}"
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path).chat_template == ours.chat_templates
+    assert ours.encode_batch([MIXED]) == tok.encode_batch([MIXED])
+
+
 def test_gpt2_save_loads_in_autotokenizer_with_its_template(tmp_path):
     from transformers import AutoTokenizer
 
@@ -284,6 +306,22 @@ def test_bad_folders_are_one_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(GPTFTError, match=r"file: not a folder"):
         load_tokenizer(tmp_path / "file")
+    with pytest.raises(GPTFTError, match=r"^gtp2: unknown tokenizer \(.*tiny-chatml, or a tiktoken encoding: "
+                                         r"gpt2, "):
+        load_tokenizer("gtp2")
+    gpt2_folder = tmp_path / "gpt2-export"
+    gpt2_folder.mkdir()
+    Tokenizer().save(gpt2_folder)
+    with pytest.raises(GPTFTError, match=r"tokenizer.json: not found; .*for a GPT-2 folder's vocab.json "
+                                         r"and merges.txt, use 'gpt2'"):
+        load_tokenizer(gpt2_folder)
+    (bad / "tokenizer_config.json").unlink()
+    with pytest.raises(GPTFTError, match=r"tokenizer_config.json \(file not found\): no 'eos_token'"):
+        load_tokenizer(bad)
+    # an older folder's special_tokens_map.json names the special tokens, and wins (as in transformers)
+    (bad / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    (bad / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    assert load_tokenizer(bad).eos_id == 2
 
 
 def test_hub_ids_offline(tmp_path, monkeypatch):
@@ -291,8 +329,8 @@ def test_hub_ids_offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(GPTFTError, match=r"^could not get the tokenizer of 'Qwen/Qwen3-0.6B' from the "
-                                         r"Hugging Face hub \(HF_HUB_OFFLINE is set and it is not in ") as e:
+    with pytest.raises(GPTFTError, match=r"^'Qwen/Qwen3-0.6B' is not a local folder, and its tokenizer "
+                                         r"could not be had from the Hugging Face hub \(HF_HUB_OFF") as e:
         load_tokenizer("Qwen/Qwen3-0.6B")
     assert "\n" not in str(e.value)
     # a repository in the cache, as hf_hub_download leaves it: refs/main -> snapshots/<commit>
@@ -304,7 +342,7 @@ def test_hub_ids_offline(tmp_path, monkeypatch):
         shutil.copy(shared_path("tokenizers", "qwen3", name), snapshot / name)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    with pytest.raises(GPTFTError, match="could not get the tokenizer"):  # other files: not known absent
+    with pytest.raises(GPTFTError, match="could not be had"):  # the other files: not known absent
         load_tokenizer("Qwen/Qwen3-0.6B")
     (repo / ".no_exist" / commit).mkdir(parents=True)
     for name in ("special_tokens_map.json", "generation_config.json", "chat_template.jinja"):

@@ -3,8 +3,10 @@
   gptft generate RUN_DIR --instruction 'Name a color.'
   gptft generate RUN_DIR --file prompts.jsonl --output responses.jsonl
 
---file reads JSON Lines (or a JSON array) of {"instruction", "input"} records and writes each
-record with its "model_response" added, as JSON Lines, to --output or the standard output.
+--file reads JSON Lines (or a JSON array) of {"instruction", "input"} records (or, for a run
+trained with a chat template, {"messages": [...]} conversations to continue) and writes each
+record with its "model_response" added, as JSON Lines, to --output or the standard output. The
+prompt is the run's: its prompt style or chat template, as in training.
 Greedy decoding by default; sampling with --temperature > 0 (and --top-k / --top-p, which only
 apply when sampling).
 """
@@ -77,7 +79,7 @@ def sampling_config(args: argparse.Namespace, batch_size: int = 1) -> GenerateCo
 def run(args: argparse.Namespace) -> int:
     from gptft.generate import read_prompt_records, respond
     from gptft.io import check_output, write_records
-    from gptft.runs import load_lm_run
+    from gptft.runs import load_chat_run
 
     if args.file is None and args.output:
         raise GPTFTError("--output: only with --file (one --instruction prints its response)")
@@ -87,8 +89,16 @@ def run(args: argparse.Namespace) -> int:
     output = check_output(args.output, args.overwrite, (".jsonl",)) if args.output else None
     records = (read_prompt_records(args.file) if args.file
                else [{"instruction": args.instruction, "input": args.input}])
-    model, tokenizer, style = load_lm_run(args.run_dir, args.device)
-    responses = respond(model, tokenizer, records, style, cfg, progress=args.file is not None)
+    model, fmt = load_chat_run(args.run_dir, args.device)
+    if fmt.chat:  # the run's chat template: a record's messages, or its instruction as one user turn
+        from gptft.chat import respond_to
+        from gptft.data.conversations import instruction_messages
+
+        conversations = [r["messages"] if "messages" in r else instruction_messages({**r, "output": ""})[:1]
+                         for r in records]
+        responses = respond_to(model, fmt, conversations, cfg, progress=args.file is not None)
+    else:
+        responses = respond(model, fmt.tokenizer, records, fmt.style, cfg, progress=args.file is not None)
     if args.file is None:
         print(responses[0])
         return 0

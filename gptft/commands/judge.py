@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON array of records with instruction, input, output and a response")
     parser.add_argument("--url", default=DEFAULTS.url, help="judge server (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULTS.model, help="judge model (default: %(default)s)")
-    parser.add_argument("--api", choices=APIS, default=DEFAULTS.api, help="server API (default: %(default)s)")
+    parser.add_argument("--api", choices=APIS, default=None,
+                        help=f"server API (default: openai for a --url ending in /v1, such as gptft "
+                        f"serve's, else {DEFAULTS.api})")
     parser.add_argument("--api-key-env", default=DEFAULTS.api_key_env, metavar="VAR",
                         help="environment variable holding the openai API key (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=DEFAULTS.timeout,
@@ -34,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gptft.judge import judge_file, summary
 
-    scores = judge_file(args.responses, args.url, args.model, args.api, api_key_env=args.api_key_env,
+    api = args.api or ("openai" if args.url.rstrip("/").endswith("/v1") else DEFAULTS.api)
+    scores = judge_file(args.responses, args.url, args.model, api, api_key_env=args.api_key_env,
                         timeout=args.timeout, retries=args.retries, retry_delay=args.retry_delay,
                         key=args.key, output=args.output)
     print(summary(scores))

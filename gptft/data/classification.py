@@ -131,7 +131,10 @@ class ClassificationDataset(Dataset):
     def __init__(self, examples: TextExamples, tokenizer: Tokenizer, max_length: int):
         if max_length < 1:
             raise GPTFTError(f"data.max_length: must be > 0 (got {max_length})")
-        self.input_ids = [ids[:max_length] for ids in tokenizer.encode_batch(list(examples.texts))]
+        # With the tokenizer's own special tokens (Llama 3's BOS), as transformers encodes a text
+        # for its sequence classifiers; GPT-2 and Qwen add none.
+        self.input_ids = [ids[:max_length] for ids in
+                          tokenizer.encode_batch(list(examples.texts), add_special_tokens=True)]
         self.labels = list(examples.labels)
         self.lengths = [len(ids) for ids in self.input_ids]
 
@@ -144,7 +147,8 @@ class ClassificationDataset(Dataset):
 
 def longest_length(examples: TextExamples, tokenizer: Tokenizer) -> int:
     """Token count of the longest text (0 for no texts)."""
-    return max((len(ids) for ids in tokenizer.encode_batch(list(examples.texts))), default=0)
+    return max((len(ids) for ids in tokenizer.encode_batch(list(examples.texts), add_special_tokens=True)),
+               default=0)
 
 
 def read_texts_file(path: str | Path, column: str = "text") -> list[str]:

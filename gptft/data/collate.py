@@ -93,10 +93,14 @@ def _truncated(item: dict, max_length: int | None) -> list[int]:
 
 
 def _shifted(item: dict, mask_prompt: bool, max_length: int | None) -> tuple[list[int], list[int]]:
-    """An item's (inputs, targets): tokens[:-1] and tokens[1:], truncated to max_length."""
+    """An item's (inputs, targets): tokens[:-1] and tokens[1:], truncated to max_length. An item
+    with a ``target_mask`` (a chat template's, ``gptft.data.chat``) keeps the targets it marks."""
     ids = _truncated(item, max_length)
     inputs, targets = ids[:-1], ids[1:]
-    if mask_prompt:
+    if "target_mask" in item:
+        keep = item["target_mask"][1 : len(ids)]
+        targets = [t if k else IGNORE_INDEX for t, k in zip(targets, keep, strict=True)]
+    elif mask_prompt:
         n = min(max(item["prompt_len"] - 1, 0), len(targets))
         targets[:n] = [IGNORE_INDEX] * n
     return inputs, targets
@@ -110,7 +114,8 @@ def instruction_collate(items: Sequence[dict], pad_id: int, mask_prompt: bool,
     row, every later (padding) target is ``IGNORE_INDEX``.
 
     Args:
-        items: ``InstructionDataset`` items ``{"input_ids", "prompt_len"}``.
+        items: ``InstructionDataset`` items ``{"input_ids", "prompt_len"}`` (or ``ChatDataset``
+            items ``{"input_ids", "target_mask"}``: their own targets, `mask_prompt` unused).
         pad_id: padding token (the end-of-text id, as in the book).
         mask_prompt: ignore the targets that predict prompt tokens (train on the response only).
         max_length: truncate each item to ``max_length + 1`` tokens first.

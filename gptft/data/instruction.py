@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
-from gptft.data.readers import check_records, parse_json_records, read_text
+from gptft.data.conversations import Record, conversation_record, locate, read_examples, read_rows
+from gptft.data.readers import JsonRecord, check_records, parse_json_records, read_text
 from gptft.download import seed_file
 from gptft.errors import GPTFTError
 from gptft.prompts import PromptStyle, format_example
@@ -40,11 +41,53 @@ class InstructionSplits:
     test: list[dict]
 
 
-def load_instruction_data(cfg: InstructionData) -> InstructionSplits:
-    """Read ``cfg.path`` (unset: the book's set, which gptft carries) and split it (``split_records``)."""
+def load_instruction_data(cfg: InstructionData, chat: bool = False) -> InstructionSplits:
+    """Read ``cfg.path`` (unset: the book's set, which gptft carries) and split it (``split_records``).
+
+    With `chat` (a chat template renders the data) every record becomes a conversation
+    (``gptft.data.conversations.conversation_record``: messages, ShareGPT or Alpaca); without,
+    records are Alpaca's ``{instruction, input?, output}`` (a text prompt style's). Records are
+    ``Record`` s: they know the file and line they were read from.
+    """
     name = "instruction-data.json"
-    path = Path(cfg.path) if cfg.path else seed_file(name, [INSTRUCTION_URL], name)
-    return split_records(read_records(path, cfg.format), cfg.split, cfg.shuffle, cfg.seed, str(path))
+    path = cfg.path if cfg.path else str(seed_file(name, [INSTRUCTION_URL], name))
+    rows = read_rows(path, cfg.format, cfg.dataset_split, cfg.columns)
+    if chat:
+        records = join_turns(read_examples(str(path), rows, conversation_record), cfg.turns)
+    else:
+        records = text_records(str(path), rows, _text_style_problem)
+    return split_records(records, cfg.split, cfg.shuffle, cfg.seed, str(path))
+
+
+def join_turns(records: list[Record], turns: int) -> list[Record]:
+    """Every `turns` consecutive conversations as one (the first one's system message kept, the
+    others' dropped; a last group with fewer records is kept shorter), named after its first
+    record; ``instruction`` / ``output`` are its last turn's."""
+    if turns == 1:
+        return records
+    out = []
+    for i in range(0, len(records), turns):
+        group = records[i : i + turns]
+        messages = [m for k, r in enumerate(group) for m in r["messages"] if k == 0 or m["role"] != "system"]
+        joined = {**group[-1], "messages": messages}
+        out.append(Record.at(joined, f"{group[0].where} (+{len(group) - 1} joined)" if len(group) > 1
+                             else group[0].where))
+    return out
+
+
+def text_records(name: str, rows: list[JsonRecord], problem: Callable[[Any], str | None]) -> list[Record]:
+    """Alpaca-shaped records (a missing or null ``input`` as ``""``), each checked by `problem`."""
+    check_records(name, rows, problem)
+    return [Record.at({**r.value, "input": r.value.get("input") or ""}, f"{name}: {locate(r)}")
+            for r in rows]
+
+
+def _text_style_problem(record: Any) -> str | None:
+    problem = _record_problem(record)
+    if problem and isinstance(record, dict) and ("messages" in record or "conversations" in record):
+        return ("a conversation: set data.prompt_style to template, chatml or llama3 (alpaca and "
+                "phi3 format one instruction)")
+    return problem
 
 
 def split_records(records: list[dict], split: Sequence[float], shuffle: bool, seed: int,
@@ -116,17 +159,21 @@ class InstructionDataset(Dataset):
     Attributes:
         lengths: token count of each item (after truncation); an item fills ``length - 1``
             positions of a row (inputs and targets are shifted by one).
+        full_lengths: the same before truncation.
     """
 
     def __init__(self, records: Sequence[dict], tokenizer: Tokenizer, style: str | PromptStyle,
                  max_length: int):
         self.records = list(records)
         self.items: list[dict] = []
+        self.full_lengths: list[int] = []  # before truncation
         for record in self.records:
             prompt, response = format_example(record, style)
             prompt_ids = tokenizer.encode(prompt)
-            ids = (prompt_ids + tokenizer.encode(response) + [tokenizer.eot_id])[: max_length + 1]
+            full = prompt_ids + tokenizer.encode(response) + [tokenizer.eot_id]
+            ids = full[: max_length + 1]
             self.items.append({"input_ids": ids, "prompt_len": min(len(prompt_ids), len(ids))})
+            self.full_lengths.append(len(full))
         self.lengths: list[int] = [len(item["input_ids"]) for item in self.items]
 
     def __len__(self) -> int:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from gptft.data.instruction import InstructionSplits, read_records, split_records
+from gptft.data.conversations import Record, preference_record, read_examples, read_rows
+from gptft.data.instruction import InstructionSplits, split_records, text_records
 from gptft.download import seed_file
 from gptft.prompts import PromptStyle, format_prompt
 from gptft.tasks.preference.config import PreferenceData
@@ -29,22 +29,34 @@ PREFERENCE_URL = (
     "instruction-data-with-preference.json"
 )
 FIELDS = "instruction, input, chosen, rejected"
+IDENTICAL = "'chosen' and 'rejected' are the same text (data.drop_identical=true leaves such pairs out)"
 
 
-def load_preference_data(cfg: PreferenceData) -> InstructionSplits:
+def load_preference_data(cfg: PreferenceData, chat: bool = False) -> InstructionSplits:
     """Read ``cfg.path`` (unset: the book's set, which gptft carries), check every pair and split
     them in file order (``split_records``); with ``cfg.drop_identical``, pairs whose two responses
     are the same text are left out after splitting (so the splits are the book's records)."""
     name = "instruction-data-with-preference.json"
-    path = Path(cfg.path) if cfg.path else seed_file(name, [PREFERENCE_URL], name)
-    problem = partial(_pair_problem, allow_identical=cfg.drop_identical)
-    records = [{**r, "output": r.get("output") or r["chosen"]}
-               for r in read_records(path, cfg.format, problem, FIELDS)]
+    path = cfg.path if cfg.path else str(seed_file(name, [PREFERENCE_URL], name))
+    rows = read_rows(path, cfg.format, cfg.dataset_split, cfg.columns)
+    if chat:
+        records = read_examples(path, rows, partial(_chat_pair, allow_identical=cfg.drop_identical))
+    else:
+        problem = partial(_pair_problem, allow_identical=cfg.drop_identical)
+        records = [Record.at({**r, "output": r.get("output") or r["chosen"]}, r.where)
+                   for r in text_records(path, rows, problem)]
     splits = split_records(records, cfg.split, cfg.shuffle, cfg.seed, str(path))
     if cfg.drop_identical:
         for name in ("train", "val", "test"):
             setattr(splits, name, [r for r in getattr(splits, name) if r["chosen"] != r["rejected"]])
     return splits
+
+
+def _chat_pair(value: Any, allow_identical: bool) -> tuple[dict | None, str | None]:
+    record, problem = preference_record(value)
+    if record is not None and record["chosen"] == record["rejected"] and not allow_identical:
+        return None, IDENTICAL
+    return record, problem
 
 
 def _pair_problem(record: Any, allow_identical: bool) -> str | None:
@@ -61,8 +73,7 @@ def _pair_problem(record: Any, allow_identical: bool) -> str | None:
         if not record[key].strip():
             return f"{key!r} is empty"
     if record["chosen"] == record["rejected"] and not allow_identical:
-        return ("'chosen' and 'rejected' are the same text (data.drop_identical=true leaves such "
-                "pairs out)")
+        return IDENTICAL
     return None
 
 

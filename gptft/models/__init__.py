@@ -135,7 +135,17 @@ def preset_config(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise GPTFTError(f"unknown model preset {name!r}; presets: "
                          + ", ".join([*GPT2_PRESETS, *PRESETS]))
-    return decoder_config_from_hf(PRESETS[name]["hf"], f"preset {name}", **overrides)
+    hf = dict(PRESETS[name]["hf"])
+    for key, hf_key in _HF_SHAPE.items():  # shape keys set the config.json's own, so that what
+        if key in overrides:               # follows from them (Gemma's layer pattern) follows
+            hf[hf_key] = overrides.pop(key)
+    return decoder_config_from_hf(hf, f"preset {name}", **overrides)
+
+
+_HF_SHAPE = {"n_layers": "num_hidden_layers", "emb_dim": "hidden_size", "n_heads": "num_attention_heads",
+             "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+             "intermediate_size": "intermediate_size", "context_length": "max_position_embeddings",
+             "vocab_size": "vocab_size"}
 
 
 # ---- loading checkpoints ----------------------------------------------------------------------

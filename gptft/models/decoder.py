@@ -188,7 +188,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
     """cos, sin (B or 1, 1, T, head_dim) for (B or 1, T) positions, computed in float32."""
-    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)
+    freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -211,15 +211,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, KV * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(C, KV * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * hd, C, bias=config.o_bias)
+        self.q_norm = self.k_norm = None
         if config.qk_norm:
             self.q_norm = RMSNorm(hd, config.norm_eps, config.norm_unit_offset)
             self.k_norm = RMSNorm(hd, config.norm_eps, config.norm_unit_offset)
 
-    def _heads(self, proj: nn.Linear, x: torch.Tensor, norm: str | None, rope) -> torch.Tensor:
+    def _heads(self, proj: nn.Linear, x: torch.Tensor, norm: RMSNorm | None, rope) -> torch.Tensor:
         """(B, T, C) → (B, heads, T, hd), normed per head and rotated if asked."""
         t = proj(x).view(*x.shape[:2], -1, self.head_dim)
-        if norm is not None and hasattr(self, norm):
-            t = getattr(self, norm)(t)
+        if norm is not None:
+            t = norm(t)
         t = t.transpose(1, 2)
         return apply_rope(t, *rope) if rope is not None else t
 
@@ -245,8 +246,8 @@ class Attention(nn.Module):
         keys and values of every position still go to `kv_cache`)."""
         B, T, _ = x.shape
         q = self._heads(self.q_proj, x[:, -1:] if last_only else x,
-                        "q_norm", [r[..., -1:, :] for r in rope] if last_only else rope)
-        k = self._heads(self.k_proj, x, "k_norm", rope)
+                        self.q_norm, [r[..., -1:, :] for r in rope] if last_only else rope)
+        k = self._heads(self.k_proj, x, self.k_norm, rope)
         v = self._heads(self.v_proj, x, None, None)
         if kv_cache is not None:  # (B, KV, past + T, hd)
             k, v = kv_cache.update(layer, k, v)
@@ -262,8 +263,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         rows = torch.arange(B, device=x.device)
         cos, sin = (r.expand(B, -1, -1, -1)[rows, :, positions][:, :, None] for r in rope)
-        q = self._heads(self.q_proj, x[rows, positions][:, None], "q_norm", (cos, sin))
-        k = self._heads(self.k_proj, x, "k_norm", rope)
+        q = self._heads(self.q_proj, x[rows, positions][:, None], self.q_norm, (cos, sin))
+        k = self._heads(self.k_proj, x, self.k_norm, rope)
         v = self._heads(self.v_proj, x, None, None)
         keys = torch.arange(T, device=x.device)
         mask = keys <= positions[:, None]
@@ -339,6 +340,8 @@ class Decoder(nn.Module):
     """The linear layers of a block that LoRA may adapt, under PEFT's names."""
     hf_prefix = "model."
     """Where the body sits in the Hugging Face model (``XForCausalLM.model``)."""
+    _no_split_modules = ["DecoderBlock"]
+    """The block class, as transformers declares it: Accelerate's FSDP wraps each one."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -402,15 +405,18 @@ class Decoder(nn.Module):
         return c.rope_theta, c.rope_scaling
 
     def _ropes(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict:
-        """cos/sin for each distinct RoPE of the layers."""
+        """cos/sin for each distinct RoPE of the layers. The inverse frequencies are kept per
+        device outside the state dict (a float32 buffer would follow ``model.to(bfloat16)``)."""
         out = {}
         for layer in range(self.config.n_layers):
             theta, scaling = self._rope_of(layer)
             key = (theta, str(scaling))
             if key not in out:
-                if key not in self._inv_freq:
-                    self._inv_freq[key] = rope_inv_freq(self.config.head_dim, theta, scaling)
-                out[key] = rope_cos_sin(self._inv_freq[key], position_ids, dtype)
+                cached = (*key, position_ids.device)
+                if cached not in self._inv_freq:
+                    inv_freq = rope_inv_freq(self.config.head_dim, theta, scaling)
+                    self._inv_freq[cached] = inv_freq.to(position_ids.device)
+                out[key] = rope_cos_sin(self._inv_freq[cached], position_ids, dtype)
         return out
 
     def _layer_inputs(self, position_ids, dtype, attention_mask, T, past):

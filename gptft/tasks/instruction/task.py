@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from gptft.data.collate import instruction_collate, packed_collate
-from gptft.data.instruction import InstructionDataset, InstructionSplits, load_instruction_data
+from gptft.data.inspect import check_or_raise, read, tokenize
 from gptft.errors import GPTFTError
 from gptft.io import write_json
 from gptft.model import IGNORE_INDEX
@@ -42,31 +42,29 @@ class InstructionTask(TaskBase):
         if job.model.trainable == "head":
             raise GPTFTError("model.trainable=head: an instruction model has no classification head; "
                              "use all, last_block, last_two_blocks or lora")
-        self.tokenizer = job_tokenizer(job.model)
         with accelerator.main_process_first():  # downloads happen once
-            self.splits = self.load_splits()
+            self.tokenizer = job_tokenizer(job.model)
+            self.format, self.splits = read(job, self.tokenizer)
             self.model = build_gpt(job.model, self.tokenizer.vocab_size, accelerator.device)
         context = self.model.config.context_length
         if job.data.max_length and job.data.max_length > context:
             raise GPTFTError(f"data.max_length ({job.data.max_length}) exceeds the model's context "
                              f"length ({context})")
         self.max_length = job.data.max_length or context
+        self.data = tokenize(job, self.format, self.splits, self.max_length)
+        # the inspector's checks: errors stop here, before the run folder is touched
+        check_or_raise(self.data, accelerator.print)
         set_trainable(self.model, job.model.trainable, job.lora)
         self.counts = trainable_summary(accelerator, self.model, job.model.trainable)
-
-    def load_splits(self) -> InstructionSplits:
-        """The records of each split (read once, on the main process first)."""
-        return load_instruction_data(self.job.data)
 
     def has_split(self, split: str) -> bool:
         return bool(getattr(self.splits, split))
 
     def loader(self, split: str, train: bool = False):
         data, cfg = self.job.data, self.job.train
-        dataset = InstructionDataset(getattr(self.splits, split), self.tokenizer, data.prompt_style,
-                                     self.max_length)
+        dataset = self.data.datasets[split]
         rows = [n - 1 for n in dataset.lengths]  # an item fills length - 1 positions
-        args = {"pad_id": self.tokenizer.eot_id, "mask_prompt": data.mask_prompt,
+        args = {"pad_id": self.tokenizer.pad_id, "mask_prompt": data.mask_prompt,
                 "max_length": self.max_length, "buckets": self.buckets(rows, self.max_length)}
         collate = partial(packed_collate if train and data.packing else instruction_collate, **args)
         return make_loader(dataset, collate, cfg.batch_size if train else eval_batch_size(self.job),
@@ -108,21 +106,36 @@ class InstructionTask(TaskBase):
 
     def sample_response(self, ctx: EpochContext) -> tuple[str, str] | None:
         """The first validation instruction and the model's response to it (None without one)."""
-        from gptft.generate import generate_texts
-
         if not self.splits.val:
             return None
         record = self.splits.val[0]
         with ctx.autocast():
-            text = generate_texts(ctx.model, self.tokenizer,
-                                  [format_prompt(record, self.job.data.prompt_style)],
-                                  self.job.generate)[0]
+            text = self.responses(ctx.model, [record], self.job.generate)[0]
         return record["instruction"], text
+
+    def responses(self, model, records: list[dict], cfg, stats: dict | None = None,
+                  progress: bool = False) -> list[str]:
+        """The model's response to each record, prompted as in training: a text style's prompt
+        (``format_prompt``), or with a chat template the conversation up to its last answer."""
+        if not self.format.chat:
+            from gptft.generate import generate_texts
+
+            prompts = [format_prompt(r, self.format.style) for r in records]
+            return generate_texts(model, self.tokenizer, prompts, cfg, stats=stats, progress=progress)
+        from gptft.chat import respond_to
+
+        # an instruction record ends with its answer; a preference record's messages are the prompt
+        prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"]
+                   for r in records]
+        return respond_to(model, self.format, prompts, cfg, stats=stats, progress=progress)
 
     # ---- the run's files -----------------------------------------------------------------------
 
     def meta(self) -> dict:
-        return {"prompt_style": self.job.data.prompt_style, "max_length": self.max_length}
+        out = {**self.format.meta(), "max_length": self.max_length}
+        if self.format.chat and self.data.kind == "instruction":
+            out["train_on"] = self.data.train_on
+        return out
 
     def next_commands(self, run_dir: str) -> list[str]:
         return [f"gptft generate {run_dir} --instruction 'Rewrite the sentence using a simile.' "
@@ -155,8 +168,6 @@ class InstructionTask(TaskBase):
         """Generate a response to every test record (shared among processes) into
         ``responses.json``: each record plus ``model_response``. Returns the tokens generated
         (all processes) and the seconds taken."""
-        from gptft.generate import generate_texts
-
         acc, out = self.accelerator, Path(self.job.output_dir)
         # The final weights, whole on every process (also after FSDP); the run is not marked
         # finished until its outputs are written.
@@ -166,10 +177,9 @@ class InstructionTask(TaskBase):
         indices = list(range(len(records)))
         begin = time.perf_counter()
         with acc.split_between_processes(indices) as mine:
-            prompts = [format_prompt(records[i], self.job.data.prompt_style) for i in mine]
             stats: dict = {}
             with acc.autocast():
-                texts = generate_texts(model, self.tokenizer, prompts, self.job.generate, stats=stats,
+                texts = self.responses(model, [records[i] for i in mine], self.job.generate, stats=stats,
                                        progress=acc.is_local_main_process)
             pairs = gather_object(list(zip(mine, texts)))
             tokens = sum(gather_object([stats.get("new_tokens", 0)]))

@@ -22,10 +22,8 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from gptft.data.collate import preference_collate
-from gptft.data.instruction import InstructionSplits
-from gptft.data.preference import PreferenceDataset, load_preference_data
 from gptft.model import IGNORE_INDEX
-from gptft.tasks.base import SPLITS, eval_batch_size, make_loader
+from gptft.tasks.base import eval_batch_size, make_loader
 from gptft.tasks.instruction.task import InstructionTask
 from gptft.tasks.preference.config import DPOConfig, PreferenceJob
 from gptft.trainer import EpochContext, EpochReport, format_metrics
@@ -84,20 +82,16 @@ class PreferenceTask(InstructionTask):
 
     def __init__(self, job: PreferenceJob, accelerator: Accelerator):
         super().__init__(job, accelerator)  # reads the pairs, builds the model, sets what trains
-        self.datasets = {s: PreferenceDataset(getattr(self.splits, s), self.tokenizer,
-                                              job.data.prompt_style, self.max_length) for s in SPLITS}
+        self.datasets = self.data.datasets  # PreferenceDataset, or chat-template pairs
         self.reference_model: torch.nn.Module | None = None
         if job.dpo.precompute_reference:
             self.precompute_reference()
         elif job.model.trainable != "lora":
             self.reference_model = copy.deepcopy(self.model).requires_grad_(False).eval()
 
-    def load_splits(self) -> InstructionSplits:
-        return load_preference_data(self.job.data)
-
     def _collate(self, split: str) -> partial:
         rows = [n - 1 for n in self.datasets[split].lengths]  # a sequence fills length - 1 positions
-        return partial(preference_collate, pad_id=self.tokenizer.eot_id, max_length=self.max_length,
+        return partial(preference_collate, pad_id=self.tokenizer.pad_id, max_length=self.max_length,
                        buckets=self.buckets(rows, self.max_length))
 
     def loader(self, split: str, train: bool = False):
