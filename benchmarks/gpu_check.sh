@@ -31,3 +31,11 @@ RECORDS=.gpu/data/instruction-data.json
     --seq-len 1024 --batch-size 16 --steps 20 --warmup 5 --repeats 2 --compile \
     --instruct-file "$RECORDS" --json "$OUT/lm.json"
 } 2>&1 | tee "$OUT/gpu_check.log"
+# 4. issue 25: the memory plan (gptft/plan.py) against torch.cuda.max_memory_allocated, reset when
+#    fit starts, for the 8 configurations of benchmarks/plan_check.py, in fp32 and in bf16
+{
+  timeout 240 python benchmarks/plan_check.py --device cuda --json > "$OUT/plan_cuda_fp32.json"
+  timeout 240 python benchmarks/plan_check.py --device cuda --set train.mixed_precision=bf16 \
+    --json > "$OUT/plan_cuda_bf16.json"
+  tail -n 20 "$OUT"/plan_cuda_*.json
+} 2>&1 | tee -a "$OUT/gpu_check.log"

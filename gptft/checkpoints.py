@@ -9,6 +9,9 @@ unpickle), each process's best-so-far weights (``best_N.safetensors``) and the r
 ``resume_point(job, num_processes)`` finds and checks the checkpoint a resumption starts from
 before anything in the run folder changes (``validate_checkpoint``: every file there and readable;
 ``train.resume=true`` falls back to the newest valid one); the trainer gets that ``ResumePoint``.
+A checkpoint resumes on another number of processes, or with another batch_size and
+grad_accum_steps, when the global batch a step takes stays the same (``keep_global_batch``); the
+trainer then re-derives each process's data position and RNG instead of loading them.
 Checkpoints later than the one resumed from are moved aside (``abandoned-step-N``) only once it
 has loaded. Symbolic links under ``checkpoints/`` are never taken for checkpoints nor followed.
 """
@@ -33,15 +36,20 @@ TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.yaml"
 # Keys that may change between a run and its resumption (prefixes): what to resume, where the run
 # folder is, how long to train (a cosine schedule then follows the new length), how often to
-# evaluate, log and checkpoint, whether to skip non-finite steps from now on, tracking and the
-# sample generations. Every other change (lr, model shape, data, seed...) would not continue the
-# same run, so it stops the resumption.
+# evaluate, log and checkpoint, whether to skip non-finite steps from now on, activation
+# checkpointing and auto_batch (the same gradients), tracking and the sample generations; and the
+# split of a step (LAYOUT) with the same global batch. Every other change (lr, model shape, data,
+# seed...) would not continue the same run, so it stops the resumption.
 RESUMABLE_CHANGES = ("train.resume", "output_dir", "train.epochs", "train.max_steps",
                      "train.eval_every", "train.eval_batches", "train.eval_batch_size",
                      "train.final_eval_batches",
                      "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
                      "train.checkpoint_epochs", "train.keep_last", "train.skip_nonfinite",
-                     "train.overwrite", "train.timeout_minutes", "tracking.", "generate.")
+                     "train.overwrite", "train.timeout_minutes", "train.activation_checkpointing",
+                     "train.auto_batch", "tracking.", "generate.")
+
+LAYOUT = ("train.batch_size", "train.grad_accum_steps")
+"""How a step is split: they may change on resuming if the global batch stays the same."""
 
 
 @dataclass
@@ -50,10 +58,19 @@ class ResumePoint:
 
     path: Path
     state: dict[str, Any]
+    saved_layout: tuple[int, int, int] = (0, 1, 1)
+    """The saving run's (batch_size, processes, grad_accum_steps)."""
+    layout: tuple[int, int, int] = (0, 1, 1)
+    """This run's (batch_size, processes, grad_accum_steps): the same global batch."""
 
     @property
     def step(self) -> int:
         return step_of(self.path)
+
+    @property
+    def relaid(self) -> bool:
+        """Whether the steps are split otherwise than when saved (processes or micro-batches)."""
+        return self.layout != self.saved_layout
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -97,8 +114,9 @@ def prune_checkpoints(root: Path, keep_last: int, keep: Path | None = None) -> N
 
 def resume_point(job: Job, num_processes: int,
                  warn: Callable[[str], None] = print) -> ResumePoint | None:
-    """The checkpoint ``train.resume`` names (None when not resuming), checked against `job` and
-    the number of processes (each one's data position and RNG are in it).
+    """The checkpoint ``train.resume`` names (None when not resuming), checked against `job`, and
+    how this run splits its steps (``keep_global_batch``): on `num_processes` processes, with the
+    checkpoint's global batch.
 
     ``train.resume=true`` takes the newest valid checkpoint (``validate_checkpoint``), calling
     `warn` about each newer one it skips; a named checkpoint that is damaged is an error.
@@ -107,14 +125,62 @@ def resume_point(job: Job, num_processes: int,
     resume = job.train.resume
     if resume is False:
         return None
+    path = _checked_path(resume, Path(job.output_dir) / CHECKPOINTS, warn)
+    saved_config = check_resumable(path / CONFIG, job)
+    saved = read_json_object(path / TRAINER_STATE)
+    problems = _state_problems(saved)
+    if problems:
+        raise GPTFTError(f"{path / TRAINER_STATE}: damaged ({'; '.join(problems)}); resume from "
+                         "another checkpoint (train.resume=PATH) or start afresh")
+    train = saved_config.get("train", {})
+    saved_layout = (train.get("batch_size"), saved.get("num_processes"), train.get("grad_accum_steps"))
+    layout = (job.train.batch_size, num_processes, job.train.grad_accum_steps)
+    if saved_layout != layout:
+        layout = keep_global_batch(path, saved_layout, layout)
+    return ResumePoint(path, saved, saved_layout, layout)
+
+
+def keep_global_batch(path: Path, saved: tuple, wanted: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The (batch_size, processes, grad_accum_steps) to resume checkpoint `path` (saved with
+    `saved`) with on `wanted`'s number of processes, keeping the checkpoint's global batch
+    ``batch_size x processes x grad_accum_steps`` (the same trajectory).
+
+    The user's batch_size and grad_accum_steps when they give that global batch; when they are
+    the checkpoint's own (the process count alone changed), the accumulation (else the batch
+    size) that keeps it; otherwise an error naming both global batches.
+    """
+    b0, n0, a0 = saved
+    b, n, a = wanted
+    if not all(isinstance(v, int) and v > 0 for v in saved):
+        raise GPTFTError(f"cannot resume from {path}: its trainer_state.json / config.yaml do not "
+                         "say how its steps were split (batch_size, processes, grad_accum_steps)")
+    total = b0 * n0 * a0
+    if b * n * a == total:
+        return wanted
+    if (b, a) != (b0, a0):
+        raise GPTFTError(
+            f"cannot resume from {path}: its global batch is {total} examples a step (train.batch_size "
+            f"{b0} x {n0} process(es) x train.grad_accum_steps {a0}), this run's would be {b * n * a} "
+            f"({b} x {n} x {a}); set train.batch_size and train.grad_accum_steps so that their "
+            f"product with {n} process(es) is {total}")
+    if total % (b * n) == 0:
+        return b, n, total // (b * n)
+    if total % (a * n) == 0:
+        return total // (a * n), n, a
+    raise GPTFTError(f"cannot resume from {path} on {n} process(es): its global batch of {total} "
+                     f"examples ({b0} x {n0} process(es) x {a0}) does not divide among them; "
+                     f"launch a number of processes that divides {total}")
+
+
+def _checked_path(resume: bool | str, root: Path, warn: Callable[[str], None]) -> Path:
+    """The checkpoint ``train.resume`` names, checked by ``validate_checkpoint``."""
     if resume is True:
-        root = Path(job.output_dir) / CHECKPOINTS
         found = complete_checkpoints(root)
         if not found:
             raise GPTFTError(f"train.resume: no complete checkpoint in {root}")
         skipped = []
         for path in reversed(found):
-            problems = validate_checkpoint(path, num_processes)
+            problems = validate_checkpoint(path)
             if not problems:
                 break
             skipped.append(f"{path.name}: {problems[0]}")
@@ -125,23 +191,23 @@ def resume_point(job: Job, num_processes: int,
         path = Path(resume)
         if not (path / CONFIG).is_file():
             raise GPTFTError(f"train.resume: {path} is not a complete gptft checkpoint (no config.yaml)")
-        problems = validate_checkpoint(path, num_processes)
+        problems = validate_checkpoint(path)
         if problems:
             raise GPTFTError(f"train.resume: {path} is damaged: {'; '.join(problems)}")
-    check_resumable(path / CONFIG, job)
-    saved = read_json_object(path / TRAINER_STATE)
-    problems = _state_problems(saved)
-    if problems:
-        raise GPTFTError(f"{path / TRAINER_STATE}: damaged ({'; '.join(problems)}); resume from "
-                         "another checkpoint (train.resume=PATH) or start afresh")
-    if saved.get("num_processes") != num_processes:
-        raise GPTFTError(f"cannot resume from {path}: it was saved by {saved.get('num_processes')} "
-                         f"process(es), this run has {num_processes}; launch with the same "
-                         "--num_processes")
-    return ResumePoint(path, saved)
+    return path
 
 
-def validate_checkpoint(path: Path, num_processes: int) -> list[str]:
+def saved_processes(path: Path) -> int:
+    """The number of processes that saved checkpoint `path` (1 when unreadable: the file check
+    reports that)."""
+    try:
+        n = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))["num_processes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
+    return n if isinstance(n, int) and n > 0 else 1
+
+
+def validate_checkpoint(path: Path) -> list[str]:
     """What is wrong with checkpoint `path` (empty: nothing), read without loading any tensor:
     every file there (weights, optimizer, each process's RNG state, the trainer state, each
     process's best weights if any were kept), safetensors headers that parse and match the
@@ -157,6 +223,7 @@ def validate_checkpoint(path: Path, num_processes: int) -> list[str]:
         problems.append("no model weights (model.safetensors)")
     if not list(path.glob("optimizer*")):
         problems.append("no optimizer state (optimizer.bin)")
+    num_processes = saved_processes(path)
     needed = [f"random_states_{i}.pkl" for i in range(num_processes)]
     if list(path.glob("best_*.safetensors")) or _kept_best(path / TRAINER_STATE):
         needed += [f"best_{i}.safetensors" for i in range(num_processes)]
@@ -227,9 +294,10 @@ def _torch_file_problem(path: Path) -> str | None:
     return None if end <= path.stat().st_size else "truncated"
 
 
-def check_resumable(saved_config: Path, job: Job) -> None:
+def check_resumable(saved_config: Path, job: Job) -> dict:
     """Raise one error, on one line, naming every setting that differs from the checkpoint's
-    (old → new), bar the ``RESUMABLE_CHANGES``."""
+    (old → new), bar the ``RESUMABLE_CHANGES`` and the split of a step (``LAYOUT``: checked by
+    ``keep_global_batch``); return the saved configuration."""
     import yaml
 
     try:
@@ -245,12 +313,15 @@ def check_resumable(saved_config: Path, job: Job) -> None:
     missing = object()
     diffs = [f"{k} {_show(saved.get(k, missing))} → {_show(now.get(k, missing))}"
              for k in sorted(saved.keys() | now.keys())
-             if saved.get(k, missing) != now.get(k, missing) and not k.startswith(RESUMABLE_CHANGES)]
+             if saved.get(k, missing) != now.get(k, missing) and not k.startswith(RESUMABLE_CHANGES)
+             and k not in LAYOUT]
     if diffs:
         raise GPTFTError(f"cannot resume from {saved_config.parent}: the configuration differs from "
                          f"the checkpoint's: {'; '.join(diffs)} (only "
                          f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUMABLE_CHANGES)} "
-                         "may change)")
+                         "may change, and train.batch_size and train.grad_accum_steps with the "
+                         "same global batch)")
+    return data
 
 
 def save_checkpoint(accelerator, job: Job, step: int, trainer_state: dict[str, Any],
@@ -303,7 +374,11 @@ def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict |
         with warnings.catch_warnings():  # torch's notes on a foreign pickle protocol: ours is below
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             accelerator.load_state(str(point.path))
+        # Every process of a data-parallel run kept the same best weights: on more processes
+        # than saved, the new ones take the first one's.
         best = point.path / f"best_{accelerator.process_index}.safetensors"
+        if point.relaid and not best.is_file():
+            best = point.path / "best_0.safetensors"
         best = load_safetensors(best) if best.is_file() else None
     except Exception as e:  # torch's own text would recommend weights_only=False (running the file)
         failed = (EOFError, RuntimeError, ValueError, KeyError, OSError, SafetensorError)

@@ -7,6 +7,7 @@ not a new or empty one or an earlier gptft run) runs before the run folder is to
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
-from gptft.checkpoints import resume_point
+from gptft.checkpoints import ResumePoint, resume_point
 from gptft.config import Job
 from gptft.cpu import keep_freed_memory
 from gptft.errors import GPTFTError
@@ -46,6 +47,8 @@ def finetune(job: Job, started: float | None = None) -> dict:
     try:
         # A resumption that cannot be (no checkpoint, changed config, other process count) fails first.
         resume = resume_point(job, accelerator.num_processes, warn=_warn(accelerator))
+        if resume is not None and resume.relaid:
+            job = relaid_job(job, resume, accelerator)
         set_seed(job.train.seed)
         task = get_task(job.task).task_class()(job, accelerator)  # reads data and weights
         _on_main(accelerator, lambda: check_new_run(Path(job.output_dir), job.train.overwrite,
@@ -73,6 +76,20 @@ def finetune(job: Job, started: float | None = None) -> dict:
     finally:
         if lock is not None:
             lock.release()
+
+
+def relaid_job(job: Job, point: ResumePoint, accelerator) -> Job:
+    """`job` with the batch size and accumulation that resume `point` with its global batch on
+    this run's processes (``checkpoints.keep_global_batch``), saying what changed."""
+    (b0, n0, a0), (b, n, a) = point.saved_layout, point.layout
+    changed = [f"train.{k} {old} → {new}" for k, old, new in
+               (("batch_size", job.train.batch_size, b), ("grad_accum_steps", job.train.grad_accum_steps, a))
+               if old != new]
+    accelerator.print(
+        f"resuming {point.path.name} (saved as {b0} x {n0} process(es) x {a0}) as {b} x {n} x {a}: "
+        f"the same global batch of {b * n * a} examples a step"
+        + (f" ({'; '.join(changed)} to keep it)" if changed else ""))
+    return dataclasses.replace(job, train=dataclasses.replace(job.train, batch_size=b, grad_accum_steps=a))
 
 
 def _resumes_in_place(job: Job) -> bool:

@@ -202,12 +202,19 @@ class Trainer:
         self.job, self.cfg, self.accelerator, self.task = job, job.train, accelerator, task
         self.output_dir = Path(job.output_dir)
         self.sampler = train_loader.batch_sampler
+        self.sampler.set_grad_accum_steps(self.cfg.grad_accum_steps)  # whole steps of examples
         self.state = TrainState()
         self.resume_from = resume
         self.phases = phases or Phases()
         self._eval_loader, self._prepared = eval_loader, {}
         # Fused AdamW (one kernel for all parameters) runs on CUDA and CPU: 1.17x a CPU step. It
         # also skips a step on the device when told its gradients are not finite (found_inf).
+        if self.cfg.activation_checkpointing:
+            from gptft.activations import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model, self.cfg.activation_checkpointing)
+        self.plan = memory_plan(job, accelerator, model)
+        self._split = 1  # each micro-batch cut into this many (train.auto_batch, after an OOM)
         optimizer = torch.optim.AdamW(param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr,
                                       betas=tuple(self.cfg.betas), fused=True)
         if use_compile(self.cfg.compile, accelerator.device):
@@ -318,7 +325,49 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
         """One optimizer step over `micro_batches`; returns the step's mean loss (all processes),
-        on the device: nothing here waits for it."""
+        on the device: nothing here waits for it. Out of memory, it stops with one line quoting the
+        memory plan, or with ``train.auto_batch`` cuts each micro-batch in two and goes again."""
+        while True:
+            try:
+                return self._train_step(micro_batches)
+            except torch.OutOfMemoryError:
+                self._out_of_memory(micro_batches)
+
+    def _out_of_memory(self, micro_batches: list[dict]) -> None:
+        """After an out-of-memory error in a step (nothing of it applied yet): with
+        ``train.auto_batch`` halve the micro-batch (twice the accumulation, the same global
+        batch) if it can be, else stop with one line naming the plan's figures and what to change."""
+        import gc
+
+        self.optimizer.zero_grad(set_to_none=True)  # the failed attempt's partial gradients
+        gc.collect()
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows = max(map(_rows, micro_batches))
+        size = -(-rows // self._split)
+        if self.cfg.auto_batch and size > 1:
+            self._split *= 2
+            self.print(f"out of memory at step {self.state.step + 1} with micro-batches of {size}: "
+                       f"train.auto_batch goes on with {-(-rows // self._split)} per micro-batch and "
+                       f"{self.cfg.grad_accum_steps * self._split} micro-batches a step (the same "
+                       "global batch)")
+            return
+        from gptft.plan import human
+
+        p, device = self.plan, self.accelerator.device
+        total = (f" of {human(torch.cuda.get_device_properties(device).total_memory)}"
+                 if device.type == "cuda" else "")
+        figures = "" if p is None else (
+            f" x up to {p.setup.seq_len} tokens): the memory plan's peak is {human(p.peak)} per device"
+            f"{total} (" + ", ".join(f"{k.replace('_', ' ')} {human(v)}" for k, v in p.parts.items() if v))
+        raise GPTFTError(
+            f"out of memory at step {self.state.step + 1} (micro-batches of {size}{figures}); "
+            f"lower train.batch_size and raise train.grad_accum_steps as much (the same "
+            "global batch), set train.activation_checkpointing=true, train.auto_batch=true, "
+            "model.trainable=lora or a shorter data.max_length, or shard with FSDP "
+            "(gptft plan --config ... --gpu-memory SIZE shows what fits)")
+
+    def _train_step(self, micro_batches: list[dict]) -> torch.Tensor:
         self.model.train()
         acc = self.accelerator
         counts = torch.stack([self.task.count(b) for b in micro_batches])
@@ -329,8 +378,9 @@ class Trainer:
         total = summed[0].clamp(min=1)
         self.stop.record(summed[1])
         loss_sum = torch.zeros((), device=acc.device)
-        for i, batch in enumerate(micro_batches):
-            sync = i == len(micro_batches) - 1
+        pieces = [piece for batch in micro_batches for piece in _split_rows(batch, self._split)]
+        for i, batch in enumerate(pieces):
+            sync = i == len(pieces) - 1
             with acc.no_sync(self.model) if not sync else nullcontext(), acc.autocast():
                 batch_loss = self.task.loss(self.model, batch)
                 # DDP averages gradients over processes: scale so the result is sum / total.
@@ -582,6 +632,8 @@ class Trainer:
         best = checkpoints.load_checkpoint(self.accelerator, point, self.output_dir)
         self.state.load_state_dict(point.state["progress"])
         self.scheduler.load_state_dict(point.state["scheduler"])
+        if point.relaid:
+            self._relay(point)
         if best is not None:
             self.best = {k: v.to(self.accelerator.device) for k, v in best.items()}
         if self.accelerator.is_main_process:
@@ -589,6 +641,44 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.print(f"resumed from {point.path} (step {self.state.step}, epoch "
                                f"{self.state.epoch}, batch {self.state.batches_in_epoch})")
+
+    def _relay(self, point: ResumePoint) -> None:
+        """Resuming with the steps split otherwise (another number of processes, batch size or
+        accumulation; the same global batch): the position in the epoch is counted in this run's
+        micro-batches, and each process's RNG is seeded from the seed, the step and its rank
+        (a process may have no saved state, or another process's)."""
+        from accelerate.utils import set_seed
+
+        steps_in_epoch = self.state.batches_in_epoch // point.saved_layout[2]
+        self.state.batches_in_epoch = steps_in_epoch * point.layout[2]
+        set_seed(self.cfg.seed * 1_000_003 + self.state.step, device_specific=True)
+
+
+def memory_plan(job: Job, accelerator: Accelerator, model: nn.Module):
+    """The memory plan (``gptft.plan``) of this run on its processes, its peak printed (None for
+    a model without the model interface's blocks)."""
+    from gptft.activations import decoder_of
+    from gptft.plan import Shape, plan_job, summary_line
+
+    try:
+        decoder = decoder_of(model)
+    except GPTFTError:  # a task's own model without the model interface: no plan
+        return None
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    p = plan_job(job, accelerator.num_processes, fsdp, shape=Shape.from_model(decoder))
+    accelerator.print(summary_line(p))
+    return p
+
+
+def _split_rows(batch: dict, parts: int) -> list[dict]:
+    """`batch` cut into `parts` batches of consecutive rows (fewer if it has fewer rows)."""
+    if parts == 1:
+        return [batch]
+    size = -(-_rows(batch) // parts)
+    n = -(-_rows(batch) // size)
+    rows = _rows(batch)
+    return [{k: v[i * size : (i + 1) * size] if isinstance(v, torch.Tensor) and v.dim() and len(v) == rows
+             else v for k, v in batch.items()} for i in range(n)]
 
 
 def _rows(batch: dict | torch.Tensor) -> int:

@@ -261,12 +261,15 @@ def test_two_machines_on_loopback_equal_one_machine(spam_runs, spam_splits, tmp_
     assert m["test_accuracy"] == json.loads((spam_runs["one"] / "metrics.json").read_text())["test_accuracy"]
 
 
-def test_resuming_with_another_process_count_is_refused(spam_runs, spam_splits, tmp_path, capsys):
-    """Each process's data position and RNG are in the checkpoint: 2 must resume as 2."""
+def test_resuming_with_another_global_batch_is_refused(spam_runs, spam_splits, tmp_path, capsys):
+    """A checkpoint of 2 processes resumes on 1 only with the same global batch (see
+    tests/test_resume_processes.py): halving it is refused, naming both."""
     checkpoint = max((spam_runs["two"] / "checkpoints").glob("step-*"))
     args = ["finetune", "--config", str(CONFIGS / "spam-tiny.yaml"), *COMMON, *spam_splits,
-            f"train.batch_size={B}", f"output_dir={tmp_path / 'resumed'}", f"train.resume={checkpoint}"]
+            f"train.batch_size={B}", "train.grad_accum_steps=1", f"output_dir={tmp_path / 'resumed'}",
+            f"train.resume={checkpoint}"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("gptft finetune: error: cannot resume from") and "2 process(es)" in err, err
+    assert "global batch is 16 examples" in err and "this run's would be 4" in err, err
     assert not (tmp_path / "resumed").exists()  # refused before the run folder is touched

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 
 from gptft import __version__
-from gptft.commands import chat, classify, data, evaluate, export, finetune, generate, judge, serve
+from gptft.commands import chat, classify, data, evaluate, export, finetune, generate, judge, plan, serve
 
 COMMANDS = {"finetune": finetune, "classify": classify, "evaluate": evaluate, "generate": generate,
-            "chat": chat, "judge": judge, "export": export, "serve": serve, "data": data}
+            "chat": chat, "judge": judge, "export": export, "serve": serve, "data": data,
+            "plan": plan}
 
 
 def build_parser() -> argparse.ArgumentParser:

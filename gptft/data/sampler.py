@@ -21,6 +21,12 @@ class EpochBatchSampler:
     ``drop_last`` drops the incomplete last global batch (training) unless it is the only one:
     Accelerate would otherwise fill it up with repeated examples on several processes.
 
+    With ``grad_accum_steps`` (``set_grad_accum_steps``: the trainer sets it) the global batches are
+    those of a whole optimizer step, ``batch_size * num_processes * grad_accum_steps`` examples, cut
+    into ``num_processes * grad_accum_steps`` batches of ``batch_size``: the examples of each step
+    (and what ``drop_last`` drops) then depend only on that product, not on how it is split into
+    processes, micro-batches and accumulation, so a run can resume on another number of processes.
+
     Call ``set_epoch(epoch)`` before iterating (``Accelerate``'s prepared loader keeps this object).
     """
 
@@ -35,26 +41,34 @@ class EpochBatchSampler:
         self.window = window
         self.num_processes = num_processes
         self.drop_incomplete = drop_last  # not `drop_last`: Accelerate reads that name
+        self.grad_accum_steps = 1
         self.epoch = 0
+
+    def set_grad_accum_steps(self, steps: int) -> None:
+        """Form the global batches of whole optimizer steps of `steps` micro-batches."""
+        self.grad_accum_steps = steps
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.lengths), self.batch_size * self.num_processes)
+        full, rest = divmod(len(self.lengths), self._global_size())
         tail = 0 if self.drop_incomplete and full else (rest + self.batch_size - 1) // self.batch_size
-        return full * self.num_processes + tail
+        return full * self.num_processes * self.grad_accum_steps + tail
+
+    def _global_size(self) -> int:
+        return self.batch_size * self.num_processes * self.grad_accum_steps
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._global_batches()
-        full = self.batch_size * self.num_processes
+        full = self._global_size()
         for batch in batches:
             if self.drop_incomplete and len(batches) > 1 and len(batch) < full:
                 continue  # only ever the last one
             yield from (batch[i : i + self.batch_size] for i in range(0, len(batch), self.batch_size))
 
     def _global_batches(self) -> list[list[int]]:
-        size = self.batch_size * self.num_processes
+        size = self._global_size()
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         n = len(self.lengths)
         order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
