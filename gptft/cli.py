@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # one line, from the main process of a launch
             print(f"gptft {args.command}: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print(f"gptft {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a message, where the command kept something (gptft judge)
+        print(f"gptft {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
     except GPTFTError as e:
         print(f"gptft {args.command}: error: {e}", file=sys.stderr)

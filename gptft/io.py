@@ -227,10 +227,16 @@ def check_output(path: str | os.PathLike, overwrite: bool = False,
     path = Path(path)
     if path.suffix.lower() not in suffixes:
         raise GPTFTError(f"--output {path}: name a {', '.join(suffixes)} file")
+    if path.is_symlink():  # replaced by a regular file, or written through: neither is asked for
+        raise GPTFTError(f"--output {path}: is a symbolic link; name the file itself")
     if path.is_dir():
         raise GPTFTError(f"--output {path}: is a folder")
     if path.exists() and not overwrite:
         raise GPTFTError(f"--output {path}: exists (add --overwrite to replace it)")
+    for parent in (p for p in path.parents if p.exists()):
+        if not parent.is_dir():
+            raise GPTFTError(f"--output {path}: {parent}: is a file, not a folder")
+        break
     if not path.parent.is_dir():
         raise GPTFTError(f"--output {path}: folder {path.parent} does not exist")
     return path
