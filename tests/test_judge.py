@@ -371,24 +371,20 @@ def test_a_silent_server_stops_after_a_run_of_records_and_keeps_the_scores(serve
     assert [r["score"] for r in json.loads(path.read_text())] == [85] + [None] * 20
 
 
-def test_a_server_gone_midway_keeps_the_scores(server, tmp_path, capsys):
-    path = _write(tmp_path / "r.json", [RECORDS[0], RECORDS[1]])
-    url = server.url
-    calls = []
+def test_a_server_gone_midway_keeps_the_scores(server, tmp_path, capsys, monkeypatch):
+    import gptft.judge
 
-    def gone(self, prompt, _real=__import__("gptft.judge").judge.Judge._ask_once):
+    path = _write(tmp_path / "r.json", [RECORDS[0], RECORDS[1]])
+    real, calls = gptft.judge.Judge._ask_once, []
+
+    def gone(self, prompt):
         calls.append(1)
         if len(calls) > 1:
             self.url = closed_port_url()
-        return _real(self, prompt)
+        return real(self, prompt)
 
-    import gptft.judge
-    mp = pytest.MonkeyPatch()
-    mp.setattr(gptft.judge.Judge, "_ask_once", gone)
-    try:
-        assert main(["judge", str(path), "--url", url, "--retries", "0", *FAST]) == 2
-    finally:
-        mp.undo()
+    monkeypatch.setattr(gptft.judge.Judge, "_ask_once", gone)
+    assert main(["judge", str(path), "--url", server.url, "--retries", "0", *FAST]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "cannot reach the judge" in last and "stopped after 1 of 2 records" in last
     assert [r["score"] for r in json.loads(path.read_text())] == [85, None]
@@ -417,7 +413,8 @@ def test_ctrl_c_exits_at_once_and_keeps_the_scores(server, tmp_path):
     import subprocess
     import sys
 
-    path = _write(tmp_path / "r.json", [RECORDS[0], RECORDS[1]] + [{**RECORDS[3], "model_response": "hang"}] * 3)
+    hang = {**RECORDS[3], "model_response": "hang"}
+    path = _write(tmp_path / "r.json", [RECORDS[0], RECORDS[1], hang, hang, hang])
     proc = subprocess.Popen([sys.executable, "-m", "gptft", "judge", str(path), "--url", server.url,
                              "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
