@@ -793,6 +793,84 @@ def case_judge_output_under_a_file(tmp, out):
             [f"{tmp / 'file'}: is a file, not a folder"])
 
 
+# ---- issue 24: outputs that replace what gptft did not write; gptft's own leftovers --------------
+
+def case_export_overwrite_refuses_a_folder_it_did_not_write(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    thesis = tmp / "thesis"
+    thesis.mkdir()
+    (thesis / "chapter1.tex").write_text("my thesis")
+    return (["export", str(run), str(thesis), "--overwrite"],
+            [str(thesis), "not an earlier gptft export (no .gptft-export in it)"])
+
+
+def case_export_overwrite_refuses_a_run_folder(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    other = _instruction_run(tmp / "other")
+    (other / ".gptft-run").write_text('{"state": "finished"}')
+    return (["export", str(run), str(other), "--overwrite"],
+            [str(other), "is a gptft run folder, not an export"])
+
+
+def case_export_into_a_symlink(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    (tmp / "elsewhere").mkdir()
+    (tmp / "link").symlink_to(tmp / "elsewhere")
+    return (["export", str(run), str(tmp / "link")], [str(tmp / "link"), "is a symbolic link"])
+
+
+def case_export_config_yaml_is_a_list(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    (run / "config.yaml").write_text("- a\n- b\n")
+    return ["export", str(run), str(tmp / "x")], [str(run / "config.yaml"), "not a saved configuration"]
+
+
+def case_export_config_yaml_unparsable(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    (run / "config.yaml").write_text("generate: [1\n")
+    return ["export", str(run), str(tmp / "x")], [str(run / "config.yaml"), "unreadable"]
+
+
+def case_export_config_yaml_unknown_generate_key(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    (run / "config.yaml").write_text("generate:\n  beams: 4\n")
+    return ["export", str(run), str(tmp / "x")], [str(run / "config.yaml"), "beams"]
+
+
+def case_export_immutable_target(tmp, out, mp):
+    """A folder that cannot be moved (immutable, or its parent read-only): no .old folder left."""
+    import errno
+    import os
+
+    run = _instruction_run(tmp / "lm")
+    target = tmp / "exported"
+    target.mkdir()
+    (target / ".gptft-export").write_text("{}")
+    (target / "config.json").write_text("old")
+    real = os.replace
+
+    def refuse(src, dst, *args, **kwargs):
+        if os.fspath(src) == str(target):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), os.fspath(src))
+        return real(src, dst, *args, **kwargs)
+
+    mp.setattr(os, "replace", refuse)
+    return (["export", str(run), str(target), "--overwrite"],
+            [str(target), "cannot write the export: Operation not permitted"])
+
+
+def test_export_overwrite_replaces_an_earlier_export_and_leaves_nothing_behind(tmp_path):
+    run = _instruction_run(tmp_path / "lm")
+    out = tmp_path / "exported"
+    assert main(["export", str(run), str(out)]) == 0
+    marker = json.loads((out / ".gptft-export").read_text())
+    assert marker["run"] == str(run.resolve())
+    (out / "config.json").write_text("stale")
+    assert main(["export", str(run), str(out), "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["n_embd"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "lm"]  # no .exported.*.old/tmp
+
+
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 
@@ -943,3 +1021,11 @@ def test_classify_reads_a_1mb_csv_field(tmp_path, capsys):
     assert main(["classify", str(run), "--file", str(texts)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[0].endswith("\tword word word word word word word word word word word wo...")
+
+
+def test_a_failed_export_move_leaves_no_temporary_folder(tmp_path, monkeypatch, capsys):
+    argv, _ = case_export_immutable_target(tmp_path, None, monkeypatch)
+    assert main(argv) == 2
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "lm"]
+    assert (tmp_path / "exported" / "config.json").read_text() == "old"
