@@ -26,7 +26,7 @@ from typing import Any
 
 from gptft.config import Job, job_to_dict, job_to_yaml
 from gptft.errors import GPTFTError
-from gptft.io import read_json_object, write_json, write_text, writing
+from gptft.io import link_error, read_json_object, write_json, write_text, writing
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -268,6 +268,9 @@ def save_checkpoint(accelerator, job: Job, step: int, trainer_state: dict[str, A
 
     final = checkpoint_path(job.output_dir, step)
     root, tmp = final.parent, final.parent / f".tmp-{final.name}"
+    for path in (root, tmp, final):  # never save through a link out of the run folder
+        if path.is_symlink():
+            raise link_error(path)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -76,6 +76,39 @@ def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
         raise
 
 
+def link_error(path: str | os.PathLike) -> GPTFTError:
+    """The one-line refusal to write through a symbolic link where gptft writes its own file."""
+    return GPTFTError(f"{path}: is a symbolic link; gptft writes only its own files here, never "
+                      "through a link (it could point outside the folder): remove the link")
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` (UTF-8) to `path`, created if missing, never through a symbolic link
+    (``O_NOFOLLOW``); a failed write (disk full, read-only) is one line and cuts the file back to
+    its length before, so no partial line stays."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, usual_mode())
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise link_error(path) from None
+        raise write_error(path, e) from None
+    try:
+        size = os.fstat(fd).st_size
+        data = text.encode("utf-8")
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise write_error(path, e) from None
+    finally:
+        os.close(fd)
+
+
 def make_folder(folder: str | os.PathLike) -> None:
     """``mkdir -p`` with one clear error when a file stands where a folder must be, or the folder
     cannot be made (no permission, read-only disk)."""

@@ -45,6 +45,7 @@ from gptft import checkpoints
 from gptft.checkpoints import ResumePoint
 from gptft.config import Job
 from gptft.errors import GPTFTError
+from gptft.io import append_text
 from gptft.signals import Interrupted, StopRequest
 from gptft.timing import Phases
 from gptft.tracking import tracker_values
@@ -552,8 +553,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             line = {"step": step, "epoch": self.state.epoch, "examples_seen": seen,
                     **{k: _json_number(v) for k, v in metrics.items()}}
-            with open(self.output_dir / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
+            append_text(self.output_dir / "log.jsonl", json.dumps(line) + "\n")  # never via a link
 
     # ---- checkpoints ---------------------------------------------------------------------------
 

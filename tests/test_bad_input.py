@@ -871,6 +871,103 @@ def test_export_overwrite_replaces_an_earlier_export_and_leaves_nothing_behind(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "lm"]  # no .exported.*.old/tmp
 
 
+# ---- issue 24: no write follows a symbolic link out of the run folder -----------------------------
+
+def _earlier_run(folder: Path) -> Path:
+    """A finished earlier gptft run (that train.overwrite=true may replace)."""
+    folder.mkdir(parents=True)
+    (folder / ".gptft-run").write_text('{"state": "finished"}\n')
+    (folder / "config.yaml").write_text("task: classification\n")
+    return folder
+
+
+def _outside(tmp) -> Path:
+    target = tmp / "outside"
+    target.mkdir(exist_ok=True)
+    (target / "precious.txt").write_text("not gptft's")
+    return target
+
+
+def case_log_jsonl_is_a_link(tmp, out):
+    run = _earlier_run(tmp / "earlier")
+    (run / "log.jsonl").symlink_to(_outside(tmp) / "precious.txt")
+    return (_finetune(tmp, run, "spam-tiny.yaml", "train.overwrite=true"),
+            [f"{run / 'log.jsonl'}: is a symbolic link"])
+
+
+def case_lock_is_a_link(tmp, out):
+    run = tmp / "locked"
+    run.mkdir()
+    (run / ".gptft-lock").symlink_to(_outside(tmp) / "precious.txt")
+    return _finetune(tmp, run, "spam-tiny.yaml"), [f"{run / '.gptft-lock'}: is a symbolic link"]
+
+
+def case_checkpoint_tmp_is_a_link(tmp, out):
+    run = _earlier_run(tmp / "earlier")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / ".tmp-step-00000001").symlink_to(_outside(tmp))
+    return (_finetune(tmp, run, "spam-tiny.yaml", "train.overwrite=true", "train.checkpoint_every=1"),
+            [f"{run / 'checkpoints' / '.tmp-step-00000001'}: is a symbolic link"])
+
+
+def _link_once_running(mp, link: Path, target: Path) -> None:
+    """Make `link` (to `target`) right after the run marks its folder running: a link that
+    appears during the run, after every check before it."""
+    import gptft.runfolder
+
+    real = gptft.runfolder.mark
+
+    def mark(folder, state):
+        real(folder, state)
+        if state == "running":
+            link.parent.mkdir(exist_ok=True)
+            link.symlink_to(target)
+
+    mp.setattr(gptft.runfolder, "mark", mark)
+
+
+def case_checkpoint_tmp_link_made_during_the_run(tmp, out, mp):
+    link = tmp / "run" / "checkpoints" / ".tmp-step-00000001"
+    _link_once_running(mp, link, _outside(tmp))
+    return (_finetune(tmp, tmp / "run", "spam-tiny.yaml", "train.checkpoint_every=1"),
+            [f"{link}: is a symbolic link"])
+
+
+def case_log_jsonl_link_made_during_the_run(tmp, out, mp):
+    link = tmp / "run" / "log.jsonl"
+    _link_once_running(mp, link, _outside(tmp) / "precious.txt")
+    return _finetune(tmp, tmp / "run", "spam-tiny.yaml"), [f"{link}: is a symbolic link"]
+
+
+def test_append_text_never_follows_a_link_and_leaves_no_partial_line(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from gptft.errors import GPTFTError
+    from gptft.io import append_text
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine\n")
+    (tmp_path / "log.jsonl").symlink_to(outside)
+    with pytest.raises(GPTFTError, match="log.jsonl: is a symbolic link"):
+        append_text(tmp_path / "log.jsonl", "{}\n")
+    assert outside.read_text() == "mine\n"
+
+    log = tmp_path / "real.jsonl"
+    log.write_text('{"step": 1}\n')
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, data[:5])  # a part of the line reaches the disk, then it is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(GPTFTError, match="real.jsonl: cannot write: No space left on device"):
+        append_text(log, '{"step": 2}\n')
+    monkeypatch.undo()
+    assert log.read_text() == '{"step": 1}\n'
+
+
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 
