@@ -14,13 +14,14 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
+from gptft import runfolder
 from gptft.checkpoints import resume_point
 from gptft.config import Job
 from gptft.cpu import keep_freed_memory
 from gptft.errors import GPTFTError
 from gptft.lora import with_adapter_config
 from gptft.runfolder import RunLock, check_new_run
-from gptft.signals import watch_parent
+from gptft.signals import Interrupted, StopRequest, signal_at, watch_parent
 from gptft.tasks import get_task
 from gptft.tasks.base import run_task, start_run_folder
 from gptft.timing import Phases
@@ -33,8 +34,23 @@ def finetune(job: Job, started: float | None = None) -> dict:
 
     `started` (a ``time.time()``) is when the job began, for its phase timings: the ``gptft``
     command passes its process's start (``gptft.timing.process_start``); default: now.
+
+    SIGTERM, SIGINT and SIGUSR1 stop the job at the end of the phase they arrive in (the training
+    loop: at the next step), with a checkpoint of the last step where training ran
+    (``gptft.signals``); a job stopped before anything was saved leaves its folder as a plain rerun
+    finds it.
     """
     phases = Phases(started if started is not None else time.time())
+    stop = StopRequest()  # from here to the end: a signal asks to stop, it does not kill
+    stop.install()
+    try:
+        return _finetune(job, phases, stop)
+    finally:
+        stop.restore()
+
+
+def _finetune(job: Job, phases: Phases, stop: StopRequest) -> dict:
+    signal_at("start-up")
     watch_parent()
     job = with_adapter_config(job)  # model.adapter: its LoRA config is the run's
     accelerator = make_accelerator(job)
@@ -43,18 +59,25 @@ def finetune(job: Job, started: float | None = None) -> dict:
     warn_if_fsdp_ignored(accelerator)
     resuming_here = _resumes_in_place(job)
     lock = _on_main(accelerator, lambda: RunLock.acquire(job.output_dir))
+    started_folder = False
     try:
+        _stop_before_the_folder(stop, accelerator, "start-up")
         # A resumption that cannot be (no checkpoint, changed config, other process count) fails first.
         resume = resume_point(job, accelerator.num_processes, warn=_warn(accelerator))
+        signal_at("data loading")
         set_seed(job.train.seed)
         task = get_task(job.task).task_class()(job, accelerator)  # reads data and weights
+        _stop_before_the_folder(stop, accelerator, "data loading")
         _on_main(accelerator, lambda: check_new_run(Path(job.output_dir), job.train.overwrite,
                                                     resuming_here))
         start_run_folder(job, accelerator, resuming=resuming_here)
+        started_folder = True
         init_tracking(job, accelerator)
         try:
-            metrics = run_task(task, resume, phases)
+            metrics = run_task(task, resume, phases, stop=stop)
             finish_tracking(accelerator, job, metrics)
+            if stop.signum and accelerator.is_main_process:
+                print(f"gptft: {stop.name} came as the run finished; it is complete", file=sys.stderr)
             # Every process leaves together: a rank that exits while the main one still writes
             # outputs can abort in its collective library's threads (gloo: SIGABRT at exit).
             accelerator.wait_for_everyone()
@@ -70,9 +93,29 @@ def finetune(job: Job, started: float | None = None) -> dict:
         finally:
             accelerator.end_training()
             accelerator.state.destroy_process_group()  # no-op without a process group
+    except Interrupted:
+        if started_folder and not resuming_here and accelerator.is_main_process:
+            _undo_start(Path(job.output_dir))
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def _stop_before_the_folder(stop: StopRequest, accelerator, phase: str) -> None:
+    if stop.agreed(accelerator):
+        raise Interrupted(f"stopped by {stop.name} during {phase}, before the run folder changed: "
+                          "nothing to save; run the same command again")
+
+
+def _undo_start(out: Path) -> None:
+    """A new run stopped before its first checkpoint: remove what it wrote (its marker, config,
+    log), so that the same command starts it again instead of finding a ``running`` folder."""
+    from gptft.checkpoints import latest_checkpoint
+
+    if latest_checkpoint(out) is None:
+        runfolder.reset_run_folder(out)
+        (out / runfolder.MARKER).unlink(missing_ok=True)
 
 
 def _resumes_in_place(job: Job) -> bool:

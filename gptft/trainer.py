@@ -231,6 +231,7 @@ class Trainer:
         self._window = torch.zeros(2, device=dev)  # loss sum and steps since the last log
         self._last_save = time.time()
         self._saved_step = -1
+        self._fit_log_lines = 0  # log lines when fit ended (a checkpoint saved later keeps these)
         self.stop = StopRequest(dev)
         self._rate_mark = (0.0, 0)  # (training seconds, examples seen) at the last evaluation line
         self._bar: tqdm | None = None
@@ -253,6 +254,8 @@ class Trainer:
         begin = time.perf_counter()
         self.stop.install()
         try:
+            if self.stop.agreed(self.accelerator):  # a signal during start-up or resume loading
+                self._interrupt()
             while self.state.epoch < self.cfg.epochs and not self._done():
                 bar.set_description(f"epoch {self.state.epoch + 1}/{self.cfg.epochs}")
                 for micro_batches in self._epoch_batches():
@@ -269,23 +272,41 @@ class Trainer:
                         break
                 else:
                     self._end_epoch()
+            self._fit_log_lines = self.state.log_lines  # the loop's end, as a checkpoint there
             if self._done():  # stopped by max_steps: the last weights are validated too
                 self.evaluate_and_track()
             self._check_finite()
         finally:
-            self.stop.restore()
+            self.stop.restore()  # a signal from now on: the job's (gptft.finetune)
             bar.close()  # also on an error: its message then starts a line of its own
             self._bar = None
         self._restore_best()
 
     def _interrupt(self) -> None:
         """Every process agreed to stop after this step: save it (unless just saved) and stop."""
+        if self.state.step == 0:
+            raise Interrupted(f"stopped by {self.stop.name or 'a signal'} before the first step: "
+                              "nothing trained, nothing to save; run the same command again")
         path = checkpoints.checkpoint_path(self.output_dir, self.state.step)
         if self._saved_step != self.state.step:
             path = self.save_checkpoint()
         raise Interrupted(f"stopped by {self.stop.name or 'a signal'} at step {self.state.step}: "
                           f"checkpoint {path} saved; continue with the same command and "
                           "train.resume=true")
+
+    def save_last_checkpoint(self) -> Path:
+        """After ``fit``: a checkpoint of the last step, as the loop would have saved it (its
+        weights, not the best ones restored since, and the log lines of training only), unless
+        one exists; every process takes part."""
+        if self._saved_step == self.state.step:
+            return checkpoints.checkpoint_path(self.output_dir, self.state.step)
+        lines, self.state.log_lines = self.state.log_lines, self._fit_log_lines
+        self._swap_best()  # the last weights back in the model, the best ones in self.best
+        try:
+            return self.save_checkpoint()
+        finally:
+            self._swap_best()
+            self.state.log_lines = lines
 
     def print(self, text: str) -> None:
         """A line on the main process's console, above the progress bar (not glued onto it)."""
@@ -529,6 +550,16 @@ class Trainer:
             self.best = {n: torch.empty_like(p) for n, p in params.items()}
         torch._foreach_copy_(list(self.best.values()), [params[n] for n in self.best])
 
+    @torch.no_grad()
+    def _swap_best(self) -> None:
+        """Exchange the trainable weights with ``self.best`` (one tensor's copy at a time)."""
+        if self.best is None:
+            return
+        for n, p in self._trainable():
+            last = p.detach().clone()
+            p.copy_(self.best[n])
+            self.best[n].copy_(last)
+
     def _trainable(self) -> Iterator[tuple[str, torch.Tensor]]:
         return ((n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters()
                 if p.requires_grad)
@@ -536,9 +567,7 @@ class Trainer:
     def _restore_best(self) -> None:
         if self.best is None:
             return
-        with torch.no_grad():
-            for n, p in self._trainable():
-                p.copy_(self.best[n])
+        self._swap_best()  # the last weights stay in self.best, for save_last_checkpoint
         self.print(f"kept the best model: step {self.state.best_step}, "
                    f"{self.task.best_metric} {self.state.best_value:.4f}")
 
@@ -584,6 +613,8 @@ class Trainer:
         self.scheduler.load_state_dict(point.state["scheduler"])
         if best is not None:
             self.best = {k: v.to(self.accelerator.device) for k, v in best.items()}
+        if point.path.parent.resolve() == (self.output_dir / checkpoints.CHECKPOINTS).resolve():
+            self._saved_step = self.state.step  # this step's checkpoint exists: the one loaded
         if self.accelerator.is_main_process:
             _truncate_lines(self.output_dir / "log.jsonl", self.state.log_lines)
         self.accelerator.wait_for_everyone()

@@ -50,3 +50,85 @@ def test_a_users_file_beside_a_leftover_still_refuses_the_folder(tmp_path, capsy
     assert main(_finetune(out)) == 2
     assert "not empty and not a gptft run folder (it holds notes.txt;" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # the leftover alone went
+
+
+# ---- a signal in every phase of a run (GPTFT_SIGNAL_AT: gptft.signals.signal_at) ------------------
+
+def _stop_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("gptft finetune:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _results(run: Path) -> dict:
+    from conftest import run_results
+
+    from gptft.io import load_safetensors
+
+    weights = load_safetensors(run / "model.safetensors")  # (its metadata's order varies)
+    return {name: run_results(run, name) for name in ("metrics.json", "log.jsonl")} | {
+        "weights": {k: v.numpy().tobytes() for k, v in weights.items()}}
+
+
+@pytest.fixture
+def uninterrupted(tmp_path):
+    ref = tmp_path / "reference"
+    assert main(_finetune(ref)) == 0
+    return _results(ref)
+
+
+@pytest.mark.parametrize("phase", ["start-up", "data loading", "resume loading"])
+def test_a_signal_before_training_leaves_nothing_in_the_way(tmp_path, capsys, monkeypatch, phase):
+    out = tmp_path / "run"
+    monkeypatch.setenv("GPTFT_SIGNAL_AT", f"{phase}:SIGTERM")
+    assert main(_finetune(out)) == 75
+    line = _stop_line(capsys)
+    assert line.startswith("gptft finetune: stopped by SIGTERM ") and "run the same command again" in line
+    assert not out.exists() or [p.name for p in out.iterdir()] == []  # no marker, no lock
+    monkeypatch.delenv("GPTFT_SIGNAL_AT")
+    assert main(_finetune(out)) == 0  # a plain rerun
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase, sig", [("final evaluation", "SIGTERM"), ("saving", "SIGUSR1"),
+                                        ("outputs", "SIGINT"), ("resume loading", "SIGTERM")])
+def test_a_signal_after_training_keeps_the_trained_steps(tmp_path, capsys, monkeypatch, uninterrupted,
+                                                         phase, sig):
+    """The default checkpoint_minutes saved nothing during these 2 steps: the stop saves step 2,
+    and train.resume=true ends as the uninterrupted run, bit for bit (log.jsonl included)."""
+    out = tmp_path / "run"
+    first = phase if phase != "resume loading" else "final evaluation"
+    monkeypatch.setenv("GPTFT_SIGNAL_AT", f"{first}:{sig}")
+    assert main(_finetune(out)) == 75
+    line = _stop_line(capsys)
+    assert line.startswith(f"gptft finetune: stopped by {sig} during the ") and "step 2 saved" in line
+    assert json.loads((out / ".gptft-run").read_text())["state"] == "running"
+    assert (out / "checkpoints" / "step-00000002" / "config.yaml").is_file()
+    assert not (out / ".gptft-lock").exists()
+    if phase == "resume loading":  # stopped again while the resumption loads: nothing lost either
+        monkeypatch.setenv("GPTFT_SIGNAL_AT", f"{phase}:{sig}")
+        assert main(_finetune(out, "train.resume=true")) == 75
+        assert "stopped by SIGTERM at step 2: checkpoint" in _stop_line(capsys)
+    monkeypatch.delenv("GPTFT_SIGNAL_AT")
+    assert main(_finetune(out, "train.resume=true")) == 0
+    assert _results(out) == uninterrupted
+
+
+def test_sigterm_in_the_final_evaluation_keeps_the_steps(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("GPTFT_SIGNAL_AT", "final evaluation:SIGTERM")
+    assert main(_finetune(out)) == 75
+    assert "during the final evaluation, after training: checkpoint" in _stop_line(capsys)
+    monkeypatch.delenv("GPTFT_SIGNAL_AT")
+    assert main(_finetune(out, "train.resume=true")) == 0
+    assert json.loads((out / ".gptft-run").read_text())["state"] == "finished"
+
+
+def test_a_signal_as_the_run_is_marked_finished_ends_it_complete(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("GPTFT_SIGNAL_AT", "marking finished:SIGTERM")
+    assert main(_finetune(out)) == 0
+    assert "SIGTERM came as the run finished; it is complete" in capsys.readouterr().err
+    assert json.loads((out / ".gptft-run").read_text())["state"] == "finished"
+    assert not (out / ".gptft-lock").exists()

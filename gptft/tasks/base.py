@@ -26,6 +26,7 @@ from gptft.errors import GPTFTError
 from gptft.io import write_json, write_text
 from gptft.model import GPT, GPTConfig
 from gptft.runs import check_vocab, is_run_folder, load_gpt, save_model
+from gptft.signals import Interrupted, StopRequest, signal_at
 from gptft.timing import Phases
 from gptft.trainer import EpochContext, EpochReport, Trainer, format_value, use_compile
 
@@ -111,10 +112,24 @@ class TaskBase:
         return []
 
 
-def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases | None = None) -> dict:
-    """Train, evaluate every split, write the run folder and the task's outputs; the metrics."""
+def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases | None = None,
+             stop: StopRequest | None = None) -> dict:
+    """Train, evaluate every split, write the run folder and the task's outputs; the metrics.
+
+    `stop` (``gptft.finetune``'s): a signal after training stops the run where a phase ends, with
+    a checkpoint of the last step (``Trainer.save_last_checkpoint``) to resume from.
+    """
     job, acc = task.job, task.accelerator
     phases = phases or Phases()
+
+    def stop_point(phase: str) -> None:
+        if stop is not None and stop.agreed(acc):
+            path = trainer.save_last_checkpoint()
+            raise Interrupted(f"stopped by {stop.name} during the {phase}, after training: "
+                              f"checkpoint {path} of step {trainer.state.step} saved; continue with "
+                              "the same command and train.resume=true (it evaluates and saves then)")
+
+    signal_at("resume loading")
     if job.model.adapter:  # a PEFT adapter to continue from (a checkpoint, if resuming, comes later)
         from gptft.lora import load_adapter
 
@@ -122,6 +137,8 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
     trainer = Trainer(job, acc, task, task.model, task.loader("train", train=True), task.loader("val"),
                       eval_loader=task.loader, resume=resume, phases=phases)
     trainer.fit()
+    stop_point("end of training")
+    signal_at("final evaluation")
     metrics: dict[str, Any] = {**task.counts, "steps": trainer.state.step,
                                "best_step": trainer.state.best_step}
     bound = job.train.final_eval_batches
@@ -136,12 +153,18 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
             task.eval_names = tuple(values)
             metrics.update({f"{split}_{k}": v for k, v in values.items()})
             metrics.update(task.split_report(split, gathered))
+            stop_point("final evaluation")
     trainer.log({f"final/{k}": v for k, v in metrics.items() if isinstance(v, float)})
     meta = {"task": job.task, "model": task.gpt_config().to_dict(), "tokenizer": task.tokenizer.name,
             **task.meta()}
+    signal_at("saving")
     with phases("saving"):
         save_final(acc, trainer.model, job, meta, metrics)
+    stop_point("final save")
+    signal_at("outputs")
     task.write_outputs(trainer, metrics)
+    stop_point("outputs (plots, responses)")
+    signal_at("marking finished")
     metrics["time"] = phases.report()
     if acc.is_main_process:
         write_json(Path(job.output_dir) / "metrics.json", rounded(metrics))
