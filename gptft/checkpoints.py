@@ -134,11 +134,44 @@ def resume_point(job: Job, num_processes: int,
     if problems:
         raise GPTFTError(f"{path / TRAINER_STATE}: damaged ({'; '.join(problems)}); resume from "
                          "another checkpoint (train.resume=PATH) or start afresh")
+    _check_same_data(path, saved.get("data_sha256"), job)
     if saved.get("num_processes") != num_processes:
         raise GPTFTError(f"cannot resume from {path}: it was saved by {saved.get('num_processes')} "
                          f"process(es), this run has {num_processes}; launch with the same "
                          "--num_processes")
     return ResumePoint(path, saved)
+
+
+def data_hashes(job: Job) -> dict[str, str]:
+    """The sha256 of each data file the job names (``data.path``, ``data.train_path``, ...), kept
+    in every checkpoint: a resumption on a file whose content changed is refused."""
+    import dataclasses
+    import hashlib
+
+    data, out = getattr(job, "data", None), {}
+    if not dataclasses.is_dataclass(data):
+        return out
+    for f in dataclasses.fields(data):
+        value = getattr(data, f.name)
+        if f.name.endswith("path") and isinstance(value, str) and Path(value).is_file():
+            digest = hashlib.sha256()
+            with open(value, "rb") as file:
+                for chunk in iter(lambda: file.read(1 << 20), b""):  # noqa: B023 (used at once)
+                    digest.update(chunk)
+            out[f"data.{f.name}"] = digest.hexdigest()
+    return out
+
+
+def _check_same_data(checkpoint: Path, saved: Any, job: Job) -> None:
+    if not isinstance(saved, dict):
+        return  # a checkpoint of an earlier gptft: no hashes kept
+    now = data_hashes(job)
+    changed = [k for k, v in saved.items() if k in now and now[k] != v]
+    if changed:
+        key = changed[0]
+        raise GPTFTError(f"{getattr(job.data, key.split('.', 1)[1])}: the data file ({key}) changed "
+                         f"since checkpoint {checkpoint} was saved (its sha256 differs); a "
+                         "resumption needs the same data: restore the file, or start afresh")
 
 
 def validate_checkpoint(path: Path, num_processes: int) -> list[str]:
@@ -339,9 +372,21 @@ def _state_problems(saved: dict) -> list[str]:
     if not problems:
         problems = [f"progress.{k}: must be >= 0 (got {v})" for k, v in saved["progress"].items()
                     if k != "best_step" and isinstance(v, int | float) and v < 0]
-    if not isinstance(saved.get("scheduler"), dict):
+    scheduler = saved.get("scheduler")
+    if not isinstance(scheduler, dict):
         problems.append("scheduler: missing or not an object")
+    elif not (_is_int(scheduler.get("last_epoch")) and isinstance(scheduler.get("base_lrs"), list)
+              and all(isinstance(x, int | float) for x in scheduler["base_lrs"])):
+        problems.append("scheduler: not a learning-rate schedule's state (last_epoch, base_lrs)")
+    window = saved.get("loss_window", [0.0, 0.0])
+    if not (isinstance(window, list) and len(window) == 2
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in window)):
+        problems.append("loss_window: not two numbers")
     return problems
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def folder_bytes(path: Path) -> int:

@@ -232,6 +232,7 @@ class Trainer:
         self._last_save = time.time()
         self._saved_step = -1
         self._fit_log_lines = 0  # log lines when fit ended (a checkpoint saved later keeps these)
+        self._data_sha256: dict[str, str] | None = None  # of the data files, in each checkpoint
         self.stop = StopRequest(dev)
         self._rate_mark = (0.0, 0)  # (training seconds, examples seen) at the last evaluation line
         self._bar: tqdm | None = None
@@ -564,6 +565,16 @@ class Trainer:
         return ((n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters()
                 if p.requires_grad)
 
+    def _check_best(self, best: dict[str, torch.Tensor], path: Path) -> None:
+        """The best weights of a checkpoint: one tensor per trainable parameter, of its shape."""
+        params = dict(self._trainable())
+        wrong = sorted(set(params) ^ set(best)) or [
+            n for n in params if best[n].shape != params[n].shape or best[n].dtype != params[n].dtype]
+        if wrong:
+            raise GPTFTError(f"{path}: not this model's trainable weights ({', '.join(wrong[:3])}"
+                             f"{' ...' if len(wrong) > 3 else ''}: missing, extra or of another "
+                             "shape or type); resume from another checkpoint or start afresh")
+
     def _restore_best(self) -> None:
         if self.best is None:
             return
@@ -591,7 +602,11 @@ class Trainer:
         and logged."""
         self._check_finite()  # never save the state of a run that has gone bad
         begin = time.perf_counter()
-        state = {"progress": self.state.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self._data_sha256 is None and self.accelerator.is_main_process:
+            self._data_sha256 = checkpoints.data_hashes(self.job)  # once a run
+        state = {"progress": self.state.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "loss_window": self._window.tolist(),  # train/loss_mean's steps since the last log
+                 "data_sha256": self._data_sha256}
         with self.phases("checkpoints"):
             path = checkpoints.save_checkpoint(self.accelerator, self.job, self.state.step, state,
                                                self.best)
@@ -610,8 +625,21 @@ class Trainer:
         """Load the checked checkpoint `point`; drop the lines the interrupted run logged after it."""
         best = checkpoints.load_checkpoint(self.accelerator, point, self.output_dir)
         self.state.load_state_dict(point.state["progress"])
-        self.scheduler.load_state_dict(point.state["scheduler"])
+        saved = point.path / checkpoints.TRAINER_STATE
+        if self.state.batches_in_epoch > len(self.train_loader):
+            raise GPTFTError(f"{saved}: progress.batches_in_epoch={self.state.batches_in_epoch} is "
+                             f"past the end of the epoch ({len(self.train_loader)} batches): the "
+                             "checkpoint does not belong to this data and batch size")
+        try:
+            self.scheduler.load_state_dict(point.state["scheduler"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise GPTFTError(f"{saved}: scheduler: not this run's learning-rate schedule "
+                             f"({type(e).__name__}: {e})") from None
+        window = point.state.get("loss_window")
+        if window is not None:
+            self._window = torch.tensor(window, dtype=self._window.dtype, device=self._window.device)
         if best is not None:
+            self._check_best(best, point.path / f"best_{self.accelerator.process_index}.safetensors")
             self.best = {k: v.to(self.accelerator.device) for k, v in best.items()}
         if point.path.parent.resolve() == (self.output_dir / checkpoints.CHECKPOINTS).resolve():
             self._saved_step = self.state.step  # this step's checkpoint exists: the one loaded

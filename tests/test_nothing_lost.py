@@ -4,6 +4,7 @@ are bit for bit. Tiny models, a few steps each; subprocesses where a real signal
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,8 @@ DATA = ""
 
 
 def _finetune(out: Path, *over: str, config: str = "spam-tiny.yaml") -> list[str]:
-    return ["finetune", "--config", str(CONFIGS / config), *TINY, *SHORT, DATA, f"output_dir={out}",
-            *over]
+    return ["finetune", "--config", str(CONFIGS / config), *TINY, *SHORT, *([DATA] if DATA else []),
+            f"output_dir={out}", *over]
 
 
 def test_a_marker_temporary_left_by_a_kill_is_removed_and_the_rerun_goes_on(tmp_path):
@@ -132,3 +133,122 @@ def test_a_signal_as_the_run_is_marked_finished_ends_it_complete(tmp_path, capsy
     assert "SIGTERM came as the run finished; it is complete" in capsys.readouterr().err
     assert json.loads((out / ".gptft-run").read_text())["state"] == "finished"
     assert not (out / ".gptft-lock").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_a_signal_one_of_them_got_in_the_final_evaluation(tmp_path):
+    """SIGTERM to rank 1 alone, in the final evaluation: both stop with a checkpoint of step 2 (the
+    stop is agreed on), one line, exit 75 each; resumed on 2 processes, the run finishes."""
+    import subprocess
+
+    from conftest import ROOT, cpu_launch_env, free_port, launcher
+
+    out, log = tmp_path / "run", tmp_path / "run.log"
+
+    def launch(*over: str, env: dict | None = None) -> int:
+        argv = launcher("--num_processes", "2", "--main_process_port", str(free_port()))
+        with open(log, "w") as f:
+            return subprocess.run(argv + _finetune(out, *over)[1:], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=f, env=env or cpu_launch_env(), timeout=600).returncode
+
+    assert launch(env={**cpu_launch_env(), "GPTFT_SIGNAL_AT": "final evaluation:SIGTERM:1"}) != 0
+    text = log.read_text()
+    lines = [x for x in text.splitlines() if x.startswith("gptft finetune:")]
+    assert len(lines) == 1, text  # one line, from the main process
+    assert not re.search(r'File ".*gptft/', text), text  # (the launcher's own traceback aside)
+    assert "stopped by SIGTERM during the final evaluation, after training: checkpoint" in lines[0]
+    assert "(exitcode: 75)" in text
+    assert (out / "checkpoints" / "step-00000002" / "config.yaml").is_file()
+    assert not (out / ".gptft-lock").exists()
+    assert launch("train.resume=true") == 0, log.read_text()
+    assert json.loads((out / ".gptft-run").read_text())["state"] == "finished"
+
+
+# ---- resume: bit for bit with log_every > 1; what is not this run's checkpoint ----------------------
+
+EVERY3 = ["train.max_steps=6", "train.log_every=3", "train.eval_every=2", "train.checkpoint_every=4",
+          "train.keep_last=10"]
+
+
+@pytest.fixture(scope="module")
+def every3(tmp_path_factory):
+    """An uninterrupted run logging every 3 steps, with a checkpoint at step 4 (between logs)."""
+    folder = tmp_path_factory.mktemp("every3")
+    data = small_spam_data(folder)
+    run = folder / "run"
+    assert main(_finetune(run, *EVERY3, f"data.path={data}")) == 0
+    return run, data
+
+
+def _stopped_copy(run: Path, dest: Path) -> Path:
+    """`run` as it would be had it stopped at step 4: its files, marked running."""
+    import shutil
+
+    shutil.copytree(run, dest)
+    for name in ("model.safetensors", "metrics.json", "gptft.json"):
+        (dest / name).unlink()
+    (dest / ".gptft-run").write_text('{"state": "running"}\n')
+    return dest
+
+
+@pytest.mark.slow
+def test_a_resume_between_logging_steps_is_bit_for_bit(every3, tmp_path):
+    """train/loss_mean at step 6 averages steps 4-6: the window (step 4's loss) is in the checkpoint."""
+    run, data = every3
+    out = _stopped_copy(run, tmp_path / "stopped")
+    assert main(_finetune(out, *EVERY3, f"data.path={data}",
+                          f"train.resume={out / 'checkpoints' / 'step-00000004'}")) == 0
+    assert (out / "log.jsonl").read_bytes() == (run / "log.jsonl").read_bytes()
+    assert _results(out) == _results(run)
+
+
+def _edit_state(checkpoint: Path, edit) -> None:
+    path = checkpoint / "trainer_state.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+
+
+def _garbage_scheduler(out: Path, data: Path) -> str:
+    _edit_state(out / "checkpoints" / "step-00000004", lambda s: s.update(scheduler={"x": 1}))
+    return "trainer_state.json: damaged (scheduler: not a learning-rate schedule's state"
+
+
+def _past_the_epoch(out: Path, data: Path) -> str:
+    _edit_state(out / "checkpoints" / "step-00000004", lambda s: s["progress"].update(batches_in_epoch=999))
+    return "progress.batches_in_epoch=999 is past the end of the epoch"
+
+
+def _wrong_shape_best(out: Path, data: Path) -> str:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = out / "checkpoints" / "step-00000004" / "best_0.safetensors"
+    best = load_file(path)
+    name = sorted(best)[0]
+    best[name] = torch.zeros(3, 3)
+    save_file(best, path)
+    return f"best_0.safetensors: not this model's trainable weights ({name}"
+
+
+def _changed_data(out: Path, data: Path) -> str:
+    data.write_text(data.read_text() + "ham\tone more message\n")
+    return f"{data}: the data file (data.path) changed since checkpoint"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [_garbage_scheduler, _past_the_epoch, _wrong_shape_best, _changed_data])
+def test_a_checkpoint_not_of_this_run_is_one_line(every3, tmp_path, capsys, damage):
+    run, data = every3
+    out = _stopped_copy(run, tmp_path / "stopped")
+    original = data.read_bytes()
+    try:
+        words = damage(out, data)
+        capsys.readouterr()
+        assert main(_finetune(out, *EVERY3, f"data.path={data}", "train.resume=true")) == 2
+    finally:
+        data.write_bytes(original)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("gptft finetune:")]
+    assert len(lines) == 1 and "Traceback" not in err and words in lines[0], err
+    assert (out / "log.jsonl").read_bytes() == (run / "log.jsonl").read_bytes()
