@@ -307,20 +307,22 @@ def save_checkpoint(accelerator, job: Job, step: int, trainer_state: dict[str, A
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    try:
-        with writing(tmp, "checkpoint"):  # disk full: one line; the previous checkpoint is kept
+    try:  # disk full, read-only: one line naming the file; the previous checkpoints are kept
+        with writing(tmp, "checkpoint"):
             accelerator.save_state(str(tmp))
-    except GPTFTError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if best is not None:
+            save_safetensors(best, tmp / f"best_{accelerator.process_index}.safetensors")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json(tmp / TRAINER_STATE, {**trainer_state, "num_processes": accelerator.num_processes})
+            write_text(tmp / CONFIG, job_to_yaml(job))  # last: marks it complete
+            shutil.rmtree(final, ignore_errors=True)
+            with writing(final, "checkpoint"):
+                tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written .tmp-step-N left behind
         raise
-    if best is not None:
-        save_safetensors(best, tmp / f"best_{accelerator.process_index}.safetensors")
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(tmp / TRAINER_STATE, {**trainer_state, "num_processes": accelerator.num_processes})
-        write_text(tmp / CONFIG, job_to_yaml(job))  # last: marks it complete
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         prune_checkpoints(root, job.train.keep_last, keep=final)
     accelerator.wait_for_everyone()
     return final

@@ -226,8 +226,8 @@ class RunLock:
         try:
             if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
                 self.path.unlink()
-        except FileNotFoundError:
-            pass
+        except OSError:  # gone, or a folder turned read-only: the kernel frees the flock anyway,
+            pass  # and the error that ended the run (naming its own file) is the one to show
         os.close(self.fd)
         self.fd = -1
         if self.made_folder:

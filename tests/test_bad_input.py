@@ -1126,3 +1126,65 @@ def test_a_failed_export_move_leaves_no_temporary_folder(tmp_path, monkeypatch, 
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "lm"]
     assert (tmp_path / "exported" / "config.json").read_text() == "old"
+
+
+# ---- issue 24: a full disk or a read-only folder names the file and leaves nothing behind --------
+
+def test_a_full_disk_at_the_checkpoints_state_leaves_no_temporary_folder(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import gptft.checkpoints
+    from gptft.io import write_error
+
+    def full(path, obj):
+        raise write_error(path, OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(gptft.checkpoints, "write_json", full)
+    out = tmp_path / "run"
+    assert main(_finetune(tmp_path, out, "spam-tiny.yaml", "train.checkpoint_every=1")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("gptft finetune: error: ") and "Traceback" not in last
+    assert f"{out / 'checkpoints' / '.tmp-step-00000001' / 'trainer_state.json'}: cannot write" in last
+    assert "No space left on device" in last
+    assert list((out / "checkpoints").iterdir()) == []
+
+
+def test_a_read_only_folder_at_the_final_save_names_the_file_not_the_lock(tmp_path, monkeypatch, capsys):
+    """The lock file cannot be removed either (read-only): the error shown is the save's."""
+    import errno
+    import os
+
+    out = tmp_path / "run"
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(args[0]))
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == "model.safetensors":
+            read_only(dst)
+        return real_replace(src, dst, *args, **kwargs)
+
+    def unlink(path, *args, **kwargs):
+        if Path(path).name == ".gptft-lock":
+            read_only(path)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert main(_finetune(tmp_path, out, "spam-tiny.yaml")) == 2
+    monkeypatch.undo()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"gptft finetune: error: {out / 'model.safetensors'}: cannot write")
+    assert "Read-only file system" in last and ".gptft-lock" not in last
+
+
+def test_a_failed_overwrite_never_leaves_the_old_run_marked_finished(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(_finetune(tmp_path, out, "spam-tiny.yaml", "train.max_steps=1")) == 0
+    deny(monkeypatch, out / "metrics.json")  # removing the earlier run's files fails midway
+    assert main(_finetune(tmp_path, out, "spam-tiny.yaml", "train.overwrite=true")) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert f"{out / 'metrics.json'}: Permission denied" in err.strip().splitlines()[-1]
+    assert json.loads((out / ".gptft-run").read_text())["state"] == "running"

@@ -296,9 +296,9 @@ def start_run_folder(job: Job, accelerator: Accelerator, resuming: bool = False)
     out = Path(job.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not resuming and job.train.overwrite:
+        runfolder.mark(out, "running")  # first: readers refuse the folder until the run has finished
+        if not resuming and job.train.overwrite:  # (a reset that fails midway: not "finished")
             runfolder.reset_run_folder(out)
-        runfolder.mark(out, "running")  # readers refuse the folder until the run has finished
         write_text(out / "config.yaml", job_to_yaml(job, CONFIG_HEADER.format(path=out / "config.yaml")))
     accelerator.wait_for_everyone()
 
