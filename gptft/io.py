@@ -248,6 +248,10 @@ def read_json(path: str | os.PathLike) -> Any:
         raise GPTFTError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise GPTFTError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise GPTFTError(f"{path}: unreadable JSON: nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4,300 digits
+        raise GPTFTError(f"{path}: unreadable JSON: {str(e).split(';')[0]}") from None
 
 
 RECORD_SUFFIXES = (".json", ".jsonl", ".csv")

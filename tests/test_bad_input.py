@@ -968,6 +968,45 @@ def test_append_text_never_follows_a_link_and_leaves_no_partial_line(tmp_path, m
     assert log.read_text() == '{"step": 1}\n'
 
 
+# ---- issue 24: the remaining tracebacks ------------------------------------------------------------
+
+def case_yaml_recursive_alias(tmp, out):
+    p = _yaml(tmp, "task: classification\ntrain: &t\n  nested: *t\n")
+    return ["finetune", "--config", str(p)], [f"{p}:", "a YAML alias contains its own anchor"]
+
+
+def case_yaml_billion_laughs(tmp, out):
+    rows = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    rows += [f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")]
+    p = _yaml(tmp, "\n".join(rows) + "\ntask: classification\n")
+    return ["finetune", "--config", str(p)], [str(p), "expands to more than 100,000 values"]
+
+
+def case_yaml_nested_too_deep(tmp, out):
+    p = _yaml(tmp, "task: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    return ["finetune", "--config", str(p)], [str(p), "nested too deeply"]
+
+
+def case_instruction_json_nested_100k_deep(tmp, out):
+    p = tmp / "deep.json"
+    p.write_text("[" * 100_000 + "]" * 100_000)
+    return (_finetune(tmp, tmp / "run", "instruct-tiny.yaml", f"data.path={p}"),
+            [str(p), "nested too deeply"])
+
+
+def case_instruction_jsonl_5000_digit_number(tmp, out):
+    p = tmp / "big.jsonl"
+    p.write_text('{"instruction": "a", "output": ' + "9" * 5000 + "}\n")
+    return (_finetune(tmp, tmp / "run", "instruct-tiny.yaml", f"data.path={p}"),
+            [f"{p}:1", "unreadable JSON Lines record", "4300"])
+
+
+def case_judge_json_nested_100k_deep(tmp, out):
+    p = tmp / "responses.json"
+    p.write_text("[" * 100_000 + "]" * 100_000)
+    return ["judge", str(p)], [str(p), "nested too deeply"]
+
+
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 

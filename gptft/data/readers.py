@@ -100,6 +100,8 @@ def parse_json_records(text: str, name: str,
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise GPTFTError(f"{name}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+        except (RecursionError, ValueError) as e:
+            raise GPTFTError(f"{name}: unreadable JSON: {json_limit(e)}") from None
         if not isinstance(data, list):
             raise _not_a_list(name, data)
         return [JsonRecord(value, i) for i, value in enumerate(data)]
@@ -113,7 +115,17 @@ def parse_json_records(text: str, name: str,
             _raise_for_single_document(text, name)
             raise GPTFTError(f"{name}:{number}:{e.colno}: invalid JSON Lines record: {e.msg}; "
                              "expected one JSON value per line") from None
+        except (RecursionError, ValueError) as e:
+            raise GPTFTError(f"{name}:{number}: unreadable JSON Lines record: {json_limit(e)}") from None
     return records
+
+
+def json_limit(error: Exception) -> str:
+    """Why Python's JSON reader refused a valid-looking text: nesting past its recursion limit,
+    or an integer of more than 4,300 digits."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply (arrays or objects inside each other thousands of times)"
+    return f"{str(error).split(';')[0]}"
 
 
 def _not_a_list(name: str, data: Any) -> GPTFTError:
@@ -125,7 +137,7 @@ def _raise_for_single_document(text: str, name: str) -> None:
     """A pretty-printed JSON object is not JSON Lines: say so rather than blame a line."""
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # (JSONDecodeError is a ValueError)
         return
     raise _not_a_list(name, data)
 
