@@ -20,7 +20,7 @@ import yaml
 
 from gptft.errors import GPTFTError
 from gptft.io import check_file
-from gptft.validation import build, non_negative, positive
+from gptft.validation import build, non_negative, positive, seed_problems
 
 
 @dataclass
@@ -154,7 +154,7 @@ class TrainConfig:
             out.append(f"betas: two numbers in [0, 1) (got {self.betas})")
         if not 0 <= self.min_lr_ratio <= 1:
             out.append(f"min_lr_ratio: must be in [0, 1] (got {self.min_lr_ratio})")
-        return out
+        return out + seed_problems(self, "seed")
 
 
 @dataclass
@@ -210,6 +210,7 @@ class GenerateConfig:
 
     def problems(self) -> list[str]:
         out = positive(self, "max_new_tokens", "top_k", "batch_size") + non_negative(self, "temperature")
+        out += seed_problems(self, "seed")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             out.append(f"top_p: must be in (0, 1] (got {self.top_p})")
         return out

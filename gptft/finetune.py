@@ -7,6 +7,7 @@ not a new or empty one or an earlier gptft run) runs before the run folder is to
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -57,6 +58,7 @@ def _finetune(job: Job, phases: Phases, stop: StopRequest) -> dict:
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # no page faults for the same large blocks every step (gptft.cpu)
     warn_if_fsdp_ignored(accelerator)
+    report_processes(accelerator, job)
     resuming_here = _resumes_in_place(job)
     lock = _on_main(accelerator, lambda: RunLock.acquire(job.output_dir))
     started_folder = False
@@ -149,6 +151,45 @@ def _warn(accelerator) -> Callable[[str], None]:
         if accelerator.is_main_process:
             print(message, file=sys.stderr, flush=True)
     return warn
+
+
+def report_processes(accelerator, job: Job) -> None:
+    """Print the process count and the global batch; warn when the launcher was asked for
+    another count (``accelerate launch --num_processes N`` with a config file whose
+    ``distributed_type: 'NO'`` runs one process) or for fp16 on the CPU (Accelerate ignores it)."""
+    n, train = accelerator.num_processes, job.train
+    accelerator.print(f"{n} process{'es' if n > 1 else ''} on {accelerator.device.type}: global batch "
+                      f"{n * train.batch_size * train.grad_accum_steps} examples per step "
+                      f"({n} x batch_size {train.batch_size} x grad_accum_steps {train.grad_accum_steps})")
+    asked = launcher_num_processes()
+    if asked is not None and asked != n:
+        accelerator.print(f"warning: the launcher was asked for --num_processes {asked}, but {n} "
+                          f"process{'es run' if n > 1 else ' runs'}: a --config_file with "
+                          "distributed_type 'NO' runs one process whatever --num_processes says; "
+                          "add --multi_gpu (or use a multi-process config file)")
+    if train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        accelerator.print("warning: train.mixed_precision=fp16 has no effect on the CPU (Accelerate "
+                          "runs fp32 there); use bf16, or no")
+
+
+def launcher_num_processes(cmdline: bytes | None = None) -> int | None:
+    """The ``--num_processes`` given to the ``accelerate launch`` that started this process (its
+    parent's command line, Linux), or None."""
+    if cmdline is None:
+        try:
+            with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            return None
+    args = [a.decode(errors="replace") for a in cmdline.split(b"\0")]
+    if not any("accelerate" in a for a in args[:3]):
+        return None
+    for i, a in enumerate(args):
+        value = a.split("=", 1)[1] if a.startswith("--num_processes=") else (
+            args[i + 1] if a == "--num_processes" and i + 1 < len(args) else None)
+        if value is not None:
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def warn_if_fsdp_ignored(accelerator) -> None:

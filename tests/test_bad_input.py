@@ -1007,6 +1007,30 @@ def case_judge_json_nested_100k_deep(tmp, out):
     return ["judge", str(p)], [str(p), "nested too deeply"]
 
 
+def case_train_seed_negative(tmp, out):
+    return _finetune(tmp, out, "spam-tiny.yaml", "train.seed=-1"), ["train.seed: must be in [0, 2**32 - 1]"]
+
+
+def case_data_seed_2_to_the_32(tmp, out):
+    return (_finetune(tmp, out, "spam-tiny.yaml", "data.seed=4294967296"),
+            ["data.seed: must be in [0, 2**32 - 1] (got 4294967296)"])
+
+
+def case_text_column_is_the_label_column(tmp, out):
+    return (_finetune(tmp, out, "spam-tiny.yaml", "data.text_column=label"),
+            ["data.text_column: names the label column too ('label')"])
+
+
+def case_absurd_emb_dim(tmp, out):
+    return (_finetune(tmp, out, "spam-tiny.yaml", "model.emb_dim=1000000000"),
+            ["model: 2 layers of width emb_dim=1,000,000,000", "for the weights alone, more than the"])
+
+
+def case_absurd_context_length(tmp, out):
+    return (_finetune(tmp, out, "spam-tiny.yaml", "model.context_length=100000000000"),
+            ["context_length=100,000,000,000", "choose a smaller"])
+
+
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 
@@ -1227,3 +1251,29 @@ def test_a_failed_overwrite_never_leaves_the_old_run_marked_finished(tmp_path, m
     err = capsys.readouterr().err
     assert f"{out / 'metrics.json'}: Permission denied" in err.strip().splitlines()[-1]
     assert json.loads((out / ".gptft-run").read_text())["state"] == "running"
+
+
+def test_the_process_count_and_global_batch_are_printed_and_fp16_on_the_cpu_warned(tmp_path, capsys):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # this process's earlier runs fixed another precision
+    data = _good_csv(tmp_path / "data.csv")
+    assert main(_finetune(tmp_path, tmp_path / "run", "spam-tiny.yaml", "train.max_steps=1",
+                          f"data.path={data}", "train.mixed_precision=fp16",
+                          "train.grad_accum_steps=2")) == 0
+    out = capsys.readouterr().out
+    assert "1 process on cpu: global batch 4 examples per step (1 x batch_size 2 x grad_accum_steps 2)" in out
+    assert "warning: train.mixed_precision=fp16 has no effect on the CPU" in out
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("cmdline, asked", [
+    (b"python\0-m\0accelerate.commands.launch\0--num_processes\0002\0launch/finetune.py\0", 2),
+    (b"/usr/bin/python\0/usr/local/bin/accelerate\0launch\0--num_processes=4\0x.py\0", 4),
+    (b"/usr/bin/python\0/usr/local/bin/accelerate\0launch\0x.py\0", None),
+    (b"bash\0-c\0python x.py --num_processes 3\0", None),
+])
+def test_the_launchers_num_processes_is_read_from_its_command_line(cmdline, asked):
+    from gptft.finetune import launcher_num_processes
+
+    assert launcher_num_processes(cmdline) == asked

@@ -251,8 +251,29 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, device: torch.device | None = N
         return check_checkpoint_shape(model, shape, cfg.checkpoint or cfg.name)
     config = GPTConfig.from_name(cfg.name, vocab_size=vocab_size, drop_rate=cfg.drop_rate,
                                  pad_vocab_multiple=cfg.pad_vocab_multiple, **shape)
+    check_model_fits(config, device)
     with torch.device(device or "cpu"):
         return GPT(config)
+
+
+def check_model_fits(config: GPTConfig, device: torch.device | None) -> None:
+    """Refuse, before allocating, a model whose fp32 weights alone exceed the memory of the
+    device it is built on (an ``emb_dim`` or ``context_length`` typed with extra zeros)."""
+    e, n = config.emb_dim, config.n_layers
+    params = (config.vocab_size + config.context_length) * e + n * (12 * e * e + 13 * e) + 2 * e
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        import os
+
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * params > memory:
+        raise GPTFTError(f"model: {n} layers of width emb_dim={e:,}, context_length="
+                         f"{config.context_length:,}: about {params / 1e9:,.1f} billion parameters, "
+                         f"{4 * params / 2**30:,.0f} GiB for the weights alone, more than the "
+                         f"{memory / 2**30:,.0f} GiB of this {device.type.upper()}; choose a smaller "
+                         "model.emb_dim, model.context_length or model.n_layers")
 
 
 def check_checkpoint_shape(model: GPT, shape: dict[str, int], source: str) -> GPT:

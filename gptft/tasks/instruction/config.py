@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gptft.config import GenerateConfig, JobConfig, ModelConfig, TrainConfig
-from gptft.validation import positive, split_problems
+from gptft.validation import positive, seed_problems, split_problems
 
 
 @dataclass
@@ -35,7 +35,7 @@ class InstructionData:
     false: random batches, as the book."""
 
     def problems(self) -> list[str]:
-        return split_problems(self.split) + positive(self, "max_length")
+        return split_problems(self.split) + positive(self, "max_length") + seed_problems(self, "seed")
 
 
 
