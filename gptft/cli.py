@@ -20,6 +20,8 @@ from gptft.errors import GPTFTError
 from gptft.io import WRITE_ERRNOS
 from gptft.signals import EXIT_INTERRUPTED, Interrupted
 
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a program ended by SIGPIPE (128 + 13)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -34,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # one line, from the main process of a launch
             print(f"gptft {args.command}: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (`| head`): nothing more can go out, no traceback
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the final flush
+        except (OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt as e:  # a message, where the command kept something (gptft judge)
         print(f"gptft {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 130

@@ -1031,6 +1031,20 @@ def case_absurd_context_length(tmp, out):
             ["context_length=100,000,000,000", "choose a smaller"])
 
 
+def case_classify_lone_surrogate(tmp, out):
+    run = _classification_run(tmp / "clf")
+    p = tmp / "texts.jsonl"
+    p.write_text('{"text": "fine"}\n{"text": "hi \\ud800 there"}\n')
+    return ["classify", str(run), "--file", str(p)], [f"{p}:2: record 1 holds a lone surrogate"]
+
+
+def case_instruction_lone_surrogate(tmp, out):
+    p = tmp / "records.json"
+    p.write_text(json.dumps(_good_records()[:-1])[:-1] + ', {"instruction": "a\\udc00", "output": "b"}]')
+    return (_finetune(tmp, tmp / "run", "instruct-tiny.yaml", f"data.path={p}"),
+            [f"{p}: record 19 holds a lone surrogate"])
+
+
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 
@@ -1277,3 +1291,17 @@ def test_the_launchers_num_processes_is_read_from_its_command_line(cmdline, aske
     from gptft.finetune import launcher_num_processes
 
     assert launcher_num_processes(cmdline) == asked
+
+
+def test_classify_into_a_closed_pipe_ends_quietly(tmp_path):
+    """``gptft classify ... | head -1``: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    run = _classification_run(tmp_path / "clf")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"text number {i}\n" for i in range(3000)))
+    proc = subprocess.run(f"{sys.executable} -m gptft classify {run} --file {texts} | head -1",
+                          shell=True, capture_output=True, text=True, timeout=300)
+    assert len(proc.stdout.splitlines()) == 1
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
