@@ -20,6 +20,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,7 +309,7 @@ def save_checkpoint(accelerator, job: Job, step: int, trainer_state: dict[str, A
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:  # disk full, read-only: one line naming the file; the previous checkpoints are kept
-        with writing(tmp, "checkpoint"):
+        with writing(tmp, "checkpoint"), _quiet_tied_weights():
             accelerator.save_state(str(tmp))
         if best is not None:
             save_safetensors(best, tmp / f"best_{accelerator.process_index}.safetensors")
@@ -326,6 +327,24 @@ def save_checkpoint(accelerator, job: Job, step: int, trainer_state: dict[str, A
         prune_checkpoints(root, job.train.keep_last, keep=final)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def _quiet_tied_weights():
+    """Without Accelerate's "Removed shared tensor {'lm_head.weight'} while saving" warning at each
+    checkpoint: GPT-2's head is tied to its embedding (saved once, re-tied on loading), as meant."""
+    import logging
+
+    logger = logging.getLogger("accelerate.utils.other")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in str(record.msg)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict | None:

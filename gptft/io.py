@@ -38,7 +38,7 @@ def check_file(path: str | os.PathLike, what: str = "file") -> None:
 
 
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
-                          errno.EPERM, errno.EIO, errno.ENOTDIR, errno.EISDIR})
+                          errno.EPERM, errno.EIO, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG})
 """Errors of a failed write that are the user's to fix (space, quota, permissions, paths)."""
 
 

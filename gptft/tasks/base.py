@@ -219,7 +219,8 @@ def closing_summary(task: TaskBase, metrics: dict) -> str:
     bounded = metrics.get("final_eval_batches")
     kept = (f"step {metrics['best_step']} of {metrics['steps']}, the best by {task.best_metric}"
             if metrics["best_step"] >= 0 else f"the last weights, step {metrics['steps']}: no validation ran")
-    files = sorted(p.name for p in Path(out).iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir()
+                   if (p.is_file() or p.name == "adapter") and not p.name.startswith("."))
     lines = [f"final evaluation of the kept model ({kept}"
              + (f"; at most {bounded} batches per split)" if bounded else ")") + ":",
              task.summary(metrics),
