@@ -1045,6 +1045,17 @@ def case_instruction_lone_surrogate(tmp, out):
             [f"{p}: record 19 holds a lone surrogate"])
 
 
+def case_classify_output_name_too_long(tmp, out):
+    run = _classification_run(tmp / "clf")
+    long = tmp / ("x" * 300 + ".csv")
+    return ["classify", str(run), "hello", "--output", str(long)], [str(long), "File name too long"]
+
+
+def case_output_dir_name_too_long(tmp, out):
+    long = tmp / ("r" * 300)
+    return _finetune(tmp, long, "spam-tiny.yaml"), [str(long), "File name too long"]
+
+
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 
@@ -1305,3 +1316,21 @@ def test_classify_into_a_closed_pipe_ends_quietly(tmp_path):
                           shell=True, capture_output=True, text=True, timeout=300)
     assert len(proc.stdout.splitlines()) == 1
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_a_damaged_log_line_is_left_out_of_the_plots_with_a_warning(tmp_path, capsys):
+    from gptft.plots import read_log
+
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "train/loss": 0.5}\n[1, 2]\nnot json\n\n'
+                                        '{"step": 2, "train/loss": 0.4}\n')
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+    assert "log.jsonl: line 2, 3 not a logged row" in capsys.readouterr().err
+
+
+def test_checkpoints_do_not_print_accelerates_tied_weights_warning(tmp_path, capsys, caplog):
+    data = _good_csv(tmp_path / "data.csv")
+    assert main(_finetune(tmp_path, tmp_path / "run", "spam-tiny.yaml", f"data.path={data}",
+                          "train.max_steps=1", "train.checkpoint_every=1")) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step-00000001").is_dir()
+    out, err = capsys.readouterr()
+    assert "Removed shared tensor" not in out + err + caplog.text
