@@ -66,6 +66,8 @@ def _finetune(job: Job, phases: Phases, stop: StopRequest) -> dict:
         _stop_before_the_folder(stop, accelerator, "start-up")
         # A resumption that cannot be (no checkpoint, changed config, other process count) fails first.
         resume = resume_point(job, accelerator.num_processes, warn=_warn(accelerator))
+        if resume is not None and resuming_here:
+            _check_not_finished(job, resume)
         signal_at("data loading")
         set_seed(job.train.seed)
         task = get_task(job.task).task_class()(job, accelerator)  # reads data and weights
@@ -102,6 +104,22 @@ def _finetune(job: Job, phases: Phases, stop: StopRequest) -> dict:
     finally:
         if lock is not None:
             lock.release()
+
+
+def _check_not_finished(job: Job, resume) -> None:
+    """Refuse ``train.resume`` on a finished run that would train no further (same epochs and
+    max_steps as its checkpoint): nothing to resume, and its files stay as they are."""
+    import yaml
+
+    from gptft.runfolder import run_state
+
+    if run_state(Path(job.output_dir)) != "finished":
+        return
+    saved = (yaml.safe_load((resume.path / "config.yaml").read_text(encoding="utf-8")) or {}).get("train", {})
+    if saved.get("epochs") == job.train.epochs and saved.get("max_steps") == job.train.max_steps:
+        raise GPTFTError(f"output_dir {job.output_dir}: this run has finished; there is nothing to "
+                         "resume (raise train.epochs or train.max_steps to train on from its last "
+                         "checkpoint, or set train.overwrite=true to run it again)")
 
 
 def _stop_before_the_folder(stop: StopRequest, accelerator, phase: str) -> None:

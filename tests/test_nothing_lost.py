@@ -252,3 +252,16 @@ def test_a_checkpoint_not_of_this_run_is_one_line(every3, tmp_path, capsys, dama
     lines = [x for x in err.splitlines() if x.startswith("gptft finetune:")]
     assert len(lines) == 1 and "Traceback" not in err and words in lines[0], err
     assert (out / "log.jsonl").read_bytes() == (run / "log.jsonl").read_bytes()
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_finetune(out, "train.checkpoint_every=1")) == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert main(_finetune(out, "train.checkpoint_every=1", "train.resume=true")) == 2
+    line = _stop_line(capsys)
+    assert "this run has finished; there is nothing to resume" in line
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert main(_finetune(out, "train.checkpoint_every=1", "train.resume=true", "train.max_steps=3")) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3  # trained on from step 2
