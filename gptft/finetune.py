@@ -71,6 +71,7 @@ def _finetune(job: Job, phases: Phases, stop: StopRequest) -> dict:
         signal_at("data loading")
         set_seed(job.train.seed)
         task = get_task(job.task).task_class()(job, accelerator)  # reads data and weights
+        warn_empty_splits(task, accelerator)
         _stop_before_the_folder(stop, accelerator, "data loading")
         _on_main(accelerator, lambda: check_new_run(Path(job.output_dir), job.train.overwrite,
                                                     resuming_here))
@@ -169,6 +170,18 @@ def _warn(accelerator) -> Callable[[str], None]:
         if accelerator.is_main_process:
             print(message, file=sys.stderr, flush=True)
     return warn
+
+
+def warn_empty_splits(task, accelerator) -> None:
+    """Say so when a split holds no example (a few records split by fractions): its final
+    metrics will be missing."""
+    from gptft.tasks.base import SPLITS
+
+    empty = [s for s in SPLITS if not task.has_split(s)]
+    if empty:
+        accelerator.print(f"warning: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
+                          "empty (too few records for data.split's fractions): no final "
+                          f"{' / '.join(empty)} metrics; give more records or other fractions")
 
 
 def report_processes(accelerator, job: Job) -> None:

@@ -265,3 +265,15 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
     assert main(_finetune(out, "train.checkpoint_every=1", "train.resume=true", "train.max_steps=3")) == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3  # trained on from step 2
+
+
+def test_an_empty_test_split_is_warned(tmp_path, capsys):
+    records = tmp_path / "seven.json"
+    records.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"{i}"}
+                                   for i in range(7)]))
+    out = tmp_path / "run"
+    status = main(_finetune(out, f"data.path={records}", "generate.max_new_tokens=2", "train.max_steps=1",
+                            "data.max_length=64", config="instruct-tiny.yaml"))
+    text = capsys.readouterr()
+    assert "warning: the test split is empty (too few records" in text.out, text
+    assert status == 0, text.err
