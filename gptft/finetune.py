@@ -108,13 +108,14 @@ def _finetune(job: Job, phases: Phases, stop: StopRequest) -> dict:
 
 
 def _check_not_finished(job: Job, resume) -> None:
-    """Refuse ``train.resume`` on a finished run that would train no further (same epochs and
-    max_steps as its checkpoint): nothing to resume, and its files stay as they are."""
+    """Refuse ``train.resume=true`` on a finished run that would train no further (same epochs
+    and max_steps as its checkpoint): nothing to resume, and its files stay as they are (a named
+    earlier checkpoint, ``train.resume=PATH``, trains again from there)."""
     import yaml
 
     from gptft.runfolder import run_state
 
-    if run_state(Path(job.output_dir)) != "finished":
+    if job.train.resume is not True or run_state(Path(job.output_dir)) != "finished":
         return
     saved = (yaml.safe_load((resume.path / "config.yaml").read_text(encoding="utf-8")) or {}).get("train", {})
     if saved.get("epochs") == job.train.epochs and saved.get("max_steps") == job.train.max_steps:
