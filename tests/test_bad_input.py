@@ -1056,6 +1056,15 @@ def case_output_dir_name_too_long(tmp, out):
     return _finetune(tmp, long, "spam-tiny.yaml"), [str(long), "File name too long"]
 
 
+def case_preference_every_pair_identical_dropped(tmp, out):
+    pairs = [{**r, "rejected": r["chosen"]} for r in _good_pairs()]
+    p = tmp / "pairs.json"
+    p.write_text(json.dumps(pairs))
+    return (_finetune(tmp, out, "dpo-tiny.yaml", "model.weights=random", "model.checkpoint=null",
+                      "data.drop_identical=true", f"data.path={p}"),
+            [str(p), "data.drop_identical=true leaves no pair to train on"])
+
+
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 
