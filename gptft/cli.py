@@ -46,13 +46,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptft {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
     except GPTFTError as e:
-        print(f"gptft {args.command}: error: {e}", file=sys.stderr)
+        print(f"gptft {args.command}: error: {clipped(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a file the user must fix (no permission, a full disk, a path under a file)
         if e.filename is None or e.errno not in WRITE_ERRNOS:
             raise
         print(f"gptft {args.command}: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
+
+
+MAX_ERROR = 2000  # characters of an error line (a value quoted from a huge file stays readable)
+
+
+def clipped(message: str) -> str:
+    """`message` cut to ``MAX_ERROR`` characters, saying how much was left out."""
+    if len(message) <= MAX_ERROR:
+        return message
+    return f"{message[:MAX_ERROR]}... ({len(message) - MAX_ERROR:,} more characters left out)"
 
 
 def run(argv: list[str] | None = None) -> NoReturn:

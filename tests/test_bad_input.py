@@ -1065,6 +1065,12 @@ def case_preference_every_pair_identical_dropped(tmp, out):
             [str(p), "data.drop_identical=true leaves no pair to train on"])
 
 
+def case_data_file_of_nul_bytes(tmp, out):
+    p = tmp / "nul.csv"
+    p.write_bytes(b"\0" * 2_000_000)
+    return _finetune(tmp, out, "spam-tiny.yaml", f"data.path={p}"), [str(p)]
+
+
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 
@@ -1090,6 +1096,7 @@ def test_bad_input_gives_one_clean_error(name, tmp_path, finished_run, capsys, m
     else:
         assert len(lines) == 1, err
         text = lines[0]
+        assert len(text) < 2500, f"an error line of {len(text):,} characters"
     for word in words:
         assert word in text, (word, err)
     after = _snapshot(tmp_path)
