@@ -277,3 +277,21 @@ def test_an_empty_test_split_is_warned(tmp_path, capsys):
     text = capsys.readouterr()
     assert "warning: the test split is empty (too few records" in text.out, text
     assert status == 0, text.err
+
+
+def test_the_closing_summary_lists_a_lora_runs_adapter_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from gptft.tasks.base import closing_summary
+
+    tmp_path = tmp_path / "run"
+    tmp_path.mkdir()
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("model.safetensors", "metrics.json", ".gptft-run"):
+        (tmp_path / name).write_text("x")
+    task = SimpleNamespace(job=SimpleNamespace(output_dir=str(tmp_path)), best_metric="val_loss",
+                           summary=lambda m: "table", next_commands=lambda d: [])
+    text = closing_summary(task, {"time": {"total": 1.0}, "best_step": 2, "steps": 2})
+    assert f"run folder: {tmp_path} (adapter/, metrics.json, model.safetensors)" in text
