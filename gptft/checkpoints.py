@@ -330,6 +330,30 @@ def save_checkpoint(accelerator, job: Job, step: int, trainer_state: dict[str, A
 
 
 @contextmanager
+def _rng_failure():
+    """Yield a list that gets an entry when Accelerate's ``load_state`` could not restore the
+    random states (it says so only at INFO, on the main process, and goes on); its INFO lines
+    are not shown."""
+    import logging
+
+    logger, failed = logging.getLogger("accelerate.checkpointing"), []
+
+    def watch(record: logging.LogRecord) -> bool:
+        if "Could not load random states" in str(record.msg):
+            failed.append(record)
+        return record.levelno >= logging.WARNING
+
+    level = logger.level
+    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    logger.addFilter(watch)
+    try:
+        yield failed
+    finally:
+        logger.removeFilter(watch)
+        logger.setLevel(level)
+
+
+@contextmanager
 def _quiet_tied_weights():
     """Without Accelerate's "Removed shared tensor {'lm_head.weight'} while saving" warning at each
     checkpoint: GPT-2's head is tied to its embedding (saved once, re-tied on loading), as meant."""
@@ -357,7 +381,8 @@ def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict |
     from gptft.io import load_safetensors
 
     try:
-        with warnings.catch_warnings():  # torch's notes on a foreign pickle protocol: ours is below
+        with warnings.catch_warnings(), _rng_failure() as rng_failed:
+            # torch's notes on a foreign pickle protocol: ours is below
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             accelerator.load_state(str(point.path))
         best = point.path / f"best_{accelerator.process_index}.safetensors"
@@ -369,6 +394,17 @@ def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict |
         raise GPTFTError(f"{point.path}: the checkpoint cannot be loaded ({type(e).__name__}: a "
                          "damaged or foreign file); resume from another checkpoint "
                          "(train.resume=PATH) or start afresh") from None
+    failed_here = float(bool(rng_failed))  # (Accelerate says so on the main process only)
+    if accelerator.num_processes > 1:  # every process stops alike, none waits for the others
+        import torch
+
+        failed_here = accelerator.reduce(torch.tensor(failed_here, device=accelerator.device),
+                                         reduction="sum").item()
+    if failed_here:  # Accelerate goes on with this process's RNG as it is: not the same run
+        raise GPTFTError(f"{point.path / f'random_states_{accelerator.process_index}.pkl'}: the "
+                         "random-number state cannot be restored (damaged or foreign), so the "
+                         "resumed run would not continue the same one; resume from another "
+                         "checkpoint (train.resume=PATH) or start afresh")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for later in complete_checkpoints(output_dir / CHECKPOINTS):

@@ -231,13 +231,21 @@ def _wrong_shape_best(out: Path, data: Path) -> str:
     return f"best_0.safetensors: not this model's trainable weights ({name}"
 
 
+def _foreign_rng_state(out: Path, data: Path) -> str:
+    import torch
+
+    torch.save({"not": "an RNG state"}, out / "checkpoints" / "step-00000004" / "random_states_0.pkl")
+    return "random_states_0.pkl: the random-number state cannot be restored"
+
+
 def _changed_data(out: Path, data: Path) -> str:
     data.write_text(data.read_text() + "ham\tone more message\n")
     return f"{data}: the data file (data.path) changed since checkpoint"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", [_garbage_scheduler, _past_the_epoch, _wrong_shape_best, _changed_data])
+@pytest.mark.parametrize("damage", [_garbage_scheduler, _past_the_epoch, _wrong_shape_best, _changed_data,
+                                    _foreign_rng_state])
 def test_a_checkpoint_not_of_this_run_is_one_line(every3, tmp_path, capsys, damage):
     run, data = every3
     out = _stopped_copy(run, tmp_path / "stopped")
