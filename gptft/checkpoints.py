@@ -23,13 +23,14 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gptft.config import Job, job_to_dict, job_to_yaml
 from gptft.errors import GPTFTError
-from gptft.io import read_json_object, write_json, write_text, writing
+from gptft.io import link_error, read_json_object, write_json, write_text, writing
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -132,6 +133,7 @@ def resume_point(job: Job, num_processes: int,
     if problems:
         raise GPTFTError(f"{path / TRAINER_STATE}: damaged ({'; '.join(problems)}); resume from "
                          "another checkpoint (train.resume=PATH) or start afresh")
+    _check_same_data(path, saved.get("data_sha256"), job)
     train = saved_config.get("train", {})
     saved_layout = (train.get("batch_size"), saved.get("num_processes"), train.get("grad_accum_steps"))
     layout = (job.train.batch_size, num_processes, job.train.grad_accum_steps)
@@ -205,6 +207,38 @@ def saved_processes(path: Path) -> int:
     except (OSError, ValueError, KeyError, TypeError):
         return 1
     return n if isinstance(n, int) and n > 0 else 1
+
+
+def data_hashes(job: Job) -> dict[str, str]:
+    """The sha256 of each data file the job names (``data.path``, ``data.train_path``, ...), kept
+    in every checkpoint: a resumption on a file whose content changed is refused."""
+    import dataclasses
+    import hashlib
+
+    data, out = getattr(job, "data", None), {}
+    if not dataclasses.is_dataclass(data):
+        return out
+    for f in dataclasses.fields(data):
+        value = getattr(data, f.name)
+        if f.name.endswith("path") and isinstance(value, str) and Path(value).is_file():
+            digest = hashlib.sha256()
+            with open(value, "rb") as file:
+                for chunk in iter(lambda: file.read(1 << 20), b""):  # noqa: B023 (used at once)
+                    digest.update(chunk)
+            out[f"data.{f.name}"] = digest.hexdigest()
+    return out
+
+
+def _check_same_data(checkpoint: Path, saved: Any, job: Job) -> None:
+    if not isinstance(saved, dict):
+        return  # a checkpoint of an earlier gptft: no hashes kept
+    now = data_hashes(job)
+    changed = [k for k, v in saved.items() if k in now and now[k] != v]
+    if changed:
+        key = changed[0]
+        raise GPTFTError(f"{getattr(job.data, key.split('.', 1)[1])}: the data file ({key}) changed "
+                         f"since checkpoint {checkpoint} was saved (its sha256 differs); a "
+                         "resumption needs the same data: restore the file, or start afresh")
 
 
 def validate_checkpoint(path: Path) -> list[str]:
@@ -339,26 +373,73 @@ def save_checkpoint(accelerator, job: Job, step: int, trainer_state: dict[str, A
 
     final = checkpoint_path(job.output_dir, step)
     root, tmp = final.parent, final.parent / f".tmp-{final.name}"
+    for path in (root, tmp, final):  # never save through a link out of the run folder
+        if path.is_symlink():
+            raise link_error(path)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    try:
-        with writing(tmp, "checkpoint"):  # disk full: one line; the previous checkpoint is kept
+    try:  # disk full, read-only: one line naming the file; the previous checkpoints are kept
+        with writing(tmp, "checkpoint"), _quiet_tied_weights():
             accelerator.save_state(str(tmp))
-    except GPTFTError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if best is not None:
+            save_safetensors(best, tmp / f"best_{accelerator.process_index}.safetensors")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json(tmp / TRAINER_STATE, {**trainer_state, "num_processes": accelerator.num_processes})
+            write_text(tmp / CONFIG, job_to_yaml(job))  # last: marks it complete
+            shutil.rmtree(final, ignore_errors=True)
+            with writing(final, "checkpoint"):
+                tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written .tmp-step-N left behind
         raise
-    if best is not None:
-        save_safetensors(best, tmp / f"best_{accelerator.process_index}.safetensors")
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(tmp / TRAINER_STATE, {**trainer_state, "num_processes": accelerator.num_processes})
-        write_text(tmp / CONFIG, job_to_yaml(job))  # last: marks it complete
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         prune_checkpoints(root, job.train.keep_last, keep=final)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def _rng_failure():
+    """Yield a list that gets an entry when Accelerate's ``load_state`` could not restore the
+    random states (it says so only at INFO, on the main process, and goes on); its INFO lines
+    are not shown."""
+    import logging
+
+    logger, failed = logging.getLogger("accelerate.checkpointing"), []
+
+    def watch(record: logging.LogRecord) -> bool:
+        if "Could not load random states" in str(record.msg):
+            failed.append(record)
+        return record.levelno >= logging.WARNING
+
+    level = logger.level
+    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    logger.addFilter(watch)
+    try:
+        yield failed
+    finally:
+        logger.removeFilter(watch)
+        logger.setLevel(level)
+
+
+@contextmanager
+def _quiet_tied_weights():
+    """Without Accelerate's "Removed shared tensor {'lm_head.weight'} while saving" warning at each
+    checkpoint: GPT-2's head is tied to its embedding (saved once, re-tied on loading), as meant."""
+    import logging
+
+    logger = logging.getLogger("accelerate.utils.other")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in str(record.msg)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict | None:
@@ -371,7 +452,8 @@ def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict |
     from gptft.io import load_safetensors
 
     try:
-        with warnings.catch_warnings():  # torch's notes on a foreign pickle protocol: ours is below
+        with warnings.catch_warnings(), _rng_failure() as rng_failed:
+            # torch's notes on a foreign pickle protocol: ours is below
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             accelerator.load_state(str(point.path))
         # Every process of a data-parallel run kept the same best weights: on more processes
@@ -387,6 +469,17 @@ def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict |
         raise GPTFTError(f"{point.path}: the checkpoint cannot be loaded ({type(e).__name__}: a "
                          "damaged or foreign file); resume from another checkpoint "
                          "(train.resume=PATH) or start afresh") from None
+    failed_here = float(bool(rng_failed))  # (Accelerate says so on the main process only)
+    if accelerator.num_processes > 1:  # every process stops alike, none waits for the others
+        import torch
+
+        failed_here = accelerator.reduce(torch.tensor(failed_here, device=accelerator.device),
+                                         reduction="sum").item()
+    if failed_here:  # Accelerate goes on with this process's RNG as it is: not the same run
+        raise GPTFTError(f"{point.path / f'random_states_{accelerator.process_index}.pkl'}: the "
+                         "random-number state cannot be restored (damaged or foreign), so the "
+                         "resumed run would not continue the same one; resume from another "
+                         "checkpoint (train.resume=PATH) or start afresh")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for later in complete_checkpoints(output_dir / CHECKPOINTS):
@@ -411,9 +504,21 @@ def _state_problems(saved: dict) -> list[str]:
     if not problems:
         problems = [f"progress.{k}: must be >= 0 (got {v})" for k, v in saved["progress"].items()
                     if k != "best_step" and isinstance(v, int | float) and v < 0]
-    if not isinstance(saved.get("scheduler"), dict):
+    scheduler = saved.get("scheduler")
+    if not isinstance(scheduler, dict):
         problems.append("scheduler: missing or not an object")
+    elif not (_is_int(scheduler.get("last_epoch")) and isinstance(scheduler.get("base_lrs"), list)
+              and all(isinstance(x, int | float) for x in scheduler["base_lrs"])):
+        problems.append("scheduler: not a learning-rate schedule's state (last_epoch, base_lrs)")
+    window = saved.get("loss_window", [0.0, 0.0])
+    if not (isinstance(window, list) and len(window) == 2
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in window)):
+        problems.append("loss_window: not two numbers")
     return problems
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def folder_bytes(path: Path) -> int:

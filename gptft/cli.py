@@ -20,6 +20,8 @@ from gptft.errors import GPTFTError
 from gptft.io import WRITE_ERRNOS
 from gptft.signals import EXIT_INTERRUPTED, Interrupted
 
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a program ended by SIGPIPE (128 + 13)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -34,17 +36,33 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # one line, from the main process of a launch
             print(f"gptft {args.command}: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print(f"gptft {args.command}: interrupted", file=sys.stderr)
+    except BrokenPipeError:  # stdout closed early (`| head`): nothing more can go out, no traceback
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the final flush
+        except (OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt as e:  # a message, where the command kept something (gptft judge)
+        print(f"gptft {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
     except GPTFTError as e:
-        print(f"gptft {args.command}: error: {e}", file=sys.stderr)
+        print(f"gptft {args.command}: error: {clipped(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a file the user must fix (no permission, a full disk, a path under a file)
         if e.filename is None or e.errno not in WRITE_ERRNOS:
             raise
         print(f"gptft {args.command}: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
+
+
+MAX_ERROR = 2000  # characters of an error line (a value quoted from a huge file stays readable)
+
+
+def clipped(message: str) -> str:
+    """`message` cut to ``MAX_ERROR`` characters, saying how much was left out."""
+    if len(message) <= MAX_ERROR:
+        return message
+    return f"{message[:MAX_ERROR]}... ({len(message) - MAX_ERROR:,} more characters left out)"
 
 
 def run(argv: list[str] | None = None) -> NoReturn:

@@ -20,7 +20,7 @@ import yaml
 
 from gptft.errors import GPTFTError
 from gptft.io import check_file
-from gptft.validation import build, non_negative, positive
+from gptft.validation import build, non_negative, positive, seed_problems
 
 SHAPE_KEYS = ("n_layers", "emb_dim", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
               "context_length")
@@ -184,7 +184,7 @@ class TrainConfig:
             out.append(f"activation_checkpointing: true, false or a block interval >= 1 (got {ac})")
         if not 0 <= self.min_lr_ratio <= 1:
             out.append(f"min_lr_ratio: must be in [0, 1] (got {self.min_lr_ratio})")
-        return out
+        return out + seed_problems(self, "seed")
 
 
 LORA_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj",  # GPT-2
@@ -253,6 +253,7 @@ class GenerateConfig:
 
     def problems(self) -> list[str]:
         out = positive(self, "max_new_tokens", "top_k", "batch_size") + non_negative(self, "temperature")
+        out += seed_problems(self, "seed")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             out.append(f"top_p: must be in (0, 1] (got {self.top_p})")
         return out
@@ -381,13 +382,55 @@ def job_from_dict(data: dict, source: str = "config", overrides: dict[str, Any] 
     return job
 
 
+MAX_YAML_VALUES = 100_000  # a job file holds a few dozen: more is an alias bomb ("billion laughs")
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` of `text`, refusing (one ``GPTFTError`` naming `source`) what would
+    hang or crash later: an alias that contains its own anchor (a recursive structure), aliases
+    that expand to more than ``MAX_YAML_VALUES`` values, nesting deeper than Python's stack."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_graph(node, source)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise GPTFTError(f"{source}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_graph(root: yaml.Node, source: str) -> None:
+    count, active, stack = 0, set(), [(root, False)]
+    while stack:
+        node, leaving = stack.pop()
+        if leaving:
+            active.discard(id(node))
+            continue
+        if id(node) in active:
+            raise GPTFTError(f"{source}:{node.start_mark.line + 1}: a YAML alias contains its own "
+                             "anchor (a recursive structure): not a configuration")
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise GPTFTError(f"{source}: the YAML expands to more than {MAX_YAML_VALUES:,} values "
+                             "through its aliases (&anchor / *alias): not a configuration")
+        if isinstance(node, yaml.SequenceNode | yaml.MappingNode):
+            active.add(id(node))
+            stack.append((node, True))
+            children = node.value if isinstance(node, yaml.SequenceNode) else \
+                [x for pair in node.value for x in pair]
+            stack.extend((child, False) for child in children)
+
+
 def load_job(path: str | Path, overrides: list[str] | None = None) -> Job:
     """Read a YAML job file, apply ``key=value`` overrides and validate everything."""
     path = Path(path)
     check_file(path, "config file")
     try:
         text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
+        data = safe_yaml(text, str(path))
     except OSError as e:
         raise GPTFTError(f"{path}: cannot read the config file: {e.strerror or e}") from None
     except UnicodeDecodeError as e:

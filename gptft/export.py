@@ -17,7 +17,9 @@ gptft's). For a LoRA run the adapters are already merged into the weights. Every
   preference runs).
 
 The folder is built beside OUT_DIR under a temporary name and renamed into place at the end, so a
-failure never leaves a half-written folder, nor harms one already there.
+failure never leaves a half-written folder, nor harms one already there. Every export holds a marker,
+``.gptft-export`` (the run it came from): ``--overwrite`` replaces only a folder holding one, never
+a folder gptft export did not write (a thesis folder, a run folder), nor a symbolic link.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from gptft.errors import GPTFTError
 from gptft.io import make_folder, read_json_object, usual_mode, write_json, writing
 
 ENDOFTEXT = "<|endoftext|>"
+MARKER = ".gptft-export"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -67,6 +70,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite
             if isinstance(meta.get("chat_template"), str):  # the template the run was trained with
                 config = read_json_object(tmp / "tokenizer_config.json")
                 write_json(tmp / "tokenizer_config.json", {**config, "chat_template": meta["chat_template"]})
+            _write_marker(tmp, run_dir)
             _replace_dir(tmp, target)
     except GPTFTError as e:  # a file of the temporary folder: name OUT_DIR instead
         if not hasattr(e, "reason"):
@@ -147,10 +151,17 @@ def generation_config(run_dir: Path, config, tokenizer=None) -> dict[str, Any]:
 
     from gptft.config import GenerateConfig
     from gptft.tokenizer import load_tokenizer
+    from gptft.validation import check
 
     path = run_dir / "config.yaml"
-    saved = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
-    gen = GenerateConfig(**(saved.get("generate") or {}))
+    try:
+        saved = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise GPTFTError(f"{path}: unreadable ({reason})") from None
+    if not isinstance(saved, dict):
+        raise GPTFTError(f"{path}: not a saved configuration (a {type(saved).__name__}, not a mapping)")
+    gen = check(GenerateConfig, saved.get("generate") or {}, str(path), "generate.")
     out: dict[str, Any] = {**_special_ids(tokenizer or load_tokenizer("gpt2")),
                            "max_new_tokens": gen.max_new_tokens, "do_sample": gen.temperature > 0}
     if gen.temperature > 0:  # greedy otherwise: sampling settings would only draw warnings
@@ -193,22 +204,48 @@ def write_tokenizer_files(folder: Path, max_length: int, name: str = "gpt2") -> 
         "add_prefix_space": False, "add_bos_token": False, "errors": "replace", **special})
 
 
+def _write_marker(folder: Path, run_dir: Path) -> None:
+    """``.gptft-export``: this folder is gptft export's (``--overwrite`` may replace it)."""
+    from gptft import __version__
+
+    write_json(folder / MARKER, {"gptft": __version__, "run": str(run_dir.resolve())})
+
+
 def _check_target(run_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    from gptft.runfolder import MARKER as RUN_MARKER
+
+    if out_dir.is_symlink():
+        raise GPTFTError(f"{out_dir}: is a symbolic link; gptft export writes a folder of its own "
+                         "there, never through a link: name the folder itself")
     if out_dir.exists() and not out_dir.is_dir():
         raise GPTFTError(f"{out_dir}: exists and is not a folder")
     run, out = run_dir.resolve(), out_dir.resolve()
     if out == run or out in run.parents:
         raise GPTFTError(f"{out_dir}: would replace the run folder {run_dir}; choose another folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise GPTFTError(f"{out_dir}: folder exists and is not empty (--overwrite replaces it)")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise GPTFTError(f"{out_dir}: folder exists and is not empty (--overwrite replaces an "
+                         "earlier export)")
+    if (out_dir / RUN_MARKER).exists():
+        raise GPTFTError(f"{out_dir}: is a gptft run folder, not an export; --overwrite replaces "
+                         "only an earlier export: choose another folder")
+    if not (out_dir / MARKER).is_file() or (out_dir / MARKER).is_symlink():
+        raise GPTFTError(f"{out_dir}: not an earlier gptft export (no {MARKER} in it); --overwrite "
+                         "replaces only a folder gptft export wrote: choose another folder")
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an existing `target` is moved aside first and deleted after."""
+    """Rename `new` to `target`; an existing `target` is moved aside first and deleted after.
+    Nothing of the move is left behind when it fails (the previous folder is put back)."""
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.replace(target, old / target.name)
+        try:
+            os.replace(target, old / target.name)
+        except OSError:
+            old.rmdir()
+            raise
     try:
         os.replace(new, target)
     except OSError:

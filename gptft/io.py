@@ -38,7 +38,7 @@ def check_file(path: str | os.PathLike, what: str = "file") -> None:
 
 
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
-                          errno.EPERM, errno.EIO, errno.ENOTDIR, errno.EISDIR})
+                          errno.EPERM, errno.EIO, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG})
 """Errors of a failed write that are the user's to fix (space, quota, permissions, paths)."""
 
 
@@ -74,6 +74,39 @@ def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
         if is_write_failure(e):
             raise write_error(path, e, what) from None
         raise
+
+
+def link_error(path: str | os.PathLike) -> GPTFTError:
+    """The one-line refusal to write through a symbolic link where gptft writes its own file."""
+    return GPTFTError(f"{path}: is a symbolic link; gptft writes only its own files here, never "
+                      "through a link (it could point outside the folder): remove the link")
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` (UTF-8) to `path`, created if missing, never through a symbolic link
+    (``O_NOFOLLOW``); a failed write (disk full, read-only) is one line and cuts the file back to
+    its length before, so no partial line stays."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, usual_mode())
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise link_error(path) from None
+        raise write_error(path, e) from None
+    try:
+        size = os.fstat(fd).st_size
+        data = text.encode("utf-8")
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise write_error(path, e) from None
+    finally:
+        os.close(fd)
 
 
 def make_folder(folder: str | os.PathLike) -> None:
@@ -215,6 +248,10 @@ def read_json(path: str | os.PathLike) -> Any:
         raise GPTFTError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise GPTFTError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise GPTFTError(f"{path}: unreadable JSON: nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4,300 digits
+        raise GPTFTError(f"{path}: unreadable JSON: {str(e).split(';')[0]}") from None
 
 
 RECORD_SUFFIXES = (".json", ".jsonl", ".csv")
@@ -227,10 +264,16 @@ def check_output(path: str | os.PathLike, overwrite: bool = False,
     path = Path(path)
     if path.suffix.lower() not in suffixes:
         raise GPTFTError(f"--output {path}: name a {', '.join(suffixes)} file")
+    if path.is_symlink():  # replaced by a regular file, or written through: neither is asked for
+        raise GPTFTError(f"--output {path}: is a symbolic link; name the file itself")
     if path.is_dir():
         raise GPTFTError(f"--output {path}: is a folder")
     if path.exists() and not overwrite:
         raise GPTFTError(f"--output {path}: exists (add --overwrite to replace it)")
+    for parent in (p for p in path.parents if p.exists()):
+        if not parent.is_dir():
+            raise GPTFTError(f"--output {path}: {parent}: is a file, not a folder")
+        break
     if not path.parent.is_dir():
         raise GPTFTError(f"--output {path}: folder {path.parent} does not exist")
     return path

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from gptft.validation import check, non_negative, positive
 
 SEED = 123  # the book's judge options
 NUM_CTX = 2048
+GIVE_UP_AFTER = 3  # records in a row without an answer (timeouts, failed connections): stop
 
 
 @dataclass
@@ -79,18 +81,36 @@ def parse_score(reply: str) -> int | None:
     """The score in a judge's reply ("85", "Score: 85"), or None unless it holds exactly one
     number and that number is an integer from 0 to 100."""
     numbers = re.findall(r"-?\d+(?:\.\d+)?", reply)
-    if len(numbers) != 1 or not numbers[0].isdigit():
-        return None
+    if len(numbers) != 1 or not numbers[0].isdigit() or len(numbers[0].lstrip("0")) > 3:
+        return None  # (a 5,000-digit number is not a score, and int() would refuse it)
     score = int(numbers[0])
     return score if score <= 100 else None
 
 
 class RecordError(Exception):
-    """The judge gave no usable reply for one record (the others go on)."""
+    """The judge gave no usable reply for one record (the others go on); `no_answer` when none
+    came at all (every attempt timed out or lost its connection)."""
+
+    def __init__(self, message: str, no_answer: bool = False):
+        super().__init__(message)
+        self.no_answer = no_answer
 
 
 class UnreachableError(Exception):
     """The judge's server could not be connected to."""
+
+
+class Stopped(Exception):
+    """Judging stopped before the last record: `scores` of the records before, `message` why;
+    `interrupted` on Ctrl-C."""
+
+    def __init__(self, scores: list[int | None], message: str, interrupted: bool = False):
+        super().__init__(message)
+        self.scores, self.interrupted = scores, interrupted
+
+
+class JudgeInterrupted(KeyboardInterrupt):
+    """Ctrl-C while judging; the message says what was kept (the command line exits 130)."""
 
 
 @dataclass
@@ -98,7 +118,9 @@ class Judge:
     """A client for one judge model behind an Ollama or OpenAI-compatible chat endpoint.
 
     Connection errors, timeouts, HTTP 429 and 5xx are retried ``retries`` times with exponential
-    backoff (``retry_delay``, then twice that, ...). The API key is only ever sent in a header.
+    backoff (``retry_delay``, then twice that, ...). The API key is only ever sent in a header. A
+    user name and password in `url` (``http://user:PASSWORD@host``) are sent as HTTP Basic
+    authentication (unless an API key is) and never shown: messages name ``shown_url``.
     """
 
     url: str
@@ -113,7 +135,7 @@ class Judge:
         check(JudgeOptions, {"url": self.url, "model": self.model, "api": self.api,
                              "timeout": self.timeout, "retries": self.retries,
                              "retry_delay": self.retry_delay}, "judge")
-        self.url = self.url.rstrip("/")
+        self.url, self.shown_url, self._basic = _split_credentials(self.url.rstrip("/"))
 
     @property
     def endpoint(self) -> str:
@@ -131,8 +153,11 @@ class Judge:
         return {"model": self.model, "messages": messages, "temperature": 0, "seed": SEED}
 
     def redact(self, text: str) -> str:
-        """`text` with the API key replaced by ``***``."""
-        return text.replace(self.api_key, "***") if self.api_key else text
+        """`text` with the API key and the URL's password replaced by ``***``."""
+        for secret in (self.api_key, *self._basic[1:]):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     def ask(self, prompt: str) -> str:
         """The judge's reply to `prompt`, retrying transient failures.
@@ -149,7 +174,7 @@ class Judge:
                 if attempt == self.retries:
                     if e.unreachable:
                         raise UnreachableError(str(e)) from None
-                    raise RecordError(f"{e} (after {attempt + 1} attempts)") from None
+                    raise RecordError(f"{e} (after {attempt + 1} attempts)", e.no_answer) from None
             time.sleep(self.retry_delay * 2**attempt)
             attempt += 1
 
@@ -157,6 +182,11 @@ class Judge:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        elif self._basic[0] is not None:
+            import base64
+
+            pair = f"{self._basic[0]}:{self._basic[1] or ''}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
         request = urllib.request.Request(
             self.endpoint, data=json.dumps(self.body(prompt)).encode(), headers=headers, method="POST"
         )
@@ -175,18 +205,21 @@ class Judge:
             raise RecordError(detail) from None
         except (RecordError, OSError, http.client.HTTPException) as e:
             if watchdog.fired:
-                raise _Transient(f"no complete reply from {self.endpoint} within {self.timeout:g} s"
-                                 ) from None
+                raise _Transient(f"no complete reply from {self.endpoint} within {self.timeout:g} s",
+                                 no_answer=True) from None
             if isinstance(e, RecordError):
                 raise
+            if isinstance(e, urllib.error.URLError) and isinstance(e.reason, TimeoutError):
+                raise _Transient(f"no connection to {self.endpoint} within {self.timeout:g} s",
+                                 no_answer=True) from None
             if isinstance(e, urllib.error.URLError):  # no connection (refused, unknown host, ...)
                 raise _Transient(f"cannot connect to {self.endpoint}: {e.reason}",
                                  unreachable=True) from None
             if isinstance(e, TimeoutError):
-                raise _Transient(f"no complete reply from {self.endpoint} within {self.timeout:g} s"
-                                 ) from None
-            raise _Transient(f"connection to {self.endpoint} failed: {type(e).__name__}: {e}"
-                             ) from None
+                raise _Transient(f"no complete reply from {self.endpoint} within {self.timeout:g} s",
+                                 no_answer=True) from None
+            raise _Transient(f"connection to {self.endpoint} failed: {type(e).__name__}: {e}",
+                             no_answer=True) from None
         finally:
             watchdog.cancel()
 
@@ -284,18 +317,34 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 class _Transient(Exception):
-    """A failure worth retrying; `unreachable` when no connection was made."""
+    """A failure worth retrying; `unreachable` when no connection was made, `no_answer` when the
+    connection timed out or broke before a whole reply came."""
 
-    def __init__(self, message: str, unreachable: bool = False):
+    def __init__(self, message: str, unreachable: bool = False, no_answer: bool = False):
         super().__init__(message)
-        self.unreachable = unreachable
+        self.unreachable, self.no_answer = unreachable, no_answer
+
+
+def _split_credentials(url: str) -> tuple[str, str, tuple[str | None, str | None, str | None]]:
+    """`url` without its ``user:password@`` part, the same shown with ``***`` for the password,
+    and (user, password, password as typed) for Basic authentication and redaction."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, url, (None, None, None)
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, typed = userinfo.partition(":")
+    clean = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    shown = urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}" if typed else
+                                                   f"{user}@{host}"))
+    return clean, shown, (urllib.parse.unquote(user), urllib.parse.unquote(typed) or None,
+                          typed or None)
 
 
 def _loads(raw: bytes) -> dict:
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RecordError(f"reply is not JSON: {raw!r}") from None
+    except (ValueError, UnicodeDecodeError):  # ValueError: also an integer of > 4,300 digits
+        raise RecordError(f"reply is not JSON: {_clip(repr(raw))}") from None
     if not isinstance(data, dict):
         raise RecordError(f"reply is not a JSON object: {data}")
     return data
@@ -350,6 +399,10 @@ def score_records(records: list[dict], judge: Judge, key: str = DEFAULTS.key,
     An empty response scores 0 without asking the judge. Each distinct problem is reported to
     `warn` once when first met, and at the end with the other records that had it. `warn` defaults
     to printing to stderr (above a progress bar over the records, shown on a terminal).
+
+    Raises:
+        Stopped: with the scores so far, when the server cannot be connected to, when
+            ``GIVE_UP_AFTER`` records in a row got no answer at all, or on Ctrl-C.
     """
     from tqdm.auto import tqdm
 
@@ -357,32 +410,43 @@ def score_records(records: list[dict], judge: Judge, key: str = DEFAULTS.key,
     warn = warn or (lambda line: bar.write(line, file=sys.stderr))
     scores: list[int | None] = []
     failures: list[tuple[int, str]] = []
-    for i, record in enumerate(bar):
-        if not record[key].strip():
-            scores.append(0)
-            continue
-        try:
-            reply = judge.ask(judge_prompt(record, key))
-        except RecordError as e:
-            problem = _clip(judge.redact(str(e)))
-        except UnreachableError as e:
-            bar.close()
-            raise GPTFTError(judge.redact(_unreachable_message(judge, str(e)))) from None
-        else:
-            score = parse_score(reply)
-            problem = (None if score is not None else "reply is not an integer score: "
-                       f"{_clip(judge.redact(reply.strip()))!r}")
-        if problem is not None:
-            if all(p != problem for _, p in failures):
-                warn(f"record {i}: {problem}")
-            failures.append((i, problem))
-            score = None
-        scores.append(score)
-    bar.close()
+    silent = 0  # records in a row without an answer
+    try:
+        for i, record in enumerate(bar):
+            if not record[key].strip():
+                scores.append(0)
+                continue
+            score, problem, silent = _score_one(judge, record, key, silent)
+            if problem is not None:
+                if all(p != problem for _, p in failures):
+                    warn(f"record {i}: {problem}")
+                failures.append((i, problem))
+            scores.append(score)
+            if silent >= GIVE_UP_AFTER:
+                raise Stopped(scores, f"the judge at {judge.shown_url} did not answer {silent} "
+                              "records in a row (see above)")
+    except UnreachableError as e:
+        raise Stopped(scores, judge.redact(_unreachable_message(judge, str(e)))) from None
+    except KeyboardInterrupt:
+        raise Stopped(scores, "interrupted", interrupted=True) from None
+    finally:
+        bar.close()
     repeated = [(i, p) for i, p in failures if sum(q == p for _, q in failures) > 1]
     for line in grouped(repeated):
         warn(f"the same problem for {line}")
     return scores
+
+
+def _score_one(judge: Judge, record: dict, key: str, silent: int) -> tuple[int | None, str | None, int]:
+    """(score, problem, records in a row without an answer, this one included)."""
+    try:
+        reply = judge.ask(judge_prompt(record, key))
+    except RecordError as e:
+        return None, _clip(judge.redact(str(e))), silent + 1 if e.no_answer else 0
+    score = parse_score(reply)
+    problem = None if score is not None else \
+        f"reply is not an integer score: {_clip(judge.redact(reply.strip()))!r}"
+    return score, problem, 0
 
 
 def _clip(text: str, limit: int = 300) -> str:
@@ -391,11 +455,11 @@ def _clip(text: str, limit: int = 300) -> str:
 
 
 def _unreachable_message(judge: Judge, detail: str) -> str:
-    message = f"cannot reach the judge at {judge.url} ({detail}; {judge.retries + 1} attempts)."
+    message = f"cannot reach the judge at {judge.shown_url} ({detail}; {judge.retries + 1} attempts)."
     if judge.api == "ollama":
         message += (f" Start Ollama with `ollama serve` and fetch the model with "
                     f"`ollama pull {judge.model}`, or pass --url.")
-    return message + " Nothing was written."
+    return message
 
 
 def judge_file(
@@ -410,8 +474,9 @@ def judge_file(
     retry_delay: float = DEFAULTS.retry_delay,
     key: str = DEFAULTS.key,
     output: str | os.PathLike | None = None,
+    overwrite: bool = False,
     warn: Callable[[str], None] | None = None,
-) -> list[int | None]:
+) -> Scores:
     """Score every record of a responses file and write the scores back (key ``score``).
 
     Args:
@@ -425,32 +490,83 @@ def judge_file(
         retries: further attempts after a connection error, timeout, HTTP 429 or 5xx.
         retry_delay: first backoff delay in seconds; it doubles with each retry.
         key: the record key holding the response to score.
-        output: where to write the scored records (atomically); default: `path` itself.
+        output: where to write the scored records (atomically; a new ``.json`` file unless
+            `overwrite`; never a symbolic link); default: `path` itself (not a link).
+        overwrite: let `output` replace an existing file.
         warn: receives one line per record left unscored (default: printed to stderr).
 
     A record the judge fails on keeps the score an earlier run gave it (else gets null); each
-    request has an overall deadline of `timeout` seconds; redirects are not followed.
+    request has an overall deadline of `timeout` seconds; redirects are not followed. When the
+    server cannot be reached, or ``GIVE_UP_AFTER`` records in a row got no answer, judging stops;
+    then, and on Ctrl-C, the scores obtained so far are written (the records not reached keep an
+    earlier score, else get null).
 
     Returns:
-        One score per record: 0..100, or None where the judge's reply was unusable.
+        One score per record: 0..100, or None where the judge's reply was unusable (a ``Scores``
+        list: its ``empty`` counts the empty responses, scored 0 without asking the judge).
 
     Raises:
-        GPTFTError: bad file or records, an unreachable server, or no response scored at all
-            (nothing is written then), or the file cannot be written (the old one is kept).
+        GPTFTError: bad file or records, an output that exists or is a link, every response empty,
+            an unreachable or silent server, no response scored at all (nothing is written then),
+            or the file cannot be written (the old one is kept).
+        JudgeInterrupted: Ctrl-C (the scores obtained so far are written).
     """
     records = load_records(path, key)
+    target = _check_target(Path(path), output, overwrite)
+    empty = sum(not r[key].strip() for r in records)
+    if records and empty == len(records):
+        raise GPTFTError(f"{path}: every response ({key!r}) is empty: nothing to ask the judge "
+                         "(did the generation fail?); nothing was written")
     api_key = os.environ.get(api_key_env) if api == "openai" and api_key_env else None
     judge = Judge(url, model, api, api_key or None, timeout, retries, retry_delay)
-    scores = score_records(records, judge, key, warn)
+    try:
+        scores = score_records(records, judge, key, warn)
+    except Stopped as stop:
+        judged = [s for r, s in zip(records, stop.scores) if r[key].strip() and s is not None]
+        if judged:
+            _write_scores(target, records, stop.scores + [None] * (len(records) - len(stop.scores)))
+        kept = (f"the {len(judged)} scores obtained were written to {target}; run again to score "
+                "the rest" if judged else "nothing was written")
+        message = f"{stop}; stopped after {len(stop.scores)} of {len(records)} records: {kept}"
+        if stop.interrupted:
+            raise JudgeInterrupted(message) from None
+        raise GPTFTError(message) from None
     asked = [s for r, s in zip(records, scores, strict=True) if r[key].strip()]
     if asked and all(s is None for s in asked):
         raise GPTFTError(f"the judge scored none of the {len(asked)} responses it was asked about "
-                         f"(see the problems above); {path} was left unchanged")
+                         f"(see the problems above); {target} was left unchanged")
+    _write_scores(target, records, scores)
+    return Scores(scores, empty=empty)
+
+
+class Scores(list):
+    """One score per record (0..100, or None), and how many were empty responses scored 0
+    without asking the judge (`empty`)."""
+
+    def __init__(self, scores: list[int | None], empty: int = 0):
+        super().__init__(scores)
+        self.empty = empty
+
+
+def _check_target(path: Path, output: str | os.PathLike | None, overwrite: bool) -> Path:
+    """The file the scores go to, checked before any request: `output` (a new ``.json`` file, or
+    an existing one with `overwrite`), else `path` itself; never a symbolic link (a link would be
+    replaced by a regular file, or written through)."""
+    from gptft.io import check_output
+
+    if output is not None:
+        return check_output(output, overwrite, (".json",))
+    if path.is_symlink():
+        raise GPTFTError(f"{path}: is a symbolic link; gptft does not replace links: pass --output "
+                         "to write the scores elsewhere, or judge the file the link points to")
+    return path
+
+
+def _write_scores(target: Path, records: list[dict], scores: list[int | None]) -> None:
     for record, score in zip(records, scores, strict=True):
         if score is not None or not _is_score(record.get("score")):
             record["score"] = score  # a failure keeps an earlier run's score
-    write_json(Path(output) if output is not None else Path(path), records)
-    return scores
+    write_json(target, records)
 
 
 def _is_score(value: object) -> bool:
@@ -458,9 +574,13 @@ def _is_score(value: object) -> bool:
 
 
 def summary(scores: list[int | None]) -> str:
-    """The two summary lines: number of scores, and their average over the scored records only."""
+    """The two summary lines: number of scores (the empty responses, scored 0 without asking the
+    judge, counted apart), and their average over the scored records only."""
     got = [s for s in scores if s is not None]
+    empty = getattr(scores, "empty", 0)
+    apart = (f" ({len(got) - empty} by the judge; {empty} empty response"
+             f"{'s' if empty > 1 else ''} scored 0 without asking it)") if empty else ""
     if not got:
         return f"Number of scores: 0 of {len(scores)}\nAverage score: n/a (no record scored)"
-    return (f"Number of scores: {len(got)} of {len(scores)}\n"
+    return (f"Number of scores: {len(got)} of {len(scores)}{apart}\n"
             f"Average score: {sum(got) / len(got):.2f} (over the {len(got)} scored records)")

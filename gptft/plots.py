@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,23 @@ def curves_of(metric: str) -> list[tuple[str, str, str, str]]:
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of ``log.jsonl``."""
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line]
+    """The rows of ``log.jsonl``; a line that is not a JSON object with a step (edited or damaged
+    by hand) is left out with a warning, not the end of a run that trained."""
+    rows, bad = [], []
+    for number, line in enumerate((run_dir / "log.jsonl").read_text().splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except (ValueError, RecursionError):
+            row = False
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif row is not None:
+            bad.append(number)
+    if bad:
+        print(f"warning: {run_dir / 'log.jsonl'}: line {', '.join(map(str, bad[:5]))}"
+              f"{' ...' if len(bad) > 5 else ''} not a logged row (a JSON object with a step): "
+              "left out of the plots", file=sys.stderr)
+    return rows
 
 
 def points(rows: list[dict], key: str) -> list[tuple[int, int, float]]:

@@ -67,17 +67,34 @@ def check_new_run(folder: Path, overwrite: bool, resuming_here: bool) -> None:
         raise GPTFTError(f"{folder / 'checkpoints'}: a symbolic link; gptft keeps (and prunes) "
                          "checkpoints inside the run folder only: remove the link")
     others = sorted(p.name for p in folder.iterdir() if p.name != LOCK) if folder.is_dir() else []
-    if not others or resuming_here:
-        return
-    if not is_gptft_run(folder):
-        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise GPTFTError(f"output_dir {folder}: not empty and not a gptft run folder (it holds "
-                         f"{shown}; no {MARKER}); choose a new or empty output_dir")
-    if not overwrite:
-        state = run_state(folder)
-        how = "" if state == "finished" else "; continue it with train.resume=true"
-        raise GPTFTError(f"output_dir {folder}: holds a {state or 'earlier'} gptft run; "
-                         f"set train.overwrite=true to replace it{how}, or choose another output_dir")
+    if others and not resuming_here:
+        if not is_gptft_run(folder):
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise GPTFTError(f"output_dir {folder}: not empty and not a gptft run folder (it holds "
+                             f"{shown}; no {MARKER}); choose a new or empty output_dir")
+        if not overwrite:
+            state = run_state(folder)
+            how = "" if state == "finished" else "; continue it with train.resume=true"
+            raise GPTFTError(f"output_dir {folder}: holds a {state or 'earlier'} gptft run; set "
+                             f"train.overwrite=true to replace it{how}, or choose another output_dir")
+    if folder.is_dir():
+        check_no_links(folder)
+
+
+def check_no_links(folder: Path) -> None:
+    """Raise if a name gptft writes in the run folder (its files, ``adapter/``, a checkpoint's
+    temporary folder) is a symbolic link: gptft would write through it, or replace it."""
+    from gptft.io import link_error
+
+    names = [folder / n for n in (*RUN_FILES, MARKER, "adapter")]
+    if (folder / "adapter").is_dir() and not (folder / "adapter").is_symlink():
+        names += [folder / "adapter" / n for n in ADAPTER_FILES]
+    root = folder / "checkpoints"
+    if root.is_dir() and not root.is_symlink():  # a save writes into .tmp-step-N (a link to a
+        names += list(root.glob(".tmp-step-*"))  # step-N is the user's: never followed)
+    for path in names:
+        if path.is_symlink():
+            raise link_error(path)
 
 
 def reset_run_folder(folder: Path) -> None:
@@ -101,6 +118,20 @@ def reset_run_folder(folder: Path) -> None:
             if CHECKPOINT_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
         _rmdir_if_empty(root)
+
+
+# ``gptft.io.atomic_path``'s temporary files of a run's own files: ``.NAME.XXXXXXXX.tmp``.
+_OWN = "|".join(re.escape(n) for n in (*RUN_FILES, MARKER))
+STALE = re.compile(rf"\.({_OWN})\.[a-z0-9_]{{8}}\.tmp")
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files of gptft's own atomic writes that a killed run left in `folder`
+    (``.gptft-run.ab12cd34.tmp``...): gptft's to remove, and in the way of the next command. Call
+    with the folder's lock held (no other gptft writes them then)."""
+    for p in folder.iterdir():
+        if STALE.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink()
 
 
 def mark(folder: Path, state: str) -> None:
@@ -155,7 +186,9 @@ class RunLock:
         path = folder / LOCK
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            return cls._acquire(path, made)
+            lock = cls._acquire(path, made)
+            remove_stale_temporaries(folder)  # the folder is ours now: no gptft writes there
+            return lock
         except OSError as e:
             raise GPTFTError(f"output_dir {folder}: cannot create {LOCK} there "
                              f"({e.strerror or e})") from None
@@ -164,7 +197,14 @@ class RunLock:
     def _acquire(cls, path: Path, made: bool) -> RunLock:
         folder = path.parent
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                from gptft.io import link_error
+
+                raise link_error(path) from None
             try:
                 _lock(fd, path)
                 if os.fstat(fd).st_ino == os.stat(path).st_ino:  # not a file another run unlinked
@@ -194,8 +234,8 @@ class RunLock:
         try:
             if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
                 self.path.unlink()
-        except FileNotFoundError:
-            pass
+        except OSError:  # gone, or a folder turned read-only: the kernel frees the flock anyway,
+            pass  # and the error that ended the run (naming its own file) is the one to show
         os.close(self.fd)
         self.fd = -1
         if self.made_folder:

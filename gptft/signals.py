@@ -10,6 +10,13 @@ without waiting and read one step later, so a step still never waits for the dev
 
 A second Ctrl-C while the run stops raises ``KeyboardInterrupt`` (the command line prints one
 line); repeated SIGTERM / SIGUSR1 (a launcher forwarding the signal it got) are ignored.
+
+Outside the training loop (start-up, data loading, resume loading, the final evaluation, saving,
+the outputs) ``gptft.finetune`` holds a request of its own for the whole job: the trainer's takes
+over a signal that came before the loop and hands back one that came after it, and the job acts on
+it where one phase ends (``agreed``: every process alike). ``GPTFT_SIGNAL_AT=PHASE:SIGNAL[:RANK]``
+sends SIGNAL to the process (of that rank) as PHASE begins (``signal_at``), so tests can stop a
+run in each phase.
 """
 
 from __future__ import annotations
@@ -42,9 +49,10 @@ class StopRequest:
     to stop now.
     """
 
-    def __init__(self, device: Any):
+    def __init__(self, device: Any = None):
         self.signum = 0
         self._old: dict[int, Any] = {}
+        self._outer: StopRequest | None = None  # the request installed before this one
         self._lag = 1 if getattr(device, "type", "cpu") == "cuda" else 0
         self._pending: deque = deque()
 
@@ -53,11 +61,30 @@ class StopRequest:
             return
         for s in STOP_SIGNALS:
             self._old[s] = signal.signal(s, self._handle)
+            outer = getattr(self._old[s], "__self__", None)
+            if isinstance(outer, StopRequest):  # take over a signal that came before
+                self._outer, self.signum = outer, self.signum or outer.signum
 
     def restore(self) -> None:
         for s, handler in self._old.items():
             signal.signal(s, handler)
         self._old.clear()
+        if self._outer is not None:  # hand back a signal not acted on yet
+            self._outer.signum = self._outer.signum or self.signum
+            self._outer = None
+
+    def agreed(self, accelerator: Any = None) -> bool:
+        """Whether some process asked to stop: the same answer on every process (a collective
+        when there are several, so every process must ask at the same point)."""
+        if accelerator is None or accelerator.num_processes == 1:
+            return bool(self.signum)
+        import torch
+
+        flag = torch.tensor(1.0 if self.signum else 0.0, device=accelerator.device)
+        total = accelerator.reduce(flag, reduction="sum").item()
+        if total and not self.signum:  # another process got it: report the same
+            self.signum = signal.SIGTERM
+        return total > 0
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum and signum == signal.SIGINT and self.signum == signal.SIGINT:
@@ -94,6 +121,18 @@ class StopRequest:
         if event is not None:
             event.synchronize()  # recorded a step ago: done, or nearly
         return bool(value.item() > 0)
+
+
+def signal_at(phase: str) -> None:
+    """Testing hook: with ``GPTFT_SIGNAL_AT=PHASE:SIGNAL[:RANK]`` (e.g. ``final evaluation:SIGTERM``),
+    send SIGNAL to this process (if its ``RANK`` matches, when given) as `phase` begins."""
+    wanted = os.environ.get("GPTFT_SIGNAL_AT", "")
+    if not wanted:
+        return
+    name, _, rest = wanted.partition(":")
+    signame, _, rank = rest.partition(":")
+    if name == phase and (not rank or rank == os.environ.get("RANK", "0")):
+        os.kill(os.getpid(), getattr(signal, signame or "SIGTERM"))
 
 
 def watch_parent() -> None:

@@ -45,6 +45,7 @@ from gptft import checkpoints
 from gptft.checkpoints import ResumePoint
 from gptft.config import Job
 from gptft.errors import GPTFTError
+from gptft.io import append_text
 from gptft.signals import Interrupted, StopRequest
 from gptft.timing import Phases
 from gptft.tracking import tracker_values
@@ -237,6 +238,8 @@ class Trainer:
         self._window = torch.zeros(2, device=dev)  # loss sum and steps since the last log
         self._last_save = time.time()
         self._saved_step = -1
+        self._fit_log_lines = 0  # log lines when fit ended (a checkpoint saved later keeps these)
+        self._data_sha256: dict[str, str] | None = None  # of the data files, in each checkpoint
         self.stop = StopRequest(dev)
         self._rate_mark = (0.0, 0)  # (training seconds, examples seen) at the last evaluation line
         self._bar: tqdm | None = None
@@ -259,6 +262,8 @@ class Trainer:
         begin = time.perf_counter()
         self.stop.install()
         try:
+            if self.stop.agreed(self.accelerator):  # a signal during start-up or resume loading
+                self._interrupt()
             while self.state.epoch < self.cfg.epochs and not self._done():
                 bar.set_description(f"epoch {self.state.epoch + 1}/{self.cfg.epochs}")
                 for micro_batches in self._epoch_batches():
@@ -275,23 +280,41 @@ class Trainer:
                         break
                 else:
                     self._end_epoch()
+            self._fit_log_lines = self.state.log_lines  # the loop's end, as a checkpoint there
             if self._done():  # stopped by max_steps: the last weights are validated too
                 self.evaluate_and_track()
             self._check_finite()
         finally:
-            self.stop.restore()
+            self.stop.restore()  # a signal from now on: the job's (gptft.finetune)
             bar.close()  # also on an error: its message then starts a line of its own
             self._bar = None
         self._restore_best()
 
     def _interrupt(self) -> None:
         """Every process agreed to stop after this step: save it (unless just saved) and stop."""
+        if self.state.step == 0:
+            raise Interrupted(f"stopped by {self.stop.name or 'a signal'} before the first step: "
+                              "nothing trained, nothing to save; run the same command again")
         path = checkpoints.checkpoint_path(self.output_dir, self.state.step)
         if self._saved_step != self.state.step:
             path = self.save_checkpoint()
         raise Interrupted(f"stopped by {self.stop.name or 'a signal'} at step {self.state.step}: "
                           f"checkpoint {path} saved; continue with the same command and "
                           "train.resume=true")
+
+    def save_last_checkpoint(self) -> Path:
+        """After ``fit``: a checkpoint of the last step, as the loop would have saved it (its
+        weights, not the best ones restored since, and the log lines of training only), unless
+        one exists; every process takes part."""
+        if self._saved_step == self.state.step:
+            return checkpoints.checkpoint_path(self.output_dir, self.state.step)
+        lines, self.state.log_lines = self.state.log_lines, self._fit_log_lines
+        self._swap_best()  # the last weights back in the model, the best ones in self.best
+        try:
+            return self.save_checkpoint()
+        finally:
+            self._swap_best()
+            self.state.log_lines = lines
 
     def print(self, text: str) -> None:
         """A line on the main process's console, above the progress bar (not glued onto it)."""
@@ -578,16 +601,34 @@ class Trainer:
             self.best = {n: torch.empty_like(p) for n, p in params.items()}
         torch._foreach_copy_(list(self.best.values()), [params[n] for n in self.best])
 
+    @torch.no_grad()
+    def _swap_best(self) -> None:
+        """Exchange the trainable weights with ``self.best`` (one tensor's copy at a time)."""
+        if self.best is None:
+            return
+        for n, p in self._trainable():
+            last = p.detach().clone()
+            p.copy_(self.best[n])
+            self.best[n].copy_(last)
+
     def _trainable(self) -> Iterator[tuple[str, torch.Tensor]]:
         return ((n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters()
                 if p.requires_grad)
 
+    def _check_best(self, best: dict[str, torch.Tensor], path: Path) -> None:
+        """The best weights of a checkpoint: one tensor per trainable parameter, of its shape."""
+        params = dict(self._trainable())
+        wrong = sorted(set(params) ^ set(best)) or [
+            n for n in params if best[n].shape != params[n].shape or best[n].dtype != params[n].dtype]
+        if wrong:
+            raise GPTFTError(f"{path}: not this model's trainable weights ({', '.join(wrong[:3])}"
+                             f"{' ...' if len(wrong) > 3 else ''}: missing, extra or of another "
+                             "shape or type); resume from another checkpoint or start afresh")
+
     def _restore_best(self) -> None:
         if self.best is None:
             return
-        with torch.no_grad():
-            for n, p in self._trainable():
-                p.copy_(self.best[n])
+        self._swap_best()  # the last weights stay in self.best, for save_last_checkpoint
         self.print(f"kept the best model: step {self.state.best_step}, "
                    f"{self.task.best_metric} {self.state.best_value:.4f}")
 
@@ -602,8 +643,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             line = {"step": step, "epoch": self.state.epoch, "examples_seen": seen,
                     **{k: _json_number(v) for k, v in metrics.items()}}
-            with open(self.output_dir / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
+            append_text(self.output_dir / "log.jsonl", json.dumps(line) + "\n")  # never via a link
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -612,7 +652,11 @@ class Trainer:
         and logged."""
         self._check_finite()  # never save the state of a run that has gone bad
         begin = time.perf_counter()
-        state = {"progress": self.state.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self._data_sha256 is None and self.accelerator.is_main_process:
+            self._data_sha256 = checkpoints.data_hashes(self.job)  # once a run
+        state = {"progress": self.state.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "loss_window": self._window.tolist(),  # train/loss_mean's steps since the last log
+                 "data_sha256": self._data_sha256}
         with self.phases("checkpoints"):
             path = checkpoints.save_checkpoint(self.accelerator, self.job, self.state.step, state,
                                                self.best)
@@ -631,11 +675,26 @@ class Trainer:
         """Load the checked checkpoint `point`; drop the lines the interrupted run logged after it."""
         best = checkpoints.load_checkpoint(self.accelerator, point, self.output_dir)
         self.state.load_state_dict(point.state["progress"])
-        self.scheduler.load_state_dict(point.state["scheduler"])
+        saved = point.path / checkpoints.TRAINER_STATE
+        try:
+            self.scheduler.load_state_dict(point.state["scheduler"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise GPTFTError(f"{saved}: scheduler: not this run's learning-rate schedule "
+                             f"({type(e).__name__}: {e})") from None
         if point.relaid:
             self._relay(point)
+        if self.state.batches_in_epoch > len(self.train_loader):
+            raise GPTFTError(f"{saved}: progress.batches_in_epoch={self.state.batches_in_epoch} is "
+                             f"past the end of the epoch ({len(self.train_loader)} batches): the "
+                             "checkpoint does not belong to this data and batch size")
+        window = point.state.get("loss_window")
+        if window is not None:
+            self._window = torch.tensor(window, dtype=self._window.dtype, device=self._window.device)
         if best is not None:
+            self._check_best(best, point.path / f"best_{self.accelerator.process_index}.safetensors")
             self.best = {k: v.to(self.accelerator.device) for k, v in best.items()}
+        if point.path.parent.resolve() == (self.output_dir / checkpoints.CHECKPOINTS).resolve():
+            self._saved_step = self.state.step  # this step's checkpoint exists: the one loaded
         if self.accelerator.is_main_process:
             _truncate_lines(self.output_dir / "log.jsonl", self.state.log_lines)
         self.accelerator.wait_for_everyone()

@@ -178,6 +178,12 @@ def in_range(obj: Any, name: str, low: float, high: float, *, high_open: bool = 
     return [f"{name}: must be in [{low}, {high}{')' if high_open else ']'} (got {value})"]
 
 
+def seed_problems(obj: Any, *names: str) -> list[str]:
+    """Problems for seeds outside what NumPy and PyTorch take alike: 0 to 2**32 - 1."""
+    return [f"{n}: must be in [0, 2**32 - 1] (got {getattr(obj, n)})" for n in names
+            if getattr(obj, n) is not None and not 0 <= getattr(obj, n) < 2**32]
+
+
 def split_problems(split: list[float]) -> list[str]:
     """Problems of a (train, val, test) fractions list: each split is needed (the validation one
     picks the best weights, the test one gives the final metrics), so none may be 0."""

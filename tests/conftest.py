@@ -31,9 +31,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+PACKAGED = ROOT / "gptft" / "assets" / "data"  # the same data files, as gptft carries them
+
+
 def shared_path(*parts: str) -> Path:
-    """A file under ../shared, or skip the test when the folder is absent."""
+    """A file under ../shared, else gptft's packaged copy of the same data file (byte-identical:
+    gptft/assets/README.md), or skip the test when neither exists."""
     path = SHARED.joinpath(*parts)
+    if not path.exists() and parts[0] == "data" and (PACKAGED / parts[-1]).is_file():
+        return PACKAGED / parts[-1]
     if not path.exists():
         if os.environ.get("CI"):
             pytest.fail(f"{path} missing: CI must run with ../shared beside the checkout")

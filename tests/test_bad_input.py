@@ -793,6 +793,284 @@ def case_judge_output_under_a_file(tmp, out):
             [f"{tmp / 'file'}: is a file, not a folder"])
 
 
+# ---- issue 24: outputs that replace what gptft did not write; gptft's own leftovers --------------
+
+def case_export_overwrite_refuses_a_folder_it_did_not_write(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    thesis = tmp / "thesis"
+    thesis.mkdir()
+    (thesis / "chapter1.tex").write_text("my thesis")
+    return (["export", str(run), str(thesis), "--overwrite"],
+            [str(thesis), "not an earlier gptft export (no .gptft-export in it)"])
+
+
+def case_export_overwrite_refuses_a_run_folder(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    other = _instruction_run(tmp / "other")
+    (other / ".gptft-run").write_text('{"state": "finished"}')
+    return (["export", str(run), str(other), "--overwrite"],
+            [str(other), "is a gptft run folder, not an export"])
+
+
+def case_export_into_a_symlink(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    (tmp / "elsewhere").mkdir()
+    (tmp / "link").symlink_to(tmp / "elsewhere")
+    return (["export", str(run), str(tmp / "link")], [str(tmp / "link"), "is a symbolic link"])
+
+
+def case_export_config_yaml_is_a_list(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    (run / "config.yaml").write_text("- a\n- b\n")
+    return ["export", str(run), str(tmp / "x")], [str(run / "config.yaml"), "not a saved configuration"]
+
+
+def case_export_config_yaml_unparsable(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    (run / "config.yaml").write_text("generate: [1\n")
+    return ["export", str(run), str(tmp / "x")], [str(run / "config.yaml"), "unreadable"]
+
+
+def case_export_config_yaml_unknown_generate_key(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    (run / "config.yaml").write_text("generate:\n  beams: 4\n")
+    return ["export", str(run), str(tmp / "x")], [str(run / "config.yaml"), "beams"]
+
+
+def case_export_immutable_target(tmp, out, mp):
+    """A folder that cannot be moved (immutable, or its parent read-only): no .old folder left."""
+    import errno
+    import os
+
+    run = _instruction_run(tmp / "lm")
+    target = tmp / "exported"
+    target.mkdir()
+    (target / ".gptft-export").write_text("{}")
+    (target / "config.json").write_text("old")
+    real = os.replace
+
+    def refuse(src, dst, *args, **kwargs):
+        if os.fspath(src) == str(target):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), os.fspath(src))
+        return real(src, dst, *args, **kwargs)
+
+    mp.setattr(os, "replace", refuse)
+    return (["export", str(run), str(target), "--overwrite"],
+            [str(target), "cannot write the export: Operation not permitted"])
+
+
+def test_export_overwrite_replaces_an_earlier_export_and_leaves_nothing_behind(tmp_path):
+    run = _instruction_run(tmp_path / "lm")
+    out = tmp_path / "exported"
+    assert main(["export", str(run), str(out)]) == 0
+    marker = json.loads((out / ".gptft-export").read_text())
+    assert marker["run"] == str(run.resolve())
+    (out / "config.json").write_text("stale")
+    assert main(["export", str(run), str(out), "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["n_embd"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "lm"]  # no .exported.*.old/tmp
+
+
+# ---- issue 24: no write follows a symbolic link out of the run folder -----------------------------
+
+def _earlier_run(folder: Path) -> Path:
+    """A finished earlier gptft run (that train.overwrite=true may replace)."""
+    folder.mkdir(parents=True)
+    (folder / ".gptft-run").write_text('{"state": "finished"}\n')
+    (folder / "config.yaml").write_text("task: classification\n")
+    return folder
+
+
+def _outside(tmp) -> Path:
+    target = tmp / "outside"
+    target.mkdir(exist_ok=True)
+    (target / "precious.txt").write_text("not gptft's")
+    return target
+
+
+def case_log_jsonl_is_a_link(tmp, out):
+    run = _earlier_run(tmp / "earlier")
+    (run / "log.jsonl").symlink_to(_outside(tmp) / "precious.txt")
+    return (_finetune(tmp, run, "spam-tiny.yaml", "train.overwrite=true"),
+            [f"{run / 'log.jsonl'}: is a symbolic link"])
+
+
+def case_lock_is_a_link(tmp, out):
+    run = tmp / "locked"
+    run.mkdir()
+    (run / ".gptft-lock").symlink_to(_outside(tmp) / "precious.txt")
+    return _finetune(tmp, run, "spam-tiny.yaml"), [f"{run / '.gptft-lock'}: is a symbolic link"]
+
+
+def case_checkpoint_tmp_is_a_link(tmp, out):
+    run = _earlier_run(tmp / "earlier")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / ".tmp-step-00000001").symlink_to(_outside(tmp))
+    return (_finetune(tmp, run, "spam-tiny.yaml", "train.overwrite=true", "train.checkpoint_every=1"),
+            [f"{run / 'checkpoints' / '.tmp-step-00000001'}: is a symbolic link"])
+
+
+def _link_once_running(mp, link: Path, target: Path) -> None:
+    """Make `link` (to `target`) right after the run marks its folder running: a link that
+    appears during the run, after every check before it."""
+    import gptft.runfolder
+
+    real = gptft.runfolder.mark
+
+    def mark(folder, state):
+        real(folder, state)
+        if state == "running":
+            link.parent.mkdir(exist_ok=True)
+            link.symlink_to(target)
+
+    mp.setattr(gptft.runfolder, "mark", mark)
+
+
+def case_checkpoint_tmp_link_made_during_the_run(tmp, out, mp):
+    link = tmp / "run" / "checkpoints" / ".tmp-step-00000001"
+    _link_once_running(mp, link, _outside(tmp))
+    return (_finetune(tmp, tmp / "run", "spam-tiny.yaml", "train.checkpoint_every=1"),
+            [f"{link}: is a symbolic link"])
+
+
+def case_log_jsonl_link_made_during_the_run(tmp, out, mp):
+    link = tmp / "run" / "log.jsonl"
+    _link_once_running(mp, link, _outside(tmp) / "precious.txt")
+    return _finetune(tmp, tmp / "run", "spam-tiny.yaml"), [f"{link}: is a symbolic link"]
+
+
+def test_append_text_never_follows_a_link_and_leaves_no_partial_line(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from gptft.errors import GPTFTError
+    from gptft.io import append_text
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine\n")
+    (tmp_path / "log.jsonl").symlink_to(outside)
+    with pytest.raises(GPTFTError, match="log.jsonl: is a symbolic link"):
+        append_text(tmp_path / "log.jsonl", "{}\n")
+    assert outside.read_text() == "mine\n"
+
+    log = tmp_path / "real.jsonl"
+    log.write_text('{"step": 1}\n')
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, data[:5])  # a part of the line reaches the disk, then it is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(GPTFTError, match="real.jsonl: cannot write: No space left on device"):
+        append_text(log, '{"step": 2}\n')
+    monkeypatch.undo()
+    assert log.read_text() == '{"step": 1}\n'
+
+
+# ---- issue 24: the remaining tracebacks ------------------------------------------------------------
+
+def case_yaml_recursive_alias(tmp, out):
+    p = _yaml(tmp, "task: classification\ntrain: &t\n  nested: *t\n")
+    return ["finetune", "--config", str(p)], [f"{p}:", "a YAML alias contains its own anchor"]
+
+
+def case_yaml_billion_laughs(tmp, out):
+    rows = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    rows += [f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")]
+    p = _yaml(tmp, "\n".join(rows) + "\ntask: classification\n")
+    return ["finetune", "--config", str(p)], [str(p), "expands to more than 100,000 values"]
+
+
+def case_yaml_nested_too_deep(tmp, out):
+    p = _yaml(tmp, "task: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    return ["finetune", "--config", str(p)], [str(p), "nested too deeply"]
+
+
+def case_instruction_json_nested_100k_deep(tmp, out):
+    p = tmp / "deep.json"
+    p.write_text("[" * 100_000 + "]" * 100_000)
+    return (_finetune(tmp, tmp / "run", "instruct-tiny.yaml", f"data.path={p}"),
+            [str(p), "nested too deeply"])
+
+
+def case_instruction_jsonl_5000_digit_number(tmp, out):
+    p = tmp / "big.jsonl"
+    p.write_text('{"instruction": "a", "output": ' + "9" * 5000 + "}\n")
+    return (_finetune(tmp, tmp / "run", "instruct-tiny.yaml", f"data.path={p}"),
+            [f"{p}:1", "unreadable JSON Lines record", "4300"])
+
+
+def case_judge_json_nested_100k_deep(tmp, out):
+    p = tmp / "responses.json"
+    p.write_text("[" * 100_000 + "]" * 100_000)
+    return ["judge", str(p)], [str(p), "nested too deeply"]
+
+
+def case_train_seed_negative(tmp, out):
+    return _finetune(tmp, out, "spam-tiny.yaml", "train.seed=-1"), ["train.seed: must be in [0, 2**32 - 1]"]
+
+
+def case_data_seed_2_to_the_32(tmp, out):
+    return (_finetune(tmp, out, "spam-tiny.yaml", "data.seed=4294967296"),
+            ["data.seed: must be in [0, 2**32 - 1] (got 4294967296)"])
+
+
+def case_text_column_is_the_label_column(tmp, out):
+    return (_finetune(tmp, out, "spam-tiny.yaml", "data.text_column=label"),
+            ["data.text_column: names the label column too ('label')"])
+
+
+def case_absurd_emb_dim(tmp, out):
+    return (_finetune(tmp, out, "spam-tiny.yaml", "model.emb_dim=1000000000"),
+            ["model: 2 layers of width emb_dim=1,000,000,000", "for the weights alone, more than the"])
+
+
+def case_absurd_context_length(tmp, out):
+    return (_finetune(tmp, out, "spam-tiny.yaml", "model.context_length=100000000000"),
+            ["context_length=100,000,000,000", "choose a smaller"])
+
+
+def case_classify_lone_surrogate(tmp, out):
+    run = _classification_run(tmp / "clf")
+    p = tmp / "texts.jsonl"
+    p.write_text('{"text": "fine"}\n{"text": "hi \\ud800 there"}\n')
+    return ["classify", str(run), "--file", str(p)], [f"{p}:2: record 1 holds a lone surrogate"]
+
+
+def case_instruction_lone_surrogate(tmp, out):
+    p = tmp / "records.json"
+    p.write_text(json.dumps(_good_records()[:-1])[:-1] + ', {"instruction": "a\\udc00", "output": "b"}]')
+    return (_finetune(tmp, tmp / "run", "instruct-tiny.yaml", f"data.path={p}"),
+            [f"{p}: record 19 holds a lone surrogate"])
+
+
+def case_classify_output_name_too_long(tmp, out):
+    run = _classification_run(tmp / "clf")
+    long = tmp / ("x" * 300 + ".csv")
+    return ["classify", str(run), "hello", "--output", str(long)], [str(long), "File name too long"]
+
+
+def case_output_dir_name_too_long(tmp, out):
+    long = tmp / ("r" * 300)
+    return _finetune(tmp, long, "spam-tiny.yaml"), [str(long), "File name too long"]
+
+
+def case_preference_every_pair_identical_dropped(tmp, out):
+    pairs = [{**r, "rejected": r["chosen"]} for r in _good_pairs()]
+    p = tmp / "pairs.json"
+    p.write_text(json.dumps(pairs))
+    return (_finetune(tmp, out, "dpo-tiny.yaml", "model.weights=random", "model.checkpoint=null",
+                      "data.drop_identical=true", f"data.path={p}"),
+            [str(p), "data.drop_identical=true leaves no pair to train on"])
+
+
+def case_data_file_of_nul_bytes(tmp, out):
+    p = tmp / "nul.csv"
+    p.write_bytes(b"\0" * 2_000_000)
+    return _finetune(tmp, out, "spam-tiny.yaml", f"data.path={p}"), [str(p)]
+
+
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 
@@ -818,6 +1096,7 @@ def test_bad_input_gives_one_clean_error(name, tmp_path, finished_run, capsys, m
     else:
         assert len(lines) == 1, err
         text = lines[0]
+        assert len(text) < 2500, f"an error line of {len(text):,} characters"
     for word in words:
         assert word in text, (word, err)
     after = _snapshot(tmp_path)
@@ -943,3 +1222,131 @@ def test_classify_reads_a_1mb_csv_field(tmp_path, capsys):
     assert main(["classify", str(run), "--file", str(texts)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[0].endswith("\tword word word word word word word word word word word wo...")
+
+
+def test_a_failed_export_move_leaves_no_temporary_folder(tmp_path, monkeypatch, capsys):
+    argv, _ = case_export_immutable_target(tmp_path, None, monkeypatch)
+    assert main(argv) == 2
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "lm"]
+    assert (tmp_path / "exported" / "config.json").read_text() == "old"
+
+
+# ---- issue 24: a full disk or a read-only folder names the file and leaves nothing behind --------
+
+def test_a_full_disk_at_the_checkpoints_state_leaves_no_temporary_folder(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import gptft.checkpoints
+    from gptft.io import write_error
+
+    def full(path, obj):
+        raise write_error(path, OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(gptft.checkpoints, "write_json", full)
+    out = tmp_path / "run"
+    assert main(_finetune(tmp_path, out, "spam-tiny.yaml", "train.checkpoint_every=1")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("gptft finetune: error: ") and "Traceback" not in last
+    assert f"{out / 'checkpoints' / '.tmp-step-00000001' / 'trainer_state.json'}: cannot write" in last
+    assert "No space left on device" in last
+    assert list((out / "checkpoints").iterdir()) == []
+
+
+def test_a_read_only_folder_at_the_final_save_names_the_file_not_the_lock(tmp_path, monkeypatch, capsys):
+    """The lock file cannot be removed either (read-only): the error shown is the save's."""
+    import errno
+    import os
+
+    out = tmp_path / "run"
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(args[0]))
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == "model.safetensors":
+            read_only(dst)
+        return real_replace(src, dst, *args, **kwargs)
+
+    def unlink(path, *args, **kwargs):
+        if Path(path).name == ".gptft-lock":
+            read_only(path)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert main(_finetune(tmp_path, out, "spam-tiny.yaml")) == 2
+    monkeypatch.undo()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"gptft finetune: error: {out / 'model.safetensors'}: cannot write")
+    assert "Read-only file system" in last and ".gptft-lock" not in last
+
+
+def test_a_failed_overwrite_never_leaves_the_old_run_marked_finished(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(_finetune(tmp_path, out, "spam-tiny.yaml", "train.max_steps=1")) == 0
+    deny(monkeypatch, out / "metrics.json")  # removing the earlier run's files fails midway
+    assert main(_finetune(tmp_path, out, "spam-tiny.yaml", "train.overwrite=true")) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert f"{out / 'metrics.json'}: Permission denied" in err.strip().splitlines()[-1]
+    assert json.loads((out / ".gptft-run").read_text())["state"] == "running"
+
+
+def test_the_process_count_and_global_batch_are_printed_and_fp16_on_the_cpu_warned(tmp_path, capsys):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # this process's earlier runs fixed another precision
+    data = _good_csv(tmp_path / "data.csv")
+    assert main(_finetune(tmp_path, tmp_path / "run", "spam-tiny.yaml", "train.max_steps=1",
+                          f"data.path={data}", "train.mixed_precision=fp16",
+                          "train.grad_accum_steps=2")) == 0
+    out = capsys.readouterr().out
+    assert "1 process on cpu: global batch 4 examples per step (1 x batch_size 2 x grad_accum_steps 2)" in out
+    assert "warning: train.mixed_precision=fp16 has no effect on the CPU" in out
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("cmdline, asked", [
+    (b"python\0-m\0accelerate.commands.launch\0--num_processes\0002\0launch/finetune.py\0", 2),
+    (b"/usr/bin/python\0/usr/local/bin/accelerate\0launch\0--num_processes=4\0x.py\0", 4),
+    (b"/usr/bin/python\0/usr/local/bin/accelerate\0launch\0x.py\0", None),
+    (b"bash\0-c\0python x.py --num_processes 3\0", None),
+])
+def test_the_launchers_num_processes_is_read_from_its_command_line(cmdline, asked):
+    from gptft.finetune import launcher_num_processes
+
+    assert launcher_num_processes(cmdline) == asked
+
+
+def test_classify_into_a_closed_pipe_ends_quietly(tmp_path):
+    """``gptft classify ... | head -1``: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    run = _classification_run(tmp_path / "clf")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"text number {i}\n" for i in range(3000)))
+    proc = subprocess.run(f"{sys.executable} -m gptft classify {run} --file {texts} | head -1",
+                          shell=True, capture_output=True, text=True, timeout=300)
+    assert len(proc.stdout.splitlines()) == 1
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_a_damaged_log_line_is_left_out_of_the_plots_with_a_warning(tmp_path, capsys):
+    from gptft.plots import read_log
+
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "train/loss": 0.5}\n[1, 2]\nnot json\n\n'
+                                        '{"step": 2, "train/loss": 0.4}\n')
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+    assert "log.jsonl: line 2, 3 not a logged row" in capsys.readouterr().err
+
+
+def test_checkpoints_do_not_print_accelerates_tied_weights_warning(tmp_path, capsys, caplog):
+    data = _good_csv(tmp_path / "data.csv")
+    assert main(_finetune(tmp_path, tmp_path / "run", "spam-tiny.yaml", f"data.path={data}",
+                          "train.max_steps=1", "train.checkpoint_every=1")) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step-00000001").is_dir()
+    out, err = capsys.readouterr()
+    assert "Removed shared tensor" not in out + err + caplog.text

@@ -22,7 +22,7 @@ RECORDS = [
     {"instruction": "Spell 'cat'.", "input": "", "output": "C-A-T", "model_response": "meh"},
 ]
 REPLIES = {"good": "85", "great": "Score: 100\n", "meh": "I would say it is fine", "bad": "12",
-           "slow": "50"}
+           "slow": "50", "huge": "9" * 5000}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -44,6 +44,11 @@ class Handler(BaseHTTPRequestHandler):
             status = 401
         if response == "slow":
             time.sleep(0.5)
+        if response == "hang":  # a server that accepts the request and never answers
+            time.sleep(30)
+            return None
+        if response == "hugejson":  # a JSON reply holding a 5,000-digit integer
+            return self._send(200, b'{"seed": ' + b"7" * 5000 + b"}\n")
         if response == "trickle":  # one byte every 50 ms, each well within the socket timeout
             return self._trickle()
         if status != 200:
@@ -149,6 +154,7 @@ def test_format_input_and_prompt_are_the_books():
 @pytest.mark.parametrize("reply, score", [
     ("85", 85), ("85\n", 85), (" Score: 85", 85), ("0", 0), ("100.", 100), ("I give it 7", 7),
     ("101", None), ("-5", None), ("85.5", None), ("85/100", None), ("great", None), ("", None),
+    ("9" * 5000, None), ("0085", 85),
 ])
 def test_parse_score(reply, score):
     assert parse_score(reply) == score
@@ -158,7 +164,8 @@ def test_ollama_scores_are_written_back(server, responses, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)  # not sent to Ollama
     assert main(["judge", str(responses), "--url", server.url + "/", "--model", "llama3", *FAST]) == 1
     out, err = capsys.readouterr()
-    assert out == "Number of scores: 3 of 4\nAverage score: 61.67 (over the 3 scored records)\n"
+    assert out == ("Number of scores: 3 of 4 (2 by the judge; 1 empty response scored 0 without "
+                   "asking it)\nAverage score: 61.67 (over the 3 scored records)\n")
     assert err.splitlines() == ["record 3: reply is not an integer score: 'I would say it is fine'",
                                 "gptft judge: 1 of 4 records not scored (problems above; a record keeps "
                                 "the score of an earlier run, if any); run again to retry them"]
@@ -330,7 +337,8 @@ def test_partly_failing_run_keeps_earlier_scores_of_the_failed_records(server, r
     server.statuses = [500]  # record 0 fails; record 3's reply is not a score
     assert main(["judge", str(responses), "--url", server.url, "--retries", "0", *FAST]) == 1
     out, err = capsys.readouterr()
-    assert out == "Number of scores: 2 of 4\nAverage score: 50.00 (over the 2 scored records)\n"
+    assert out == ("Number of scores: 2 of 4 (1 by the judge; 1 empty response scored 0 without "
+                   "asking it)\nAverage score: 50.00 (over the 2 scored records)\n")
     assert "2 of 4 records not scored" in err
     assert [r["score"] for r in json.loads(responses.read_text())] == [50, 100, 0, 53]
 
@@ -339,3 +347,134 @@ def test_wrong_key_is_one_problem_not_one_per_record(tmp_path, responses, capsys
     assert main(["judge", str(responses), "--key", "mine", "--url", closed_port_url()]) == 2
     err = capsys.readouterr().err
     assert err.count("'mine' is missing") == 1 and "records 0, 1, 2, 3: 'mine' is missing" in err
+
+
+# ---- issue 24: a silent server, empty responses, huge numbers, Ctrl-C, passwords, outputs ---------
+
+def _write(path, records):
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def test_a_silent_server_stops_after_a_run_of_records_and_keeps_the_scores(server, tmp_path, capsys):
+    path = _write(tmp_path / "r.json", [RECORDS[0]] + [{**RECORDS[1], "model_response": "hang"}] * 20)
+    start = time.monotonic()
+    assert main(["judge", str(path), "--url", server.url, "--timeout", "0.2", "--retries", "1",
+                 "--retry-delay", "0.001"]) == 2
+    assert time.monotonic() - start < 5  # 3 records x 2 attempts x 0.2 s, not 20 records
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"gptft judge: error: the judge at {server.url} did not answer 3 records "
+                           "in a row") and "stopped after 4 of 21 records" in last
+    assert f"the 1 scores obtained were written to {path}" in last
+    assert [r["score"] for r in json.loads(path.read_text())] == [85] + [None] * 20
+
+
+def test_a_server_gone_midway_keeps_the_scores(server, tmp_path, capsys, monkeypatch):
+    import gptft.judge
+
+    path = _write(tmp_path / "r.json", [RECORDS[0], RECORDS[1]])
+    real, calls = gptft.judge.Judge._ask_once, []
+
+    def gone(self, prompt):
+        calls.append(1)
+        if len(calls) > 1:
+            self.url = closed_port_url()
+        return real(self, prompt)
+
+    monkeypatch.setattr(gptft.judge.Judge, "_ask_once", gone)
+    assert main(["judge", str(path), "--url", server.url, "--retries", "0", *FAST]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cannot reach the judge" in last and "stopped after 1 of 2 records" in last
+    assert [r["score"] for r in json.loads(path.read_text())] == [85, None]
+
+
+def test_all_empty_responses_are_refused_without_asking(tmp_path, capsys):
+    path = _write(tmp_path / "r.json", [{**RECORDS[2]}, {**RECORDS[1], "model_response": ""}])
+    before = path.read_bytes()
+    assert main(["judge", str(path), "--url", closed_port_url()]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "every response ('model_response') is empty" in err
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("api, response", [("ollama", "huge"), ("openai", "hugejson")])
+def test_a_5000_digit_reply_is_a_record_problem(server, tmp_path, capsys, api, response):
+    path = _write(tmp_path / "r.json", [{**RECORDS[0], "model_response": response}, RECORDS[0]])
+    assert main(["judge", str(path), "--url", server.url, "--api", api, "--retries", "0", *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "record 0: reply is not" in err and len(err) < 1000
+    assert [r["score"] for r in json.loads(path.read_text())] == [None, 85]
+
+
+def test_ctrl_c_exits_at_once_and_keeps_the_scores(server, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    hang = {**RECORDS[3], "model_response": "hang"}
+    path = _write(tmp_path / "r.json", [RECORDS[0], RECORDS[1], hang, hang, hang])
+    proc = subprocess.Popen([sys.executable, "-m", "gptft", "judge", str(path), "--url", server.url,
+                             "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not any("hang" in json.dumps(r["body"]) for r in server.requests):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+    assert time.monotonic() - start < 3
+    assert proc.returncode == 130
+    assert err.decode().strip().splitlines() == [
+        f"gptft judge: interrupted; stopped after 2 of 5 records: the 2 scores obtained were written to "
+        f"{path}; run again to score the rest"]
+    assert [r["score"] for r in json.loads(path.read_text())] == [85, 100, None, None, None]
+
+
+def test_a_password_in_the_url_is_sent_as_basic_auth_and_never_shown(server, tmp_path, capsys):
+    import base64
+
+    secret = "PASSW0RD-s3cret"
+    path = _write(tmp_path / "r.json", [RECORDS[0], {**RECORDS[1], "model_response": "leak"}])
+    url = server.url.replace("http://", f"http://alice:{secret}@")
+    assert main(["judge", str(path), "--url", url, "--retries", "0", *FAST]) == 1
+    out, err = capsys.readouterr()
+    assert secret not in out + err and "record 1: HTTP 401" in err
+    assert server.requests[0]["headers"]["Authorization"] == \
+        "Basic " + base64.b64encode(f"alice:{secret}".encode()).decode()
+    closed = closed_port_url().replace("http://", f"http://alice:{secret}@")
+    assert main(["judge", str(path), "--url", closed, "--retries", "0", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert secret not in err and "alice:***@127.0.0.1" in err and err.count("\n") == 1
+
+
+def test_output_refuses_an_existing_file_and_links(server, responses, tmp_path, capsys):
+    existing = tmp_path / "scored.json"
+    existing.write_text("mine\n")
+    link = tmp_path / "link.json"
+    link.symlink_to(existing)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    for output, words in ((existing, "exists (add --overwrite to replace it)"),
+                          (link, "is a symbolic link"), (weights, "name a .json file")):
+        assert main(["judge", str(responses), "--url", server.url, "--output", str(output), *FAST]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and str(output) in err
+    assert server.requests == [] and existing.read_text() == "mine\n"
+    assert weights.read_bytes() == b"weights" and link.is_symlink()
+    assert main(["judge", str(responses), "--url", server.url, "--output", str(link), "--overwrite",
+                 *FAST]) == 2  # a link even with --overwrite
+    assert main(["judge", str(responses), "--url", server.url, "--output", str(existing),
+                 "--overwrite", *FAST]) == 1
+    assert [r["score"] for r in json.loads(existing.read_text())] == [85, 100, 0, None]
+
+
+def test_a_linked_responses_file_is_not_replaced_in_place(server, responses, tmp_path, capsys):
+    link = tmp_path / "linked.json"
+    link.symlink_to(responses)
+    before = responses.read_bytes()
+    assert main(["judge", str(link), "--url", server.url, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{link}: is a symbolic link" in err and "--output" in err
+    assert link.is_symlink() and responses.read_bytes() == before and server.requests == []

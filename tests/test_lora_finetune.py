@@ -52,7 +52,8 @@ def _records(path: Path, n: int = 24) -> Path:
 
 
 EXPORTED = sorted(["config.json", "model.safetensors", "generation_config.json", "prompt_style.json",
-                   "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"])
+                   "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   ".gptft-export"])
 
 
 def _ids(n: int = 3, length: int = 12) -> torch.Tensor:
@@ -233,6 +234,7 @@ def test_failed_export_leaves_the_old_folder(tmp_path, monkeypatch):
     run, out = _instruction_run(tmp_path / "inst"), tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text("old")
+    (out / ".gptft-export").write_text("{}")  # an earlier export: --overwrite may replace it
 
     def broken(self, folder):
         (Path(folder) / "config.json").write_text("half")
@@ -241,5 +243,6 @@ def test_failed_export_leaves_the_old_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(GPT, "save_pretrained", broken)
     with pytest.raises(OSError, match="disk full"):
         export_run(run, out, overwrite=True)
-    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "old"
+    assert sorted(p.name for p in out.iterdir()) == [".gptft-export", "config.json"]
+    assert (out / "config.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inst", "out"]  # no temporary folder left

@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if output is None:
         for text, pred in zip(texts, preds):
             short = text if len(text) <= 60 else text[:57] + "..."
+            short = short.encode("utf-8", "backslashreplace").decode()  # undecodable argv bytes
             sys.stdout.write(f"{pred.label}\t{pred.probability:.4f}\t{short}\n")
         return 0
     write_records(output, [{"text": t, "label": p.label, "probability": p.probability,

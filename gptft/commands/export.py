@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="folder of a finished run (any task)")
     parser.add_argument("out_dir", metavar="OUT_DIR",
                         help="folder to write (config.json, model.safetensors, tokenizer files, ...)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR if it is an earlier export (it holds .gptft-export)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,9 +15,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gptft.config import load_job
-    from gptft.finetune import finetune
-    from gptft.timing import process_start
+    from gptft.signals import StopRequest
 
-    finetune(load_job(args.config, args.overrides), started=process_start())
+    early = StopRequest()  # a signal while torch loads: kept, and acted on once the job starts
+    early.install()
+    try:
+        from gptft.config import load_job
+        from gptft.finetune import finetune
+        from gptft.timing import process_start
+
+        finetune(load_job(args.config, args.overrides), started=process_start())
+    finally:
+        early.restore()
     return 0

@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-delay", type=float, default=DEFAULTS.retry_delay,
                         help="first backoff delay in seconds, doubling per retry (default: %(default)s)")
     parser.add_argument("--key", default=DEFAULTS.key, help="record key of the response to score")
-    parser.add_argument("--output", default=None, help="write the scored records here (default: in place)")
+    parser.add_argument("--output", default=None,
+                        help="write the scored records to this new .json file (default: in place)")
+    parser.add_argument("--overwrite", action="store_true", help="let --output replace an existing file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     api = args.api or ("openai" if args.url.rstrip("/").endswith("/v1") else DEFAULTS.api)
     scores = judge_file(args.responses, args.url, args.model, api, api_key_env=args.api_key_env,
                         timeout=args.timeout, retries=args.retries, retry_delay=args.retry_delay,
-                        key=args.key, output=args.output)
+                        key=args.key, output=args.output,
+                        overwrite=args.overwrite)
     print(summary(scores))
     missing = scores.count(None)
     if missing:  # scored in part: the file holds what was scored; say so and fail

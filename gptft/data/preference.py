@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from gptft.data.conversations import Record, preference_record, read_examples, read_rows
 from gptft.data.instruction import InstructionSplits, split_records, text_records
 from gptft.download import seed_file
+from gptft.errors import GPTFTError
 from gptft.prompts import PromptStyle, format_prompt
 from gptft.tasks.preference.config import PreferenceData
 from gptft.tokenizer import Tokenizer
@@ -49,6 +50,9 @@ def load_preference_data(cfg: PreferenceData, chat: bool = False) -> Instruction
     if cfg.drop_identical:
         for name in ("train", "val", "test"):
             setattr(splits, name, [r for r in getattr(splits, name) if r["chosen"] != r["rejected"]])
+        if not splits.train:
+            raise GPTFTError(f"{path}: every pair of the training split has 'chosen' equal to "
+                             "'rejected': data.drop_identical=true leaves no pair to train on")
     return splits
 
 

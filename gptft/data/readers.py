@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,9 +101,13 @@ def parse_json_records(text: str, name: str,
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise GPTFTError(f"{name}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+        except (RecursionError, ValueError) as e:
+            raise GPTFTError(f"{name}: unreadable JSON: {json_limit(e)}") from None
         if not isinstance(data, list):
             raise _not_a_list(name, data)
-        return [JsonRecord(value, i) for i, value in enumerate(data)]
+        records = [JsonRecord(value, i) for i, value in enumerate(data)]
+        check_surrogates(text, name, records)
+        return records
     records = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -113,7 +118,44 @@ def parse_json_records(text: str, name: str,
             _raise_for_single_document(text, name)
             raise GPTFTError(f"{name}:{number}:{e.colno}: invalid JSON Lines record: {e.msg}; "
                              "expected one JSON value per line") from None
+        except (RecursionError, ValueError) as e:
+            raise GPTFTError(f"{name}:{number}: unreadable JSON Lines record: {json_limit(e)}") from None
+    check_surrogates(text, name, records)
     return records
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_surrogates(text: str, name: str, records: list[JsonRecord]) -> None:
+    """Refuse a ``\\udXXX`` escape that is half of a pair without its other half (a lone
+    surrogate: no character, and no UTF-8 writer accepts it), naming the record."""
+    if not _SURROGATE_ESCAPE.search(text):  # the common case: one scan of the text
+        return
+    for record in records:
+        if _holds_surrogate(record.value):
+            where = f":{record.line}" if record.line else ""
+            raise GPTFTError(f"{name}{where}: record {record.index} holds a lone surrogate (a "
+                             "\\udXXX escape without its pair): not a character; fix the text")
+
+
+def _holds_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(_SURROGATE.search(value))
+    if isinstance(value, dict):
+        return any(_holds_surrogate(k) or _holds_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_surrogate(v) for v in value)
+    return False
+
+
+def json_limit(error: Exception) -> str:
+    """Why Python's JSON reader refused a valid-looking text: nesting past its recursion limit,
+    or an integer of more than 4,300 digits."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply (arrays or objects inside each other thousands of times)"
+    return f"{str(error).split(';')[0]}"
 
 
 def _not_a_list(name: str, data: Any) -> GPTFTError:
@@ -125,7 +167,7 @@ def _raise_for_single_document(text: str, name: str) -> None:
     """A pretty-printed JSON object is not JSON Lines: say so rather than blame a line."""
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # (JSONDecodeError is a ValueError)
         return
     raise _not_a_list(name, data)
 

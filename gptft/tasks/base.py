@@ -26,6 +26,7 @@ from gptft.errors import GPTFTError
 from gptft.io import write_json, write_text
 from gptft.model import tied_names
 from gptft.runs import TOKENIZER_DIR, check_vocab, is_run_folder, load_gpt, run_tokenizer, save_model
+from gptft.signals import Interrupted, StopRequest, signal_at
 from gptft.timing import Phases
 from gptft.tokenizer import HFTokenizer
 from gptft.trainer import EpochContext, EpochReport, Trainer, format_value, use_compile
@@ -116,10 +117,24 @@ class TaskBase:
         return []
 
 
-def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases | None = None) -> dict:
-    """Train, evaluate every split, write the run folder and the task's outputs; the metrics."""
+def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases | None = None,
+             stop: StopRequest | None = None) -> dict:
+    """Train, evaluate every split, write the run folder and the task's outputs; the metrics.
+
+    `stop` (``gptft.finetune``'s): a signal after training stops the run where a phase ends, with
+    a checkpoint of the last step (``Trainer.save_last_checkpoint``) to resume from.
+    """
     job, acc = task.job, task.accelerator
     phases = phases or Phases()
+
+    def stop_point(phase: str) -> None:
+        if stop is not None and stop.agreed(acc):
+            path = trainer.save_last_checkpoint()
+            raise Interrupted(f"stopped by {stop.name} during the {phase}, after training: "
+                              f"checkpoint {path} of step {trainer.state.step} saved; continue with "
+                              "the same command and train.resume=true (it evaluates and saves then)")
+
+    signal_at("resume loading")
     if job.model.adapter:  # a PEFT adapter to continue from (a checkpoint, if resuming, comes later)
         from gptft.lora import load_adapter
 
@@ -127,6 +142,8 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
     trainer = Trainer(job, acc, task, task.model, task.loader("train", train=True), task.loader("val"),
                       eval_loader=task.loader, resume=resume, phases=phases)
     trainer.fit()
+    stop_point("end of training")
+    signal_at("final evaluation")
     metrics: dict[str, Any] = {**task.counts, "steps": trainer.state.step,
                                "best_step": trainer.state.best_step}
     bound = job.train.final_eval_batches
@@ -141,15 +158,21 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
             task.eval_names = tuple(values)
             metrics.update({f"{split}_{k}": v for k, v in values.items()})
             metrics.update(task.split_report(split, gathered))
+            stop_point("final evaluation")
     trainer.log({f"final/{k}": v for k, v in metrics.items() if isinstance(v, float)})
     meta = {"task": job.task, "architecture": task.backbone().architecture,
             "model": task.gpt_config().to_dict(), "tokenizer": task.tokenizer.name, **task.meta()}
+    signal_at("saving")
     with phases("saving"):
         if acc.is_main_process and isinstance(task.tokenizer, HFTokenizer):  # its files go along
             (Path(job.output_dir) / TOKENIZER_DIR).mkdir(exist_ok=True)
             task.tokenizer.save(Path(job.output_dir) / TOKENIZER_DIR)
         save_final(acc, trainer.model, job, meta, metrics)
+    stop_point("final save")
+    signal_at("outputs")
     task.write_outputs(trainer, metrics)
+    stop_point("outputs (plots, responses)")
+    signal_at("marking finished")
     metrics["time"] = phases.report()
     if acc.is_main_process:
         write_json(Path(job.output_dir) / "metrics.json", rounded(metrics))
@@ -204,7 +227,8 @@ def closing_summary(task: TaskBase, metrics: dict) -> str:
     bounded = metrics.get("final_eval_batches")
     kept = (f"step {metrics['best_step']} of {metrics['steps']}, the best by {task.best_metric}"
             if metrics["best_step"] >= 0 else f"the last weights, step {metrics['steps']}: no validation ran")
-    files = sorted(p.name for p in Path(out).iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir()
+                   if (p.is_file() or p.name == "adapter") and not p.name.startswith("."))
     lines = [f"final evaluation of the kept model ({kept}"
              + (f"; at most {bounded} batches per split)" if bounded else ")") + ":",
              task.summary(metrics),
@@ -264,11 +288,35 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, device: torch.device | None = N
 
     config = preset_config(cfg.name, vocab_size=vocab_size, drop_rate=cfg.drop_rate,
                            pad_vocab_multiple=cfg.pad_vocab_multiple, **shape)
+    check_model_fits(config, device)
     with torch.device(device or "cpu"):
         return build_model(config)
 
 
 build_model = build_gpt
+
+
+def check_model_fits(config, device: torch.device | None) -> None:
+    """Refuse, before allocating, a model whose fp32 weights alone exceed the memory of the
+    device it is built on (an ``emb_dim`` or ``context_length`` typed with extra zeros). The
+    parameters are counted on a model laid out on ``meta`` (no memory), for any family."""
+    from gptft.models import build_model
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model(config).parameters())
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        import os
+
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * params > memory:
+        raise GPTFTError(f"model: {config.n_layers} layers of width emb_dim={config.emb_dim:,}, "
+                         f"context_length={config.context_length:,}: about {params / 1e9:,.1f} billion "
+                         f"parameters, {4 * params / 2**30:,.0f} GiB for the weights alone, more than the "
+                         f"{memory / 2**30:,.0f} GiB of this {device.type.upper()}; choose a smaller "
+                         "model.emb_dim, model.context_length or model.n_layers")
 
 
 def check_checkpoint_shape(model: torch.nn.Module, shape: dict[str, int], source: str) -> torch.nn.Module:
@@ -312,9 +360,9 @@ def start_run_folder(job: Job, accelerator: Accelerator, resuming: bool = False)
     out = Path(job.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not resuming and job.train.overwrite:
+        runfolder.mark(out, "running")  # first: readers refuse the folder until the run has finished
+        if not resuming and job.train.overwrite:  # (a reset that fails midway: not "finished")
             runfolder.reset_run_folder(out)
-        runfolder.mark(out, "running")  # readers refuse the folder until the run has finished
         write_text(out / "config.yaml", job_to_yaml(job, CONFIG_HEADER.format(path=out / "config.yaml")))
     accelerator.wait_for_everyone()
 

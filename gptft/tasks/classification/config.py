@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gptft.config import JobConfig
-from gptft.validation import in_range, positive, split_problems
+from gptft.validation import in_range, positive, seed_problems, split_problems
 
 
 @dataclass
@@ -44,8 +44,12 @@ class ClassificationData:
     """Batch texts of similar length together (less padding), the batches in a random order."""
 
     def problems(self) -> list[str]:
-        return (split_problems(self.split) + positive(self, "max_length")
-                + in_range(self, "balance_min_kept", 0, 1))
+        out = (split_problems(self.split) + positive(self, "max_length")
+               + in_range(self, "balance_min_kept", 0, 1) + seed_problems(self, "seed"))
+        if self.text_column == self.label_column:  # it would train on the labels themselves
+            out.append(f"text_column: names the label column too ({self.text_column!r}): set "
+                       "text_column to the column of the texts")
+        return out
 
 
 

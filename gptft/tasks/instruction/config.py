@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gptft.config import GenerateConfig, JobConfig, ModelConfig, TrainConfig
-from gptft.validation import positive, split_problems
+from gptft.validation import positive, seed_problems, split_problems
 
 
 @dataclass
@@ -60,7 +60,7 @@ class InstructionData:
         if self.mask_prompt and self.prompt_style in ("template", "chatml", "llama3"):
             out.append("mask_prompt: only with prompt_style alpaca or phi3 (chat templates use "
                        "train_on)")
-        return out + source_problems(self)
+        return out + source_problems(self) + seed_problems(self, "seed")
 
 
 def source_problems(data) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Literal
 
 from gptft.config import GenerateConfig, JobConfig, ModelConfig, TrainConfig
 from gptft.tasks.instruction.config import source_problems
-from gptft.validation import in_range, positive, split_problems
+from gptft.validation import in_range, positive, seed_problems, split_problems
 
 
 @dataclass
@@ -44,7 +44,8 @@ class PreferenceData:
     false: random batches, as the book."""
 
     def problems(self) -> list[str]:
-        return split_problems(self.split) + positive(self, "max_length") + source_problems(self)
+        return (split_problems(self.split) + positive(self, "max_length") + source_problems(self)
+                + seed_problems(self, "seed"))
 
 
 @dataclass

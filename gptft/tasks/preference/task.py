@@ -26,7 +26,7 @@ from gptft.model import IGNORE_INDEX
 from gptft.tasks.base import eval_batch_size, make_loader
 from gptft.tasks.instruction.task import InstructionTask
 from gptft.tasks.preference.config import DPOConfig, PreferenceJob
-from gptft.trainer import EpochContext, EpochReport, format_metrics
+from gptft.trainer import EpochContext, EpochReport, format_metrics, progress_disabled
 
 
 def response_logps(model, batch: dict) -> torch.Tensor:
@@ -115,7 +115,7 @@ class PreferenceTask(InstructionTask):
         begin, size = time.perf_counter(), eval_batch_size(self.job)
         total = sum(len(d) for d in self.datasets.values())
         bar = tqdm(total=total, desc="reference log-probabilities", leave=False, dynamic_ncols=True,
-                   disable=not acc.is_local_main_process)
+                   disable=progress_disabled(acc))  # the trainer's rule: no bar in a log file
         for split, dataset in self.datasets.items():
             collate = self._collate(split)
             order = sorted(range(len(dataset)), key=lambda i: -dataset.lengths[i])

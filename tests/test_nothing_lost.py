@@ -1,0 +1,305 @@
+"""Issue 24, "nothing lost": gptft's own leftovers, signals in every phase of a run, resumes that
+are bit for bit. Tiny models, a few steps each; subprocesses where a real signal must arrive."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import small_spam_data
+
+from gptft.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = ["model.n_layers=2", "model.emb_dim=32", "model.n_heads=2", "model.context_length=64"]
+SHORT = ["train.max_steps=2", "train.batch_size=2", "train.eval_every=0", "train.eval_batches=1",
+         "train.device=cpu", "train.log_every=1", "train.final_eval_batches=1"]
+
+
+@pytest.fixture(autouse=True)
+def _data(tmp_path, monkeypatch):
+    """60 SMS messages instead of 5,574: each run takes a few seconds."""
+    monkeypatch.setattr(f"{__name__}.DATA", f"data.path={small_spam_data(tmp_path)}")
+
+
+DATA = ""
+
+
+def _finetune(out: Path, *over: str, config: str = "spam-tiny.yaml") -> list[str]:
+    return ["finetune", "--config", str(CONFIGS / config), *TINY, *SHORT, *([DATA] if DATA else []),
+            f"output_dir={out}", *over]
+
+
+def test_a_marker_temporary_left_by_a_kill_is_removed_and_the_rerun_goes_on(tmp_path):
+    """A SIGKILL while the first marker was written left only gptft's temporary file."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "..gptft-run.k1ll3d_x.tmp").write_text('{"gptft": "0", "st')
+    (out / ".config.yaml.abcd1234.tmp").write_text("task: cl")
+    assert main(_finetune(out)) == 0
+    assert json.loads((out / ".gptft-run").read_text())["state"] == "finished"
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_users_file_beside_a_leftover_still_refuses_the_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "..gptft-run.k1ll3d_x.tmp").write_text("{")
+    (out / "notes.txt").write_text("mine")
+    assert main(_finetune(out)) == 2
+    assert "not empty and not a gptft run folder (it holds notes.txt;" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # the leftover alone went
+
+
+# ---- a signal in every phase of a run (GPTFT_SIGNAL_AT: gptft.signals.signal_at) ------------------
+
+def _stop_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("gptft finetune:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _results(run: Path) -> dict:
+    from conftest import run_results
+
+    from gptft.io import load_safetensors
+
+    weights = load_safetensors(run / "model.safetensors")  # (its metadata's order varies)
+    return {name: run_results(run, name) for name in ("metrics.json", "log.jsonl")} | {
+        "weights": {k: v.numpy().tobytes() for k, v in weights.items()}}
+
+
+@pytest.fixture
+def uninterrupted(tmp_path):
+    ref = tmp_path / "reference"
+    assert main(_finetune(ref)) == 0
+    return _results(ref)
+
+
+@pytest.mark.parametrize("phase", ["start-up", "data loading", "resume loading"])
+def test_a_signal_before_training_leaves_nothing_in_the_way(tmp_path, capsys, monkeypatch, phase):
+    out = tmp_path / "run"
+    monkeypatch.setenv("GPTFT_SIGNAL_AT", f"{phase}:SIGTERM")
+    assert main(_finetune(out)) == 75
+    line = _stop_line(capsys)
+    assert line.startswith("gptft finetune: stopped by SIGTERM ") and "run the same command again" in line
+    assert not out.exists() or [p.name for p in out.iterdir()] == []  # no marker, no lock
+    monkeypatch.delenv("GPTFT_SIGNAL_AT")
+    assert main(_finetune(out)) == 0  # a plain rerun
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase, sig", [("final evaluation", "SIGTERM"), ("saving", "SIGUSR1"),
+                                        ("outputs", "SIGINT"), ("resume loading", "SIGTERM")])
+def test_a_signal_after_training_keeps_the_trained_steps(tmp_path, capsys, monkeypatch, uninterrupted,
+                                                         phase, sig):
+    """The default checkpoint_minutes saved nothing during these 2 steps: the stop saves step 2,
+    and train.resume=true ends as the uninterrupted run, bit for bit (log.jsonl included)."""
+    out = tmp_path / "run"
+    first = phase if phase != "resume loading" else "final evaluation"
+    monkeypatch.setenv("GPTFT_SIGNAL_AT", f"{first}:{sig}")
+    assert main(_finetune(out)) == 75
+    line = _stop_line(capsys)
+    assert line.startswith(f"gptft finetune: stopped by {sig} during the ") and "step 2 saved" in line
+    assert json.loads((out / ".gptft-run").read_text())["state"] == "running"
+    assert (out / "checkpoints" / "step-00000002" / "config.yaml").is_file()
+    assert not (out / ".gptft-lock").exists()
+    if phase == "resume loading":  # stopped again while the resumption loads: nothing lost either
+        monkeypatch.setenv("GPTFT_SIGNAL_AT", f"{phase}:{sig}")
+        assert main(_finetune(out, "train.resume=true")) == 75
+        assert "stopped by SIGTERM at step 2: checkpoint" in _stop_line(capsys)
+    monkeypatch.delenv("GPTFT_SIGNAL_AT")
+    assert main(_finetune(out, "train.resume=true")) == 0
+    assert _results(out) == uninterrupted
+
+
+def test_sigterm_in_the_final_evaluation_keeps_the_steps(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("GPTFT_SIGNAL_AT", "final evaluation:SIGTERM")
+    assert main(_finetune(out)) == 75
+    assert "during the final evaluation, after training: checkpoint" in _stop_line(capsys)
+    monkeypatch.delenv("GPTFT_SIGNAL_AT")
+    assert main(_finetune(out, "train.resume=true")) == 0
+    assert json.loads((out / ".gptft-run").read_text())["state"] == "finished"
+
+
+def test_a_signal_as_the_run_is_marked_finished_ends_it_complete(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("GPTFT_SIGNAL_AT", "marking finished:SIGTERM")
+    assert main(_finetune(out)) == 0
+    assert "SIGTERM came as the run finished; it is complete" in capsys.readouterr().err
+    assert json.loads((out / ".gptft-run").read_text())["state"] == "finished"
+    assert not (out / ".gptft-lock").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_a_signal_one_of_them_got_in_the_final_evaluation(tmp_path):
+    """SIGTERM to rank 1 alone, in the final evaluation: both stop with a checkpoint of step 2 (the
+    stop is agreed on), one line, exit 75 each; resumed on 2 processes, the run finishes."""
+    import subprocess
+
+    from conftest import ROOT, cpu_launch_env, free_port, launcher
+
+    out, log = tmp_path / "run", tmp_path / "run.log"
+
+    def launch(*over: str, env: dict | None = None) -> int:
+        argv = launcher("--num_processes", "2", "--main_process_port", str(free_port()))
+        with open(log, "w") as f:
+            return subprocess.run(argv + _finetune(out, *over)[1:], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=f, env=env or cpu_launch_env(), timeout=600).returncode
+
+    assert launch(env={**cpu_launch_env(), "GPTFT_SIGNAL_AT": "final evaluation:SIGTERM:1"}) != 0
+    text = log.read_text()
+    lines = [x for x in text.splitlines() if x.startswith("gptft finetune:")]
+    assert len(lines) == 1, text  # one line, from the main process
+    assert not re.search(r'File ".*gptft/', text), text  # (the launcher's own traceback aside)
+    assert "stopped by SIGTERM during the final evaluation, after training: checkpoint" in lines[0]
+    assert "(exitcode: 75)" in text
+    assert (out / "checkpoints" / "step-00000002" / "config.yaml").is_file()
+    assert not (out / ".gptft-lock").exists()
+    assert launch("train.resume=true") == 0, log.read_text()
+    assert json.loads((out / ".gptft-run").read_text())["state"] == "finished"
+
+
+# ---- resume: bit for bit with log_every > 1; what is not this run's checkpoint ----------------------
+
+EVERY3 = ["train.max_steps=6", "train.log_every=3", "train.eval_every=2", "train.checkpoint_every=4",
+          "train.keep_last=10"]
+
+
+@pytest.fixture(scope="module")
+def every3(tmp_path_factory):
+    """An uninterrupted run logging every 3 steps, with a checkpoint at step 4 (between logs)."""
+    folder = tmp_path_factory.mktemp("every3")
+    data = small_spam_data(folder)
+    run = folder / "run"
+    assert main(_finetune(run, *EVERY3, f"data.path={data}")) == 0
+    return run, data
+
+
+def _stopped_copy(run: Path, dest: Path) -> Path:
+    """`run` as it would be had it stopped at step 4: its files, marked running."""
+    import shutil
+
+    shutil.copytree(run, dest)
+    for name in ("model.safetensors", "metrics.json", "gptft.json"):
+        (dest / name).unlink()
+    (dest / ".gptft-run").write_text('{"state": "running"}\n')
+    return dest
+
+
+@pytest.mark.slow
+def test_a_resume_between_logging_steps_is_bit_for_bit(every3, tmp_path):
+    """train/loss_mean at step 6 averages steps 4-6: the window (step 4's loss) is in the checkpoint."""
+    run, data = every3
+    out = _stopped_copy(run, tmp_path / "stopped")
+    assert main(_finetune(out, *EVERY3, f"data.path={data}",
+                          f"train.resume={out / 'checkpoints' / 'step-00000004'}")) == 0
+    assert (out / "log.jsonl").read_bytes() == (run / "log.jsonl").read_bytes()
+    assert _results(out) == _results(run)
+
+
+def _edit_state(checkpoint: Path, edit) -> None:
+    path = checkpoint / "trainer_state.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+
+
+def _garbage_scheduler(out: Path, data: Path) -> str:
+    _edit_state(out / "checkpoints" / "step-00000004", lambda s: s.update(scheduler={"x": 1}))
+    return "trainer_state.json: damaged (scheduler: not a learning-rate schedule's state"
+
+
+def _past_the_epoch(out: Path, data: Path) -> str:
+    _edit_state(out / "checkpoints" / "step-00000004", lambda s: s["progress"].update(batches_in_epoch=999))
+    return "progress.batches_in_epoch=999 is past the end of the epoch"
+
+
+def _wrong_shape_best(out: Path, data: Path) -> str:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = out / "checkpoints" / "step-00000004" / "best_0.safetensors"
+    best = load_file(path)
+    name = sorted(best)[0]
+    best[name] = torch.zeros(3, 3)
+    save_file(best, path)
+    return f"best_0.safetensors: not this model's trainable weights ({name}"
+
+
+def _foreign_rng_state(out: Path, data: Path) -> str:
+    import torch
+
+    torch.save({"not": "an RNG state"}, out / "checkpoints" / "step-00000004" / "random_states_0.pkl")
+    return "random_states_0.pkl: the random-number state cannot be restored"
+
+
+def _changed_data(out: Path, data: Path) -> str:
+    data.write_text(data.read_text() + "ham\tone more message\n")
+    return f"{data}: the data file (data.path) changed since checkpoint"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [_garbage_scheduler, _past_the_epoch, _wrong_shape_best, _changed_data,
+                                    _foreign_rng_state])
+def test_a_checkpoint_not_of_this_run_is_one_line(every3, tmp_path, capsys, damage):
+    run, data = every3
+    out = _stopped_copy(run, tmp_path / "stopped")
+    original = data.read_bytes()
+    try:
+        words = damage(out, data)
+        capsys.readouterr()
+        assert main(_finetune(out, *EVERY3, f"data.path={data}", "train.resume=true")) == 2
+    finally:
+        data.write_bytes(original)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("gptft finetune:")]
+    assert len(lines) == 1 and "Traceback" not in err and words in lines[0], err
+    assert (out / "log.jsonl").read_bytes() == (run / "log.jsonl").read_bytes()
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_finetune(out, "train.checkpoint_every=1")) == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert main(_finetune(out, "train.checkpoint_every=1", "train.resume=true")) == 2
+    line = _stop_line(capsys)
+    assert "this run has finished; there is nothing to resume" in line
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert main(_finetune(out, "train.checkpoint_every=1", "train.resume=true", "train.max_steps=3")) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3  # trained on from step 2
+
+
+def test_an_empty_test_split_is_warned(tmp_path, capsys):
+    records = tmp_path / "seven.json"
+    records.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"{i}"}
+                                   for i in range(7)]))
+    out = tmp_path / "run"
+    status = main(_finetune(out, f"data.path={records}", "generate.max_new_tokens=2", "train.max_steps=1",
+                            "data.max_length=64", config="instruct-tiny.yaml"))
+    text = capsys.readouterr()
+    assert "warning: the test split is empty (too few records" in text.out, text
+    assert status == 0, text.err
+
+
+def test_the_closing_summary_lists_a_lora_runs_adapter_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from gptft.tasks.base import closing_summary
+
+    tmp_path = tmp_path / "run"
+    tmp_path.mkdir()
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("model.safetensors", "metrics.json", ".gptft-run"):
+        (tmp_path / name).write_text("x")
+    task = SimpleNamespace(job=SimpleNamespace(output_dir=str(tmp_path)), best_metric="val_loss",
+                           summary=lambda m: "table", next_commands=lambda d: [])
+    text = closing_summary(task, {"time": {"total": 1.0}, "best_step": 2, "steps": 2})
+    assert f"run folder: {tmp_path} (adapter/, metrics.json, model.safetensors)" in text
