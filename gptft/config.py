@@ -2,7 +2,7 @@
 
 This module holds the sections every task shares (``model``, ``train``, ``lora``, ``tracking``,
 ``generate``) and ``JobConfig``, the base of each task's job class (a task adds its ``data``
-section, see ``gptft.tasks``). ``load_job(path, overrides)`` reads a YAML file, applies dotted
+section, see ``gptft.registry``). ``load_job(path, overrides)`` reads a YAML file, applies dotted
 ``key=value`` overrides, finds the job class of its ``task`` in the task registry and checks every
 key, type and range with ``gptft.validation``, reporting all problems at once in one
 ``GPTFTError`` that names the file, line and field of each.
@@ -20,6 +20,7 @@ import yaml
 
 from gptft.errors import GPTFTError
 from gptft.io import check_file
+from gptft.registry import DEFAULT_TASK, get_task
 from gptft.validation import build, non_negative, positive
 
 
@@ -220,7 +221,7 @@ class JobConfig:
     """The sections every job has; each task's job class adds its ``data`` (and more)."""
 
     task: str = ""
-    """Which job this is (a name in the task registry, gptft.tasks)."""
+    """Which job this is (a name in the task registry, gptft.registry)."""
     output_dir: str = "runs/job"
     """Run folder: config, weights, metrics, logs, plots, checkpoints."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -313,8 +314,6 @@ def _expand_home(obj: Any) -> None:
 def job_from_dict(data: dict, source: str = "config", overrides: dict[str, Any] | None = None,
                   lines: dict[str, int] | None = None) -> Job:
     """Build and validate a job from plain data plus dotted overrides; raise one error listing all."""
-    from gptft.tasks import DEFAULT_TASK, get_task
-
     if not isinstance(data, dict):
         raise GPTFTError(f"{source}: expected a mapping of sections (task, model, data, train, ...)")
     data = dict(data)

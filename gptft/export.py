@@ -29,6 +29,7 @@ from typing import Any
 
 from gptft.errors import GPTFTError
 from gptft.io import make_folder, usual_mode, write_json, writing
+from gptft.runfolder import CONFIG
 
 ENDOFTEXT = "<|endoftext|>"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -41,14 +42,14 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite
         GPTFTError: if `run_dir` is not a finished run, or `out_dir` is a file, is (or holds) the
             run folder, or is a non-empty folder and `overwrite` is false.
     """
-    from gptft.runs import load_meta
-    from gptft.tasks import TASKS
+    from gptft.runs import load_meta, run_produces
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     meta = load_meta(run_dir)
-    spec = TASKS.get(meta.get("task"))
-    if spec is None:
-        raise GPTFTError(f"{run_dir}: unknown task {meta.get('task')!r} in gptft.json")
+    produces = run_produces(meta)
+    if produces not in ("lm", "classifier"):
+        raise GPTFTError(f"{run_dir}: gptft.json names neither what the run produces nor a known "
+                         f"task (task {meta.get('task')!r}, produces {meta.get('produces')!r})")
     _check_target(run_dir, out_dir, overwrite)
     target = out_dir.resolve()
     make_folder(target.parent)  # a path under a file, no permission: one line
@@ -57,7 +58,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite
     os.chmod(tmp, usual_mode(folder=True))  # mkdtemp makes it owner-only
     try:
         with writing(out_dir, "export"):  # disk full: one line, OUT_DIR as it was
-            if spec.produces == "classifier":
+            if produces == "classifier":
                 max_length = _write_classifier(run_dir, tmp)
             else:
                 max_length = _write_lm(run_dir, tmp, meta)
@@ -100,7 +101,7 @@ def _write_classifier(run_dir: Path, folder: Path) -> int:
     state["score.weight"] = head.weight.detach()
     state["transformer.ln_f.bias"] = fold_head_bias(gpt.ln_f.bias.detach(), head.weight.detach(),
                                                     head.bias.detach())
-    save_safetensors(state, folder / "model.safetensors")
+    save_safetensors(state, folder / "model.safetensors")  # Hugging Face's name
     eot = clf.tokenizer.eot_id
     write_json(folder / "config.json", {
         **gpt.config.to_hf_config(), "architectures": ["GPT2ForSequenceClassification"],
@@ -117,7 +118,7 @@ def generation_config(run_dir: Path, config) -> dict[str, Any]:
     from gptft.config import GenerateConfig
     from gptft.model import GPT2_EOT_ID
 
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     saved = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
     gen = GenerateConfig(**(saved.get("generate") or {}))
     out: dict[str, Any] = {"bos_token_id": GPT2_EOT_ID, "eos_token_id": GPT2_EOT_ID,

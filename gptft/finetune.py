@@ -14,6 +14,7 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
+from gptft.accelerator import make_accelerator
 from gptft.checkpoints import resume_point
 from gptft.config import Job
 from gptft.cpu import keep_freed_memory
@@ -25,7 +26,6 @@ from gptft.tasks import get_task
 from gptft.tasks.base import run_task, start_run_folder
 from gptft.timing import Phases
 from gptft.tracking import finish_tracking, init_tracking
-from gptft.trainer import make_accelerator
 
 
 def finetune(job: Job, started: float | None = None) -> dict:
@@ -54,7 +54,7 @@ def finetune(job: Job, started: float | None = None) -> dict:
         init_tracking(job, accelerator)
         try:
             metrics = run_task(task, resume, phases)
-            finish_tracking(accelerator, job, metrics)
+            finish_tracking(accelerator, job, metrics, task.outputs)
             # Every process leaves together: a rank that exits while the main one still writes
             # outputs can abort in its collective library's threads (gloo: SIGABRT at exit).
             accelerator.wait_for_everyone()

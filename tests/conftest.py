@@ -71,12 +71,15 @@ def start_until_checkpoint(args: list[str], out: Path, env: dict[str, str]):
 
 
 def assert_only_known_run_files(folder: Path) -> None:
-    """Every file a run wrote is one ``train.overwrite`` knows to remove (gptft.runfolder), so an
-    overwritten folder keeps nothing of the earlier run (W&B's own ``wandb/`` folder aside)."""
-    from gptft.runfolder import ADAPTER_FILES, LOCK, MARKER, RUN_FILES
+    """Every file a run wrote is one ``train.overwrite`` knows to remove (the files every run
+    writes and those the tasks declare, gptft.runfolder), so an overwritten folder keeps nothing of
+    the earlier run (W&B's own ``wandb/`` folder aside)."""
+    from gptft.registry import declared_outputs
+    from gptft.runfolder import ADAPTER_FILES, CORE_FILES, LOCK, MARKER, output_files
 
+    known = {*CORE_FILES, *output_files(declared_outputs()), MARKER, LOCK}
     top = {p.name for p in folder.iterdir() if p.is_file()}
-    assert top <= {*RUN_FILES, MARKER, LOCK}, top - {*RUN_FILES, MARKER, LOCK}
+    assert top <= known, top - known
     if (folder / "adapter").is_dir():
         inside = {p.name for p in (folder / "adapter").iterdir()}
         assert inside <= set(ADAPTER_FILES), inside - set(ADAPTER_FILES)

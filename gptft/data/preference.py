@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from gptft.data.config import PreferenceData
 from gptft.data.instruction import InstructionSplits, read_records, split_records
 from gptft.download import seed_file
 from gptft.prompts import PromptStyle, format_prompt
-from gptft.tasks.preference.config import PreferenceData
 from gptft.tokenizer import Tokenizer
 
 PREFERENCE_URL = (

@@ -1,5 +1,5 @@
-"""The preference (DPO) job: its ``data`` and ``dpo`` sections and job class (no torch: read by
-config tools)."""
+"""The preference (DPO) job: its ``dpo`` section and job class (its ``data`` section:
+``gptft.data.config``; no torch: read by config tools)."""
 
 from __future__ import annotations
 
@@ -7,35 +7,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gptft.config import GenerateConfig, JobConfig, ModelConfig, TrainConfig
-from gptft.validation import in_range, positive, split_problems
-
-
-@dataclass
-class PreferenceData:
-    path: str | None = None
-    """Local JSON array or JSONL of {instruction, input?, chosen, rejected}; unset: the book's
-    set, which gptft carries."""
-    format: Literal["auto", "json", "jsonl"] = "auto"
-    """File format: json (one array of records), jsonl (one record a line); auto: by content."""
-    split: list[float] = field(default_factory=lambda: [0.85, 0.05, 0.10])
-    """Train / validation / test fractions (the book: 85% train, 10% test, 5% validation)."""
-    shuffle: bool = False
-    """Shuffle with ``seed`` before splitting; false: file order, as the book."""
-    seed: int = 123
-    """Seed of the shuffle."""
-    prompt_style: Literal["alpaca", "phi3"] = "alpaca"
-    """Prompt template (gptft.prompts.PROMPT_STYLES); use the instruction run's."""
-    max_length: int | None = None
-    """Truncate prompt + response to this many tokens; unset: the model's context length."""
-    drop_identical: bool = False
-    """Leave out pairs whose chosen and rejected responses are the same text (their loss is log 2
-    whatever the weights: they teach nothing); false: such a pair is an error."""
-    group_by_length: bool = False
-    """Batch pairs of similar length together (less padding), the batches in a random order;
-    false: random batches, as the book."""
-
-    def problems(self) -> list[str]:
-        return split_problems(self.split) + positive(self, "max_length")
+from gptft.data.config import PreferenceData
+from gptft.validation import in_range, positive
 
 
 @dataclass

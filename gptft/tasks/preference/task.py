@@ -21,14 +21,20 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from gptft.console import format_metrics
 from gptft.data.collate import preference_collate
 from gptft.data.instruction import InstructionSplits
 from gptft.data.preference import PreferenceDataset, load_preference_data
 from gptft.model import IGNORE_INDEX
+from gptft.runfolder import LOSS, Figure
+from gptft.task import EpochContext, EpochReport
 from gptft.tasks.base import SPLITS, eval_batch_size, make_loader
-from gptft.tasks.instruction.task import InstructionTask
+from gptft.tasks.instruction.task import RESPONSES, InstructionTask
 from gptft.tasks.preference.config import DPOConfig, PreferenceJob
-from gptft.trainer import EpochContext, EpochReport, format_metrics
+
+# The chosen and rejected responses' rewards on validation, in one figure.
+REWARDS = Figure("rewards", (("val chosen", "val/reward_chosen", "-", "o"),
+                             ("val rejected", "val/reward_rejected", "-.", "s")))
 
 
 def response_logps(model, batch: dict) -> torch.Tensor:
@@ -81,6 +87,8 @@ class PreferenceTask(InstructionTask):
 
     best_metric = "val_loss"
     higher_is_better = False
+    # the loss, the chosen and rejected rewards, their margin, the reward accuracy; responses
+    outputs = (LOSS, REWARDS, Figure("reward_margin"), Figure("reward_accuracy"), RESPONSES)
 
     def __init__(self, job: PreferenceJob, accelerator: Accelerator):
         super().__init__(job, accelerator)  # reads the pairs, builds the model, sets what trains
@@ -192,9 +200,3 @@ class PreferenceTask(InstructionTask):
             return EpochReport(text=text)
         return EpochReport({"val/sample_response": sample[1]},
                            f"{text}; sample response to {sample[0]!r}:\n{sample[1]}")
-
-    # ---- the run's files -----------------------------------------------------------------------
-
-    def plots(self) -> list[str]:
-        """The loss, the chosen and rejected rewards, their margin and the reward accuracy."""
-        return ["loss", "rewards", "reward_margin", "reward_accuracy"]
