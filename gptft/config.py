@@ -23,6 +23,9 @@ from gptft.io import check_file
 from gptft.registry import DEFAULT_TASK, get_task
 from gptft.validation import build, non_negative, positive
 
+# The ModelConfig keys that set the model's shape (with a checkpoint, they must match it).
+SHAPE_KEYS = ("n_layers", "emb_dim", "n_heads", "context_length")
+
 
 @dataclass
 class ModelConfig:
@@ -55,20 +58,22 @@ class ModelConfig:
     a transformers GPT-2 of the base's shape): loaded onto the base model before training; needs
     trainable=lora, and its r, lora_alpha, lora_dropout and target_modules replace ``lora``."""
 
+    def shape(self) -> dict[str, int]:
+        """The shape keys this config sets (``SHAPE_KEYS`` not null)."""
+        return {k: getattr(self, k) for k in SHAPE_KEYS if getattr(self, k) is not None}
+
     def problems(self) -> list[str]:
         out = []
         if self.adapter is not None and self.trainable != "lora":
             out.append("adapter: needs trainable=lora (an adapter trains as LoRA)")
         if self.weights == "pretrained" and not self.checkpoint:
-            shape = [k for k in ("n_layers", "emb_dim", "n_heads", "context_length")
-                     if getattr(self, k) is not None]
+            shape = list(self.shape())
             if shape:
                 out.append(f"{', '.join(shape)}: only with weights=random or a checkpoint "
                            "(pretrained weights fix the shape)")
         if not 0 <= self.drop_rate < 1:
             out.append(f"drop_rate: must be in [0, 1) (got {self.drop_rate})")
-        return out + positive(self, "n_layers", "emb_dim", "n_heads", "context_length",
-                               "pad_vocab_multiple")
+        return out + positive(self, *SHAPE_KEYS, "pad_vocab_multiple")
 
 
 @dataclass

@@ -44,6 +44,7 @@ from gptft.checkpoints import ResumePoint, TrainState
 from gptft.config import Job
 from gptft.console import format_metrics, format_value, progress_disabled  # noqa: F401 (moved)
 from gptft.errors import GPTFTError
+from gptft.modes import eval_mode
 from gptft.runfolder import LOG
 from gptft.signals import Interrupted, StopRequest
 from gptft.task import EpochContext, EpochReport, TaskBase
@@ -336,14 +337,9 @@ class Trainer:
         hook = getattr(self.task, "on_epoch_end", None)
         if hook is None:
             return None
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(self.accelerator.unwrap_model(self.model)) as model:
             return hook(EpochContext(self.state.epoch, self.state.step, model, self.evaluate_split,
                                      val, self.accelerator.autocast, self.cfg.epochs))
-        finally:
-            model.train(was_training)
 
     # ---- evaluation ----------------------------------------------------------------------------
 
@@ -352,19 +348,16 @@ class Trainer:
                desc: str | None = None) -> dict[str, torch.Tensor]:
         """The task's eval outputs over `loader` from all processes, without the duplicates that
         even batches add; with `desc`, a progress bar of that name."""
-        model = self.model
-        was_training = model.training
-        model.eval()
         gathered: dict[str, list[torch.Tensor]] = {}
         total = len(loader) if max_batches is None else min(len(loader), max_batches)
         bar = tqdm(islice(loader, max_batches), total=total, desc=desc, leave=False, dynamic_ncols=True,
                    disable=True if desc is None else progress_disabled(self.accelerator))
-        for batch in bar:
-            with self.accelerator.autocast():
-                out = self.task.eval_outputs(model, batch)
-            for k, v in self.accelerator.gather_for_metrics(out).items():
-                gathered.setdefault(k, []).append(v)
-        model.train(was_training)
+        with eval_mode(self.model) as model:
+            for batch in bar:
+                with self.accelerator.autocast():
+                    out = self.task.eval_outputs(model, batch)
+                for k, v in self.accelerator.gather_for_metrics(out).items():
+                    gathered.setdefault(k, []).append(v)
         return {k: torch.cat(v).cpu() for k, v in gathered.items()}
 
     def evaluate(self, loader, max_batches: int | None = None) -> dict[str, float]:

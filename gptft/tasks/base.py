@@ -113,8 +113,7 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, device: torch.device | None = N
     """Pretrained weights (a finished gptft language-model run, a Hugging Face folder or the hub),
     or a fresh model of the preset's shape, built directly on `device` (a fresh model is
     initialised there, not on the CPU first)."""
-    shape = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
-             if getattr(cfg, k) is not None}
+    shape = cfg.shape()
     if cfg.weights == "pretrained" and cfg.checkpoint and is_run_folder(cfg.checkpoint):
         model, _ = load_gpt(cfg.checkpoint, device, drop_rate=cfg.drop_rate,
                             pad_vocab_multiple=cfg.pad_vocab_multiple)  # its shape from gptft.json

@@ -164,7 +164,5 @@ def classifier_checkpoint(cfg: ModelConfig, labels: list[str],
     config = GPTConfig(**{**meta["model"], "drop_rate": cfg.drop_rate})
     model = empty_model(lambda: GPTClassifier(GPT(config), len(labels)), device or "cpu")
     load_state_into(model, cfg.checkpoint)
-    shape = {k: getattr(cfg, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
-             if getattr(cfg, k) is not None}
-    check_checkpoint_shape(model.backbone, shape, cfg.checkpoint)
+    check_checkpoint_shape(model.backbone, cfg.shape(), cfg.checkpoint)
     return model.train()
