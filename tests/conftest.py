@@ -7,7 +7,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("GPTFT_SHARED") or ROOT.parent / "shared")  # a worktree elsewhere: set it
 
 # Subprocesses (launch/*.py, accelerate launch) import gptft from this checkout, not from wherever
 # an editable install points (another worktree).

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -89,6 +90,7 @@ class ToyTask(TaskBase):
         return {"loss": out["loss"].mean().item(), "accuracy": out["right"].mean().item()}
 
 
+@pytest.mark.slow
 def test_a_toy_task_runs_through_the_registry(tmp_path):
     register_task(TaskSpec("toy-parity", ToyJob, ToyTask, produces="lm"))
     try:
@@ -120,6 +122,7 @@ class ToyWithOutputs(ToyTask):
             write_json(Path(self.job.output_dir) / "toy_predictions.json", [{"step": trainer.state.step}])
 
 
+@pytest.mark.slow
 def test_a_task_declares_its_outputs_and_the_run_folder_follows(tmp_path, capsys):
     """A task's new output file: written, listed by the closing summary, and removed by the next
     run's train.overwrite (here another task's run), with nothing but the task class and one
