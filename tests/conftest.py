@@ -9,6 +9,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GPTFT_SHARED") or ROOT.parent / "shared")  # a worktree elsewhere: set it
 
+# One intra-op thread in the test process: the tests' models are tiny, where a second thread buys
+# nothing, and on a busy shared machine every parallel region then waits for a descheduled thread
+# (the quick subset at load average 10-12: 140 s with OMP_NUM_THREADS=1, 312 s with 2 threads).
+# Launched jobs set their own (cpu_launch_env). GPTFT_TEST_THREADS=2 restores torch's default here.
+torch.set_num_threads(int(os.environ.get("GPTFT_TEST_THREADS", "1")))
+
 # Subprocesses (launch/*.py, accelerate launch) import gptft from this checkout, not from wherever
 # an editable install points (another worktree).
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
