@@ -9,11 +9,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GPTFT_SHARED") or ROOT.parent / "shared")  # a worktree elsewhere: set it
 
-# One intra-op thread in the test process: the tests' models are tiny, where a second thread buys
-# nothing, and on a busy shared machine every parallel region then waits for a descheduled thread
-# (the quick subset at load average 10-12: 140 s with OMP_NUM_THREADS=1, 312 s with 2 threads).
-# Launched jobs set their own (cpu_launch_env). GPTFT_TEST_THREADS=2 restores torch's default here.
-torch.set_num_threads(int(os.environ.get("GPTFT_TEST_THREADS", "1")))
+# One intra-op thread, in the test process and the jobs it starts (the same count in both: a run
+# and its resumption in another process agree bit for bit only with the same reduction order). The
+# tests' models are tiny, where a second thread buys nothing, and on a busy shared machine every
+# parallel region waits for a descheduled thread (the quick subset at load average 10-12: 140 s
+# with OMP_NUM_THREADS=1, 312 s with 2 threads). GPTFT_TEST_THREADS sets another count.
+THREADS = os.environ.get("GPTFT_TEST_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = THREADS
+torch.set_num_threads(int(THREADS))
 
 # Subprocesses (launch/*.py, accelerate launch) import gptft from this checkout, not from wherever
 # an editable install points (another worktree).
