@@ -39,12 +39,10 @@ built (and moved to the device) before timing: collation is not timed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import threading
 import time
@@ -58,6 +56,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptft.classifier import GPTClassifier
+from gptft.config import SHAPE_KEYS
+from gptft.cpu import cpu_name
 from gptft.data.classification import (
     ClassificationDataset,
     TextExamples,
@@ -712,17 +712,8 @@ def paired_ratios(results: dict[str, Result], reference: str) -> dict[str, float
 
 
 def model_config(opts: argparse.Namespace, vocab_size: int) -> GPTConfig:
-    shape = {k: getattr(opts, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
-             if getattr(opts, k) is not None}
+    shape = {k: getattr(opts, k) for k in SHAPE_KEYS if getattr(opts, k) is not None}
     return GPTConfig.from_name(opts.model, vocab_size=vocab_size, drop_rate=0.0, **shape)
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def environment(opts: argparse.Namespace) -> dict:

@@ -374,9 +374,7 @@ def textbook_job(opts: argparse.Namespace) -> None:
 
     # Model: GPTModel (random weights: the book loads OpenAI's here), all frozen, a 2-class head,
     # the last block and the final LayerNorm trainable; AdamW over model.parameters().
-    shape = GPTConfig.from_name(job.model.name, **{k: getattr(job.model, k) for k in
-                                                   ("n_layers", "emb_dim", "n_heads", "context_length")
-                                                   if getattr(job.model, k) is not None})
+    shape = GPTConfig.from_name(job.model.name, **job.model.shape())
     cfg = {"vocab_size": 50257, "context_length": shape.context_length, "emb_dim": shape.emb_dim,
            "n_heads": shape.n_heads, "n_layers": shape.n_layers, "drop_rate": job.model.drop_rate,
            "qkv_bias": True}
@@ -484,15 +482,9 @@ def run_textbook(opts: argparse.Namespace, run_dir: Path) -> dict:
 # ---- the benchmark -----------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def environment() -> dict:
+    from gptft.cpu import cpu_name  # the checkout's running this harness (stdlib only)
+
     versions = {}
     for package in ("torch", "accelerate", "llms-from-scratch"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):

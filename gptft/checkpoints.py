@@ -24,17 +24,16 @@ import shutil
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from gptft.config import Job, job_to_dict, job_to_yaml
 from gptft.errors import GPTFTError
 from gptft.io import link_error, read_json_object, write_json, write_text, writing
+from gptft.runfolder import CHECKPOINTS, CONFIG
 
-CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
-CONFIG = "config.yaml"
 # Keys that may change between a run and its resumption (prefixes): what to resume, where the run
 # folder is, how long to train (a cosine schedule then follows the new length), how often to
 # evaluate, log and checkpoint, whether to skip non-finite steps from now on, activation
@@ -51,6 +50,27 @@ RESUMABLE_CHANGES = ("train.resume", "output_dir", "train.epochs", "train.max_st
 
 LAYOUT = ("train.batch_size", "train.grad_accum_steps")
 """How a step is split: they may change on resuming if the global batch stays the same."""
+
+
+@dataclass
+class TrainState:
+    """Progress counters, saved in every checkpoint."""
+
+    epoch: int = 0
+    step: int = 0
+    batches_in_epoch: int = 0
+    examples_seen: int = 0
+    best_value: float | None = None
+    best_step: int = -1
+    skipped_steps: int = 0
+    log_lines: int = 0  # lines in log.jsonl: a resumed run drops those written after the checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
 
 
 @dataclass
@@ -495,7 +515,6 @@ def load_checkpoint(accelerator, point: ResumePoint, output_dir: Path) -> dict |
 
 def _state_problems(saved: dict) -> list[str]:
     """What is wrong with a ``trainer_state.json``'s progress counters and schedule state."""
-    from gptft.trainer import TrainState
     from gptft.validation import build
 
     if not isinstance(saved.get("progress"), dict):

@@ -104,7 +104,7 @@ def evaluate_classifier(run_dir: str | os.PathLike, path: str | os.PathLike, *, 
     and the confusion matrix (rows: true label, columns: predicted) of a finished run on a
     labelled file (CSV, TSV, JSONL or SMS, read as ``data.path``; labels must be the run's)."""
     from gptft.data.classification import read_labelled_file
-    from gptft.tasks.classification.task import classification_report
+    from gptft.metrics import classification_report
 
     clf = load_classifier(run_dir, device)
     data = read_labelled_file(path, clf.labels, text_column, label_column, fmt)

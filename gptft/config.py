@@ -2,7 +2,7 @@
 
 This module holds the sections every task shares (``model``, ``train``, ``lora``, ``tracking``,
 ``generate``) and ``JobConfig``, the base of each task's job class (a task adds its ``data``
-section, see ``gptft.tasks``). ``load_job(path, overrides)`` reads a YAML file, applies dotted
+section, see ``gptft.registry``). ``load_job(path, overrides)`` reads a YAML file, applies dotted
 ``key=value`` overrides, finds the job class of its ``task`` in the task registry and checks every
 key, type and range with ``gptft.validation``, reporting all problems at once in one
 ``GPTFTError`` that names the file, line and field of each.
@@ -20,6 +20,7 @@ import yaml
 
 from gptft.errors import GPTFTError
 from gptft.io import check_file
+from gptft.registry import DEFAULT_TASK, get_task
 from gptft.validation import build, non_negative, positive, seed_problems
 
 SHAPE_KEYS = ("n_layers", "emb_dim", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
@@ -82,9 +83,11 @@ class ModelConfig:
         out = []
         if self.adapter is not None and self.trainable != "lora":
             out.append("adapter: needs trainable=lora (an adapter trains as LoRA)")
-        if self.weights == "pretrained" and not self.checkpoint and self.shape():
-            out.append(f"{', '.join(self.shape())}: only with weights=random or a checkpoint "
-                       "(pretrained weights fix the shape)")
+        if self.weights == "pretrained" and not self.checkpoint:
+            shape = list(self.shape())
+            if shape:
+                out.append(f"{', '.join(shape)}: only with weights=random or a checkpoint "
+                           "(pretrained weights fix the shape)")
         if not 0 <= self.drop_rate < 1:
             out.append(f"drop_rate: must be in [0, 1) (got {self.drop_rate})")
         return out + positive(self, *SHAPE_KEYS, "pad_vocab_multiple")
@@ -264,7 +267,7 @@ class JobConfig:
     """The sections every job has; each task's job class adds its ``data`` (and more)."""
 
     task: str = ""
-    """Which job this is (a name in the task registry, gptft.tasks)."""
+    """Which job this is (a name in the task registry, gptft.registry)."""
     output_dir: str = "runs/job"
     """Run folder: config, weights, metrics, logs, plots, checkpoints."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -357,8 +360,6 @@ def _expand_home(obj: Any) -> None:
 def job_from_dict(data: dict, source: str = "config", overrides: dict[str, Any] | None = None,
                   lines: dict[str, int] | None = None) -> Job:
     """Build and validate a job from plain data plus dotted overrides; raise one error listing all."""
-    from gptft.tasks import DEFAULT_TASK, get_task
-
     if not isinstance(data, dict):
         raise GPTFTError(f"{source}: expected a mapping of sections (task, model, data, train, ...)")
     data = dict(data)

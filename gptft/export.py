@@ -33,6 +33,7 @@ from typing import Any
 
 from gptft.errors import GPTFTError
 from gptft.io import make_folder, read_json_object, usual_mode, write_json, writing
+from gptft.runfolder import CONFIG
 
 ENDOFTEXT = "<|endoftext|>"
 MARKER = ".gptft-export"
@@ -46,14 +47,14 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite
         GPTFTError: if `run_dir` is not a finished run, or `out_dir` is a file, is (or holds) the
             run folder, or is a non-empty folder and `overwrite` is false.
     """
-    from gptft.runs import load_meta
-    from gptft.tasks import TASKS
+    from gptft.runs import load_meta, run_produces
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     meta = load_meta(run_dir)
-    spec = TASKS.get(meta.get("task"))
-    if spec is None:
-        raise GPTFTError(f"{run_dir}: unknown task {meta.get('task')!r} in gptft.json")
+    produces = run_produces(meta)
+    if produces not in ("lm", "classifier"):
+        raise GPTFTError(f"{run_dir}: gptft.json names neither what the run produces nor a known "
+                         f"task (task {meta.get('task')!r}, produces {meta.get('produces')!r})")
     _check_target(run_dir, out_dir, overwrite)
     target = out_dir.resolve()
     make_folder(target.parent)  # a path under a file, no permission: one line
@@ -62,7 +63,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite
     os.chmod(tmp, usual_mode(folder=True))  # mkdtemp makes it owner-only
     try:
         with writing(out_dir, "export"):  # disk full: one line, OUT_DIR as it was
-            if spec.produces == "classifier":
+            if produces == "classifier":
                 max_length = _write_classifier(run_dir, tmp)
             else:
                 max_length = _write_lm(run_dir, tmp, meta)
@@ -117,7 +118,7 @@ def _write_classifier(run_dir: Path, folder: Path) -> int:
         from gptft.models.families import to_hf_config
 
         config = to_hf_config(body.config, classifier=True)
-    save_safetensors(state, folder / "model.safetensors")
+    save_safetensors(state, folder / "model.safetensors")  # Hugging Face's name
     write_json(folder / "config.json", {
         **config, "id2label": dict(enumerate(clf.labels)),
         "label2id": {n: i for i, n in enumerate(clf.labels)},
@@ -153,7 +154,7 @@ def generation_config(run_dir: Path, config, tokenizer=None) -> dict[str, Any]:
     from gptft.tokenizer import load_tokenizer
     from gptft.validation import check
 
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     try:
         saved = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:

@@ -17,6 +17,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from gptft import runfolder
+from gptft.accelerator import make_accelerator
 from gptft.checkpoints import ResumePoint, resume_point
 from gptft.config import Job
 from gptft.cpu import keep_freed_memory
@@ -28,7 +29,6 @@ from gptft.tasks import get_task
 from gptft.tasks.base import run_task, start_run_folder
 from gptft.timing import Phases
 from gptft.tracking import finish_tracking, init_tracking
-from gptft.trainer import make_accelerator
 
 
 def finetune(job: Job, started: float | None = None) -> dict:
@@ -83,7 +83,7 @@ def _finetune(job: Job, phases: Phases, stop: StopRequest) -> dict:
         init_tracking(job, accelerator)
         try:
             metrics = run_task(task, resume, phases, stop=stop)
-            finish_tracking(accelerator, job, metrics)
+            finish_tracking(accelerator, job, metrics, task.outputs)
             if stop.signum and accelerator.is_main_process:
                 print(f"gptft: {stop.name} came as the run finished; it is complete", file=sys.stderr)
             # Every process leaves together: a rank that exits while the main one still writes

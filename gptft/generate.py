@@ -24,6 +24,7 @@ import torch.nn as nn
 from gptft.config import GenerateConfig
 from gptft.errors import GPTFTError
 from gptft.model import KVCache
+from gptft.modes import eval_mode
 from gptft.tokenizer import Tokenizer
 
 LanguageModel = nn.Module
@@ -314,13 +315,11 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     size = batch_size or len(prompts)
     results: list[list[int]] = [[] for _ in prompts]
-    was_training = model.training
-    model.eval()
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False, dynamic_ncols=True,
                disable=None if progress else True)  # None: shown on a terminal only
-    try:
+    with eval_mode(model), bar:
         for start in range(0, len(order), size):
             batch = order[start : start + size]
             pick = _Picker(temperature, top_k, top_p, [generators[i] for i in batch])
@@ -328,9 +327,6 @@ def generate(
             for i, tokens in zip(batch, outs, strict=True):
                 results[i] = tokens
             bar.update(len(batch))
-    finally:
-        bar.close()
-        model.train(was_training)
     if stats is not None:
         seconds = time.perf_counter() - started
         new_tokens = sum(len(t) for t in results)

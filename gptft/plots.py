@@ -4,7 +4,8 @@ seen (the book's figures), with markers, epoch ticks and the kept (best) step ma
 Only what was measured while training is drawn: the training loss averaged over each logging
 window (``train/loss_mean``), each validation (``val/*``) and the epoch-end samples of the
 training split (``train_sample/*``). The final evaluation of the kept model (``final/*``) is not a
-point of the training curve; the step whose weights were kept is marked instead.
+point of the training curve; the step whose weights were kept is marked instead. A task declares
+its figures (``gptft.runfolder.Figure``: a metric and, if not the default ones, its curves).
 """
 
 from __future__ import annotations
@@ -12,31 +13,26 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from gptft.io import atomic_write
-
-# The curves of each figure: (legend label, log.jsonl key, line style, marker).
-CURVES = {
-    "loss": [("train (mean since the previous point)", "train/loss_mean", "-", "."),
-             ("val", "val/loss", "-.", "o")],
-    "rewards": [("val chosen", "val/reward_chosen", "-", "o"),
-                ("val rejected", "val/reward_rejected", "-.", "s")],
-}
+from gptft.runfolder import LOG, Curve, Figure
 
 
-def curves_of(metric: str) -> list[tuple[str, str, str, str]]:
-    """The curves of `metric`'s figure: the preset ones, else the training sample and validation."""
-    return CURVES.get(metric, [("train (sample at epoch ends)", f"train_sample/{metric}", "--", "s"),
-                               ("val", f"val/{metric}", "-.", "o")])
+def curves_of(figure: Figure) -> tuple[Curve, ...]:
+    """The curves of `figure`: its own, else the training sample and validation of its metric."""
+    metric = figure.metric
+    return figure.curves or (("train (sample at epoch ends)", f"train_sample/{metric}", "--", "s"),
+                             ("val", f"val/{metric}", "-.", "o"))
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of ``log.jsonl``; a line that is not a JSON object with a step (edited or damaged
     by hand) is left out with a warning, not the end of a run that trained."""
     rows, bad = [], []
-    for number, line in enumerate((run_dir / "log.jsonl").read_text().splitlines(), 1):
+    for number, line in enumerate((run_dir / LOG).read_text().splitlines(), 1):
         try:
             row = json.loads(line) if line.strip() else None
         except (ValueError, RecursionError):
@@ -46,7 +42,7 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
         elif row is not None:
             bad.append(number)
     if bad:
-        print(f"warning: {run_dir / 'log.jsonl'}: line {', '.join(map(str, bad[:5]))}"
+        print(f"warning: {run_dir / LOG}: line {', '.join(map(str, bad[:5]))}"
               f"{' ...' if len(bad) > 5 else ''} not a logged row (a JSON object with a step): "
               "left out of the plots", file=sys.stderr)
     return rows
@@ -68,9 +64,10 @@ def epoch_ends(rows: list[dict]) -> list[tuple[int, int]]:
     return sorted(ends.items())
 
 
-def run_figures(run_dir: Path, metrics: list[str], best_step: int | None = None,
+def run_figures(run_dir: Path, figures: Sequence[Figure | str], best_step: int | None = None,
                 title: str | None = None) -> dict[str, Any]:
-    """A matplotlib figure per metric (the caller saves and closes them)."""
+    """A matplotlib figure per declared figure (a name: ``Figure(name)``), by metric name (the
+    caller saves and closes them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,11 +76,12 @@ def run_figures(run_dir: Path, metrics: list[str], best_step: int | None = None,
 
     rows = read_log(run_dir)
     name = title or run_dir.name
-    figures = {}
-    for metric in metrics:
+    drawn_figures = {}
+    for figure in (Figure(f) if isinstance(f, str) else f for f in figures):
+        metric = figure.metric
         fig, ax = plt.subplots(figsize=(6.4, 4))
         drawn, starred = [], False
-        for label, key, style, marker in curves_of(metric):
+        for label, key, style, marker in curves_of(figure):
             data = points(rows, key)
             if data:
                 x, _, y = zip(*data)
@@ -110,18 +108,18 @@ def run_figures(run_dir: Path, metrics: list[str], best_step: int | None = None,
             ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
                       frameon=False)
         fig.tight_layout()
-        figures[metric] = fig
-    return figures
+        drawn_figures[metric] = fig
+    return drawn_figures
 
 
-def plot_run(run_dir: Path, metrics: list[str], best_step: int | None = None,
+def plot_run(run_dir: Path, figures: Sequence[Figure | str], best_step: int | None = None,
              title: str | None = None) -> list[Path]:
-    """Write ``<metric>.png`` for each metric (see ``run_figures``); the paths written."""
+    """Write each figure's file, ``<metric>.png`` (see ``run_figures``); the paths written."""
     import matplotlib.pyplot as plt
 
     written = []
-    for metric, fig in run_figures(run_dir, metrics, best_step, title).items():
-        path = run_dir / f"{metric}.png"
+    for metric, fig in run_figures(run_dir, figures, best_step, title).items():
+        path = run_dir / Figure(metric).file
         atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=100, format="png",
                                                                 bbox_inches="tight"))
         plt.close(fig)

@@ -5,8 +5,12 @@
   metrics, outputs) is written: readers (``gptft.runs``) refuse a run that is not finished, so a
   failed run never serves an earlier run's model beside its own config.
 - A new run goes only into a missing or empty folder, or (``train.overwrite=true``) into an earlier
-  gptft run, of which it removes only the files gptft writes (``RUN_FILES``, ``adapter/``'s files,
-  ``checkpoints/step-N``...): never a user's file, never through a symbolic link.
+  gptft run, of which it removes only the files gptft writes (the files every run writes, those
+  each task declares in its ``outputs``, ``adapter/``'s files, ``checkpoints/step-N``...): never a
+  user's file, never through a symbolic link.
+- ``RunFolder`` names every path of a run; a task declares the files it adds (``Figure``,
+  ``Records``) and the tables of its metrics (``Matrix``): overwrite, the W&B upload
+  (``gptft.tracking``) and the closing summary all read those declarations.
 - ``.gptft-lock`` is held (``flock``) by the main process for the whole job and names its PID and
   host, so a second run on the same folder stops with one line; the kernel frees the lock of a
   process that died (a stale lock file is taken over).
@@ -22,6 +26,8 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from gptft.errors import GPTFTError
@@ -29,18 +35,109 @@ from gptft.io import write_json
 
 MARKER = ".gptft-run"
 LOCK = ".gptft-lock"
-# Files a run writes at the top of its folder (every task), and those of ``adapter/``.
-RUN_FILES = ("config.yaml", "log.jsonl", "model.safetensors", "gptft.json", "metrics.json",
-             "responses.json", "loss.png", "accuracy.png", "rewards.png", "reward_margin.png",
-             "reward_accuracy.png", "wandb_run.json")
-# PEFT's two files and gptft's own (and the names of gptft before PEFT's layout).
+CONFIG = "config.yaml"  # the resolved job (also the last file of a checkpoint)
+META = "gptft.json"  # what rebuilds the model: task, what it produces, model config, tokenizer...
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.json"
+LOG = "log.jsonl"
+WANDB_RUN = "wandb_run.json"  # the W&B run id a resumed job continues (gptft.tracking)
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+TOKENIZER = "tokenizer"  # a Hugging Face tokenizer's files (gptft.runs.TOKENIZER_DIR)
+# The files every run writes at the top of its folder (a task's own: its ``outputs``).
+CORE_FILES = (CONFIG, LOG, WEIGHTS, META, METRICS, WANDB_RUN)
 # A Hugging Face tokenizer's files, kept in tokenizer/ (gptft.tokenizer.HFTokenizer.save).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
+# PEFT's two files and gptft's own (and the names of gptft before PEFT's layout).
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "gptft_adapter.json",
                  "adapter.safetensors")
 # Folders under checkpoints/ that gptft makes: checkpoints, saves cut short, abandoned checkpoints.
 CHECKPOINT_DIR = re.compile(r"(\.tmp-|abandoned-)?step-\d+")
+
+
+# ---- what a run writes ----------------------------------------------------------------------------
+
+Curve = tuple[str, str, str, str]  # (legend label, log.jsonl key, line style, marker)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """``<metric>.png``: `metric` measured while training, drawn from ``log.jsonl`` by
+    ``gptft.plots``; uploaded to W&B as the image ``plots/<metric>``.
+
+    Attributes:
+        metric: the figure's name and y axis.
+        curves: its curves; empty: the epoch-end training sample and the validation of `metric`
+            (``train_sample/<metric>``, ``val/<metric>``).
+    """
+
+    metric: str
+    curves: tuple[Curve, ...] = ()
+
+    @property
+    def file(self) -> str:
+        return f"{self.metric}.png"
+
+
+@dataclass(frozen=True)
+class Records:
+    """A JSON array of records the task writes (e.g. ``responses.json``); uploaded to W&B as the
+    file and as the table ``<table>``."""
+
+    file: str
+    table: str
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A matrix in ``metrics.json`` (e.g. the confusion matrix under `key`, its row and column
+    names under `labels`); uploaded to W&B as the table ``<table>``. Not a file of its own."""
+
+    key: str
+    labels: str
+    table: str
+
+    file = None
+
+
+Output = Figure | Records | Matrix
+
+# The training loss and the validation loss: the first figure of every task.
+LOSS = Figure("loss", (("train (mean since the previous point)", "train/loss_mean", "-", "."),
+                       ("val", "val/loss", "-.", "o")))
+
+
+def output_files(outputs: Iterable[Output]) -> tuple[str, ...]:
+    """The file names among `outputs` (declared outputs that are files), in order, once each."""
+    return tuple(dict.fromkeys(o.file for o in outputs if o.file is not None))
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Every path of a run folder (``output_dir``)."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    config = property(lambda self: self.root / CONFIG)
+    meta = property(lambda self: self.root / META)
+    weights = property(lambda self: self.root / WEIGHTS)
+    metrics = property(lambda self: self.root / METRICS)
+    log = property(lambda self: self.root / LOG)
+    wandb_run = property(lambda self: self.root / WANDB_RUN)
+    checkpoints = property(lambda self: self.root / CHECKPOINTS)
+    adapter = property(lambda self: self.root / ADAPTER)
+    marker = property(lambda self: self.root / MARKER)
+    lock = property(lambda self: self.root / LOCK)
+
+    def files(self, outputs: Iterable[Output] = ()) -> list[str]:
+        """The names of the files a run with `outputs` wrote here (those that exist), the files
+        every run writes first; ``adapter/`` too when there is one."""
+        names = [n for n in (*CORE_FILES, *output_files(outputs)) if (self.root / n).is_file()]
+        return names + [f"{d}/" for d in (ADAPTER, TOKENIZER) if (self.root / d).is_dir()]
 
 
 def is_gptft_run(folder: Path) -> bool:
@@ -63,8 +160,8 @@ def check_new_run(folder: Path, overwrite: bool, resuming_here: bool) -> None:
     """
     if folder.exists() and not folder.is_dir():
         raise GPTFTError(f"output_dir {folder}: not a folder")
-    if (folder / "checkpoints").is_symlink():
-        raise GPTFTError(f"{folder / 'checkpoints'}: a symbolic link; gptft keeps (and prunes) "
+    if (folder / CHECKPOINTS).is_symlink():
+        raise GPTFTError(f"{folder / CHECKPOINTS}: a symbolic link; gptft keeps (and prunes) "
                          "checkpoints inside the run folder only: remove the link")
     others = sorted(p.name for p in folder.iterdir() if p.name != LOCK) if folder.is_dir() else []
     if others and not resuming_here:
@@ -86,7 +183,7 @@ def check_no_links(folder: Path) -> None:
     temporary folder) is a symbolic link: gptft would write through it, or replace it."""
     from gptft.io import link_error
 
-    names = [folder / n for n in (*RUN_FILES, MARKER, "adapter")]
+    names = [folder / n for n in (*written_files(), MARKER, ADAPTER, TOKENIZER)]
     if (folder / "adapter").is_dir() and not (folder / "adapter").is_symlink():
         names += [folder / "adapter" / n for n in ADAPTER_FILES]
     root = folder / "checkpoints"
@@ -97,22 +194,23 @@ def check_no_links(folder: Path) -> None:
             raise link_error(path)
 
 
-def reset_run_folder(folder: Path) -> None:
+def reset_run_folder(folder: Path, outputs: Iterable[Output] = ()) -> None:
     """Remove what an earlier gptft run wrote in `folder` (a new run with ``train.overwrite``):
-    its known files and checkpoint folders, never a symbolic link's target or anything else."""
-    for name in RUN_FILES:
+    the files every run writes, the files of `outputs` (what any task declares it writes) and
+    checkpoint folders, never a symbolic link's target or anything else."""
+    for name in (*CORE_FILES, *output_files(outputs)):
         _remove_file(folder / name)
-    adapter = folder / "adapter"
+    adapter = folder / ADAPTER
     if adapter.is_dir() and not adapter.is_symlink():
         for name in ADAPTER_FILES:
             _remove_file(adapter / name)
         _rmdir_if_empty(adapter)
-    tokenizer = folder / "tokenizer"
+    tokenizer = folder / TOKENIZER
     if tokenizer.is_dir() and not tokenizer.is_symlink():
         for name in TOKENIZER_FILES:
             _remove_file(tokenizer / name)
         _rmdir_if_empty(tokenizer)
-    root = folder / "checkpoints"
+    root = folder / CHECKPOINTS
     if root.is_dir() and not root.is_symlink():
         for p in root.iterdir():
             if CHECKPOINT_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
@@ -120,17 +218,27 @@ def reset_run_folder(folder: Path) -> None:
         _rmdir_if_empty(root)
 
 
-# ``gptft.io.atomic_path``'s temporary files of a run's own files: ``.NAME.XXXXXXXX.tmp``.
-_OWN = "|".join(re.escape(n) for n in (*RUN_FILES, MARKER))
-STALE = re.compile(rf"\.({_OWN})\.[a-z0-9_]{{8}}\.tmp")
+def written_files() -> tuple[str, ...]:
+    """The names of the files a run writes at the top of its folder: every run's and what any
+    registered task declares (``gptft.registry``)."""
+    from gptft.registry import declared_outputs
+
+    return (*CORE_FILES, *output_files(declared_outputs()))
+
+
+def stale_pattern() -> re.Pattern:
+    """``gptft.io.atomic_path``'s temporary files of a run's own files: ``.NAME.XXXXXXXX.tmp``."""
+    own = "|".join(re.escape(n) for n in (*written_files(), MARKER))
+    return re.compile(rf"\.({own})\.[a-z0-9_]{{8}}\.tmp")
 
 
 def remove_stale_temporaries(folder: Path) -> None:
     """Remove the temporary files of gptft's own atomic writes that a killed run left in `folder`
     (``.gptft-run.ab12cd34.tmp``...): gptft's to remove, and in the way of the next command. Call
     with the folder's lock held (no other gptft writes them then)."""
+    stale = stale_pattern()
     for p in folder.iterdir():
-        if STALE.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+        if stale.fullmatch(p.name) and p.is_file() and not p.is_symlink():
             p.unlink()
 
 

@@ -2,9 +2,11 @@
 
 A run folder (``output_dir``) holds ``model.safetensors`` (the task model's weights under their
 module names; a tied ``lm_head.weight`` is stored once, as the embedding), ``gptft.json`` (the
-task, the model's ``architecture`` (family) and config, the tokenizer, and the task's extras:
-label names, prompt style) and, for a Hugging Face tokenizer, its files in ``tokenizer/``.
-A ``gptft.json`` without ``architecture`` (runs before model families) is GPT-2.
+task, what its weights are — ``produces``: ``lm`` or ``classifier`` —, the model's ``architecture``
+(family) and config, the tokenizer, and the task's extras: label names, prompt style) and, for a
+Hugging Face tokenizer, its files in ``tokenizer/``. Readers go by ``produces``, not by the task's
+name, so a run of any task, registered here or not, is read the same way. A ``gptft.json``
+without ``architecture`` (runs before model families) is GPT-2.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import torch.nn as nn
 from gptft.errors import GPTFTError
 from gptft.io import load_safetensors, read_json_object, save_safetensors, write_json
 from gptft.model import empty_model, tied_names
-from gptft.runfolder import check_finished
+from gptft.registry import TASKS
+from gptft.runfolder import META, WEIGHTS, check_finished
 
-META_FILE = "gptft.json"
-WEIGHTS_FILE = "model.safetensors"
+META_FILE, WEIGHTS_FILE = META, WEIGHTS  # the names of earlier versions
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -48,7 +50,7 @@ def save_model(run_dir: str | os.PathLike, model: nn.Module | dict[str, torch.Te
 def load_meta(run_dir: str | os.PathLike, produces: str | None = None,
               require_finished: bool = True) -> dict[str, Any]:
     """Read ``gptft.json``; when `produces` is given (``lm`` or ``classifier``, see
-    ``gptft.tasks.TaskSpec``), check the run's task makes such a model. A run that has not
+    ``run_produces``), check the run made such a model. A run that has not
     finished (``gptft.runfolder``) is refused unless `require_finished` is false (a run reading
     its own final weights to write its outputs)."""
     run_dir = Path(run_dir)
@@ -61,8 +63,17 @@ def load_meta(run_dir: str | os.PathLike, produces: str | None = None,
         check_finished(run_dir)  # a run that failed or still runs may mix two runs' files
     meta = read_json_object(run_dir / META_FILE)
     if produces is not None:
-        _check_produces(run_dir, meta.get("task"), produces)
+        _check_produces(run_dir, meta, produces)
     return meta
+
+
+def run_produces(meta: dict[str, Any]) -> str | None:
+    """What a run's weights are, ``lm`` or ``classifier``, as its ``gptft.json`` says; for a run
+    of an earlier gptft (no ``produces``), what its task produces (``gptft.registry``)."""
+    if "produces" in meta:
+        return meta["produces"]
+    spec = TASKS.get(meta.get("task"))
+    return spec.produces if spec is not None else None
 
 
 def model_config(meta: dict[str, Any], run_dir: str | os.PathLike, **overrides):
@@ -104,11 +115,10 @@ def check_vocab(model_vocab: int, tokenizer_vocab: int, source: str | os.PathLik
                          f"{tokenizer_vocab:,} tokens" + (" (GPT-2's BPE: 50,257)" if exact else ""))
 
 
-def _check_produces(run_dir: Path, task: object, produces: str) -> None:
-    from gptft.tasks import TASKS
-
-    if task in TASKS and TASKS[task].produces == produces:
+def _check_produces(run_dir: Path, meta: dict[str, Any], produces: str) -> None:
+    if run_produces(meta) == produces:
         return
+    task = meta.get("task")
     wanted = " or ".join(spec.name for spec in TASKS.values() if spec.produces == produces)
     raise GPTFTError(f"{run_dir}: this is {_a(task)} {task} run, not {_a(wanted)} {wanted} run")
 

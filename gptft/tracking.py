@@ -5,9 +5,10 @@ The W&B run id is kept in the run folder (``wandb_run.json``), and a resumed job
 second one. W&B never rewrites a step it has: a resumed job logs again the steps after its
 checkpoint, which W&B keeps from the first attempt (a resumed run logs the same values, see
 ``tests/test_resume.py``) and ignores now; ``log.jsonl`` is truncated to the checkpoint and
-rewritten. At the end the summary gets every final metric, and the plots (images), the confusion
-matrix and ``responses.json`` (tables), the run's JSON files and, with ``tracking.log_model``, the
-model (an Artifact) are uploaded.
+rewritten. At the end the summary gets every final metric, and what the task declares it writes
+(``TaskBase.outputs``: figures as images, files of records and matrices of the metrics as tables,
+e.g. ``responses.json`` and the confusion matrix), the run's own files and, with
+``tracking.log_model``, the model (an Artifact) are uploaded.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from accelerate import Accelerator
 
 from gptft.config import Job, job_to_dict
 from gptft.io import read_json, write_json
+from gptft.runfolder import CONFIG, LOG, META, METRICS, WANDB_RUN, Figure, Matrix, Output, Records, RunFolder
 
-RUN_FILE = "wandb_run.json"
+RUN_FILE = WANDB_RUN  # the name of earlier versions
 
 
 def init_tracking(job: Job, accelerator: Accelerator) -> None:
@@ -41,7 +43,7 @@ def run_name(job: Job) -> str:
 
 def wandb_run_id(job: Job, accelerator: Accelerator) -> str:
     """The W&B run id of this run folder: the saved one when resuming, else a new one (saved)."""
-    path = Path(job.output_dir) / RUN_FILE
+    path = RunFolder(job.output_dir).wandb_run
     if job.train.resume and path.is_file():
         return read_json(path)["id"]
     run_id = secrets.token_hex(6)  # W&B run ids: letters, digits, - and _
@@ -61,25 +63,35 @@ def tracker_values(accelerator: Accelerator, values: dict[str, Any]) -> dict[str
             for k, v in values.items()}
 
 
-def finish_tracking(accelerator: Accelerator, job: Job, metrics: dict[str, Any]) -> None:
-    """Upload the run's results to W&B (main process; before ``end_training``)."""
+def finish_tracking(accelerator: Accelerator, job: Job, metrics: dict[str, Any],
+                    outputs: tuple[Output, ...] = ()) -> None:
+    """Upload the run's results to W&B (main process; before ``end_training``): the final
+    metrics and the task's declared `outputs`."""
     if not job.tracking.wandb or not accelerator.is_main_process:
         return
     import wandb
 
     run = accelerator.get_tracker("wandb", unwrap=True)
-    out = Path(job.output_dir)
-    run.summary.update(_summary(read_json(out / "metrics.json")))  # as written: rounded
-    media: dict[str, Any] = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}
-    if "confusion_matrix" in metrics:
-        media["test/confusion_matrix"] = confusion_table(metrics["confusion_matrix"], metrics["labels"])
-    if (out / "responses.json").is_file():
-        media["test/responses"] = records_table(read_json(out / "responses.json"))
+    out = RunFolder(job.output_dir)
+    run.summary.update(_summary(read_json(out.metrics)))  # as written: rounded
+    media: dict[str, Any] = {}
+    files = [METRICS, CONFIG, META]
+    for o in outputs:
+        path = out.root / o.file if o.file is not None else None
+        if isinstance(o, Figure) and path.is_file():
+            media[f"plots/{o.metric}"] = wandb.Image(str(path))
+        elif isinstance(o, Records) and path.is_file():
+            media[o.table] = records_table(read_json(path))
+            files.append(o.file)
+        elif isinstance(o, Matrix) and o.key in metrics:
+            media[o.table] = confusion_table(metrics[o.key], metrics[o.labels])
+        elif path is not None:
+            files.append(o.file)
     if media:
         run.log(media, step=metrics["steps"])
-    for name in ("metrics.json", "config.yaml", "gptft.json", "responses.json", "log.jsonl"):
-        if (out / name).is_file():
-            run.save(str(out / name), base_path=str(out), policy="now")
+    for name in (*files, LOG):
+        if (out.root / name).is_file():
+            run.save(str(out.root / name), base_path=str(out.root), policy="now")
     if job.tracking.log_model:
         run.log_artifact(model_artifact(job), aliases=["final"])
 
@@ -92,7 +104,8 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def confusion_table(matrix: list[list[int]], labels: list[str]):
-    """A W&B table of the confusion matrix: a row per true label, a column per predicted one."""
+    """A W&B table of a matrix (the confusion matrix): a row per true label, a column per
+    predicted one."""
     import wandb
 
     return wandb.Table(columns=["true \\ predicted", *labels],
@@ -115,12 +128,12 @@ def model_artifact(job: Job):
     """The final model as a W&B Artifact of type ``model``."""
     import wandb
 
-    out = Path(job.output_dir)
+    out = RunFolder(job.output_dir)
     artifact = wandb.Artifact(re.sub(r"[^\w.-]", "-", f"{run_name(job)}-model"), type="model",
                               metadata={"task": job.task})
-    for name in ("model.safetensors", "gptft.json", "config.yaml", "metrics.json"):
-        if (out / name).is_file():
-            artifact.add_file(str(out / name))
-    if (out / "adapter").is_dir():
-        artifact.add_dir(str(out / "adapter"), name="adapter")
+    for path in (out.weights, out.meta, out.config, out.metrics):
+        if path.is_file():
+            artifact.add_file(str(path))
+    if out.adapter.is_dir():
+        artifact.add_dir(str(out.adapter), name=out.adapter.name)
     return artifact

@@ -24,144 +24,36 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn as nn
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from gptft import checkpoints
-from gptft.checkpoints import ResumePoint
+from gptft.accelerator import make_accelerator, use_compile  # noqa: F401 (make_accelerator: moved)
+from gptft.checkpoints import ResumePoint, TrainState
 from gptft.config import Job
+from gptft.console import format_metrics, format_value, progress_disabled  # noqa: F401 (moved)
 from gptft.errors import GPTFTError
 from gptft.io import append_text
+from gptft.modes import eval_mode
+from gptft.runfolder import LOG
 from gptft.signals import Interrupted, StopRequest
+from gptft.task import EpochContext, EpochReport, TaskBase
 from gptft.timing import Phases
 from gptft.tracking import tracker_values
 
 # Where every process holds whole gradients, already averaged by backward().
 _PLAIN = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-
-
-@dataclass
-class EpochReport:
-    """What a task reports at an epoch's end: metrics to log and a line to print."""
-
-    metrics: dict[str, Any] = field(default_factory=dict)
-    text: str = ""
-
-
-@dataclass
-class EpochContext:
-    """What a task may use at an epoch's end (it does not get the trainer itself)."""
-
-    epoch: int  # the epoch just finished (1-based)
-    step: int
-    model: nn.Module  # unwrapped, in eval mode for the hook's duration
-    evaluate: Callable[..., dict[str, float]]  # evaluate(split, max_batches) -> metrics
-    val_metrics: dict[str, float]  # this epoch's validation metrics (val_ prefixed)
-    autocast: Callable[[], Any]
-    epochs: int = 0  # train.epochs
-
-
-class Task(Protocol):
-    """What the trainer needs from a task."""
-
-    best_metric: str  # e.g. "val_accuracy"; the best model by it is kept
-    higher_is_better: bool
-
-    def count(self, batch: dict) -> torch.Tensor:
-        """Number of loss units (examples, or label tokens) in a micro-batch, on its device."""
-
-    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        """Summed loss of one micro-batch on this process (call `model` itself: DDP needs it)."""
-
-    def eval_outputs(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        """Per-example tensors (first dimension = batch) to gather across processes."""
-
-    def eval_metrics(self, outputs: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Metrics (without split prefix) from the gathered outputs of a whole split."""
-
-    def on_epoch_end(self, ctx: EpochContext) -> EpochReport | None:
-        """Optional: metrics and text at an epoch's end (e.g. a sample generation)."""
-
-
-@dataclass
-class TrainState:
-    """Progress counters, saved in every checkpoint."""
-
-    epoch: int = 0
-    step: int = 0
-    batches_in_epoch: int = 0
-    examples_seen: int = 0
-    best_value: float | None = None
-    best_step: int = -1
-    skipped_steps: int = 0
-    log_lines: int = 0  # lines in log.jsonl: a resumed run drops those written after the checkpoint
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
-
-
-def make_accelerator(job: Job) -> Accelerator:
-    """The Accelerator for a job: device, mixed precision, the W&B tracker and the collective
-    timeout (``train.timeout_minutes``)."""
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and later (fp32 jobs)
-    torch.backends.cudnn.allow_tf32 = True
-    # cuDNN's attention builds a plan for every new sequence length (~0.3 s each on an H200);
-    # the flash and memory-efficient kernels need none and are as fast at GPT-2's sizes.
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    return Accelerator(
-        cpu=job.train.device == "cpu",
-        mixed_precision=job.train.mixed_precision,
-        log_with="wandb" if job.tracking.wandb else None,
-        project_dir=job.output_dir,
-        dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned memory on CUDA
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=job.train.timeout_minutes))],
-    )
-
-
-def progress_disabled(accelerator: Accelerator) -> bool | None:
-    """tqdm's ``disable`` for a bar: shown on the local main process when stderr is a terminal
-    (None lets tqdm check), so a log file gets the per-evaluation lines instead of bar redraws;
-    ``GPTFT_PROGRESS=1`` shows it anyway (benchmarks time the steps by it), ``0`` never."""
-    if not accelerator.is_local_main_process:
-        return True
-    setting = os.environ.get("GPTFT_PROGRESS", "")
-    return {"1": False, "0": True}.get(setting)
-
-
-def format_metrics(metrics: dict[str, float], prefix: str = "") -> str:
-    """``val loss 0.4123, val accuracy 95.30%``: accuracies as percentages, the rest to 4 digits."""
-    return ", ".join(f"{prefix}{k.replace('_', ' ')} {format_value(k, v)}"
-                     for k, v in metrics.items() if isinstance(v, (int, float)))
-
-
-def format_value(name: str, value: float) -> str:
-    """A metric for people: accuracies as percentages, perplexities to 2 decimals, else 4."""
-    if "accuracy" in name:
-        return f"{value:.2%}"
-    return f"{value:.2f}" if "perplexity" in name else f"{value:.4f}"
-
-
-def use_compile(setting: str | bool, device: torch.device) -> bool:
-    """``train.compile``: true / false, or auto (on for CUDA, off on the CPU)."""
-    return setting is True or (setting == "auto" and device.type == "cuda")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -187,7 +79,7 @@ class Trainer:
     Args:
         job: the validated job configuration.
         accelerator: from ``make_accelerator``.
-        task: loss and metrics (see ``Task``).
+        task: loss and metrics (see ``gptft.task.TaskBase``).
         model: the model to train, with ``requires_grad`` already set by the trainable policy.
         train_loader: a DataLoader whose ``batch_sampler`` has ``set_epoch`` (EpochBatchSampler).
         val_loader: validation DataLoader.
@@ -196,7 +88,7 @@ class Trainer:
         phases: where the wall time goes (``gptft.timing``).
     """
 
-    def __init__(self, job: Job, accelerator: Accelerator, task: Task, model: nn.Module,
+    def __init__(self, job: Job, accelerator: Accelerator, task: TaskBase, model: nn.Module,
                  train_loader: torch.utils.data.DataLoader, val_loader: torch.utils.data.DataLoader,
                  eval_loader: Callable[[str], torch.utils.data.DataLoader] | None = None,
                  resume: ResumePoint | None = None, phases: Phases | None = None):
@@ -518,14 +410,9 @@ class Trainer:
         hook = getattr(self.task, "on_epoch_end", None)
         if hook is None:
             return None
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(self.accelerator.unwrap_model(self.model)) as model:
             return hook(EpochContext(self.state.epoch, self.state.step, model, self.evaluate_split,
                                      val, self.accelerator.autocast, self.cfg.epochs))
-        finally:
-            model.train(was_training)
 
     # ---- evaluation ----------------------------------------------------------------------------
 
@@ -534,19 +421,16 @@ class Trainer:
                desc: str | None = None) -> dict[str, torch.Tensor]:
         """The task's eval outputs over `loader` from all processes, without the duplicates that
         even batches add; with `desc`, a progress bar of that name."""
-        model = self.model
-        was_training = model.training
-        model.eval()
         gathered: dict[str, list[torch.Tensor]] = {}
         total = len(loader) if max_batches is None else min(len(loader), max_batches)
         bar = tqdm(islice(loader, max_batches), total=total, desc=desc, leave=False, dynamic_ncols=True,
                    disable=True if desc is None else progress_disabled(self.accelerator))
-        for batch in bar:
-            with self.accelerator.autocast():
-                out = self.task.eval_outputs(model, batch)
-            for k, v in self.accelerator.gather_for_metrics(out).items():
-                gathered.setdefault(k, []).append(v)
-        model.train(was_training)
+        with eval_mode(self.model) as model:
+            for batch in bar:
+                with self.accelerator.autocast():
+                    out = self.task.eval_outputs(model, batch)
+                for k, v in self.accelerator.gather_for_metrics(out).items():
+                    gathered.setdefault(k, []).append(v)
         return {k: torch.cat(v).cpu() for k, v in gathered.items()}
 
     def evaluate(self, loader, max_batches: int | None = None) -> dict[str, float]:
@@ -643,7 +527,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             line = {"step": step, "epoch": self.state.epoch, "examples_seen": seen,
                     **{k: _json_number(v) for k, v in metrics.items()}}
-            append_text(self.output_dir / "log.jsonl", json.dumps(line) + "\n")  # never via a link
+            append_text(self.output_dir / LOG, json.dumps(line) + "\n")  # never via a link
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -696,7 +580,7 @@ class Trainer:
         if point.path.parent.resolve() == (self.output_dir / checkpoints.CHECKPOINTS).resolve():
             self._saved_step = self.state.step  # this step's checkpoint exists: the one loaded
         if self.accelerator.is_main_process:
-            _truncate_lines(self.output_dir / "log.jsonl", self.state.log_lines)
+            _truncate_lines(self.output_dir / LOG, self.state.log_lines)
         self.accelerator.wait_for_everyone()
         self.accelerator.print(f"resumed from {point.path} (step {self.state.step}, epoch "
                                f"{self.state.epoch}, batch {self.state.batches_in_epoch})")

@@ -7,7 +7,17 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("GPTFT_SHARED_DIR") or ROOT.parent / "shared")  # a worktree: set it
+# A worktree elsewhere: set GPTFT_SHARED (or GPTFT_SHARED_DIR) to the shared folder.
+SHARED = Path(os.environ.get("GPTFT_SHARED") or os.environ.get("GPTFT_SHARED_DIR") or ROOT.parent / "shared")
+
+# One intra-op thread, in the test process and the jobs it starts (the same count in both: a run
+# and its resumption in another process agree bit for bit only with the same reduction order). The
+# tests' models are tiny, where a second thread buys nothing, and on a busy shared machine every
+# parallel region waits for a descheduled thread (the quick subset at load average 10-12: 140 s
+# with OMP_NUM_THREADS=1, 312 s with 2 threads). GPTFT_TEST_THREADS sets another count.
+THREADS = os.environ.get("GPTFT_TEST_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = THREADS
+torch.set_num_threads(int(THREADS))
 
 # Subprocesses (launch/*.py, accelerate launch) import gptft from this checkout, not from wherever
 # an editable install points (another worktree).
@@ -77,12 +87,15 @@ def start_until_checkpoint(args: list[str], out: Path, env: dict[str, str]):
 
 
 def assert_only_known_run_files(folder: Path) -> None:
-    """Every file a run wrote is one ``train.overwrite`` knows to remove (gptft.runfolder), so an
-    overwritten folder keeps nothing of the earlier run (W&B's own ``wandb/`` folder aside)."""
-    from gptft.runfolder import ADAPTER_FILES, LOCK, MARKER, RUN_FILES
+    """Every file a run wrote is one ``train.overwrite`` knows to remove (the files every run
+    writes and those the tasks declare, gptft.runfolder), so an overwritten folder keeps nothing of
+    the earlier run (W&B's own ``wandb/`` folder aside)."""
+    from gptft.registry import declared_outputs
+    from gptft.runfolder import ADAPTER_FILES, CORE_FILES, LOCK, MARKER, output_files
 
+    known = {*CORE_FILES, *output_files(declared_outputs()), MARKER, LOCK}
     top = {p.name for p in folder.iterdir() if p.is_file()}
-    assert top <= {*RUN_FILES, MARKER, LOCK}, top - {*RUN_FILES, MARKER, LOCK}
+    assert top <= known, top - known
     if (folder / "adapter").is_dir():
         inside = {p.name for p in (folder / "adapter").iterdir()}
         assert inside <= set(ADAPTER_FILES), inside - set(ADAPTER_FILES)

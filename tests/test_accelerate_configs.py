@@ -30,6 +30,7 @@ def test_single():
     assert c.use_cpu is False and c.num_processes == 1 and c.num_machines == 1
 
 
+@pytest.mark.slow
 def test_readme_launch_gives_no_warning_and_no_launcher_traceback(tmp_path):
     """The README's ``accelerate launch -q --config_file ...``: Accelerate warns of no defaults
     used, and a failing job ends with gptft's one-line error, not the launcher's traceback."""

@@ -1074,7 +1074,11 @@ def case_data_file_of_nul_bytes(tmp, out):
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 
-@pytest.mark.parametrize("name", list(CASES))
+SLOW_CASES = {"final_save_disk_full"}  # a whole run to its final save
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n
+                                  for n in CASES])
 def test_bad_input_gives_one_clean_error(name, tmp_path, finished_run, capsys, monkeypatch):
     case = CASES[name]
     inputs = tmp_path / "inputs"
@@ -1110,6 +1114,7 @@ def test_bad_input_gives_one_clean_error(name, tmp_path, finished_run, capsys, m
 LONG = " ".join(["word"] * 5000)  # 5,000 tokens
 
 
+@pytest.mark.slow
 def test_long_text_classification_trains(tmp_path):
     train = _good_csv(tmp_path / "train.csv")
     train.write_text(train.read_text() + f'"{LONG}",spam\n')
@@ -1120,6 +1125,7 @@ def test_long_text_classification_trains(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_long_text_instruction_trains(tmp_path):
     p = tmp_path / "records.json"
     long = {"instruction": "Summarise.", "input": LONG, "output": LONG}
@@ -1166,7 +1172,8 @@ def tiny_disk(tmp_path):
 
 
 @pytest.mark.parametrize("over, culprit", [
-    ((), "model.safetensors: cannot write: No space left on device"),
+    pytest.param((), "model.safetensors: cannot write: No space left on device",
+                 marks=pytest.mark.slow),  # a whole run to its final save
     (("train.checkpoint_every=1",), ".tmp-step-00000001: cannot write the checkpoint: No space left"),
 ])
 def test_real_disk_full_is_one_line(tiny_disk, tmp_path, capsys, over, culprit):

@@ -79,6 +79,7 @@ def test_sms_lm_corpus_leaves_out_evaluation_texts(tmp_path):
     assert set(splits.train.texts) - held_out <= texts  # (the collection repeats some texts)
 
 
+@pytest.mark.slow
 def test_frozen_embeddings_control_run(tmp_path, monkeypatch):
     import json
 
@@ -174,6 +175,7 @@ def test_e2e_phases_from_the_progress_bar():
     assert all(v is None for v in phases.values())
 
 
+@pytest.mark.slow
 def test_e2e_textbook_copy_matches_the_book_package(tmp_path, capsys, monkeypatch):
     ch04 = pytest.importorskip("llms_from_scratch.ch04")
     ch06 = pytest.importorskip("llms_from_scratch.ch06")

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,6 +58,7 @@ def test_exit_now_skips_the_teardown_of_modules(tmp_path):
     assert not (tmp_path / "finalised").exists()
 
 
+@pytest.mark.slow
 def test_the_entry_points_exit_with_mains_status(tmp_path):
     missing = tmp_path / "missing.yaml"
     for argv in (["launch/finetune.py", "--config", str(missing)],

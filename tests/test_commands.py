@@ -114,6 +114,7 @@ def test_evaluate(classifier_run, tmp_path, capsys):
     assert "unknown label 'sapm'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_file_and_chat(lm_run, tmp_path, capsys, monkeypatch):
     prompts = [{"instruction": "Name a color.", "id": 7},
                {"instruction": "Add the numbers.", "input": "2 + 2"}, {"instruction": "Say hello."}]

@@ -14,6 +14,7 @@ import pytest
 from conftest import shared_path
 
 from gptft.plots import run_figures
+from gptft.runfolder import LOSS
 
 pytestmark = pytest.mark.slow  # whole runs
 
@@ -127,7 +128,7 @@ def test_classification_plots(spam):
     out, _ = spam
     log, metrics = read_log(out), json.loads((out / "metrics.json").read_text())
     assert (out / "loss.png").is_file() and (out / "accuracy.png").is_file()
-    figures = run_figures(out, ["loss", "accuracy"], best_step=metrics["best_step"], title="spam-console")
+    figures = run_figures(out, [LOSS, "accuracy"], best_step=metrics["best_step"], title="spam-console")
     for metric, fig in figures.items():
         ax = fig.axes[0]
         assert ax.get_title() == f"spam-console: {metric}"
@@ -171,7 +172,7 @@ def test_instruction_run_console_and_plot(instruct):
     assert float(row[2]) == pytest.approx(metrics["test_perplexity"], rel=1e-5)
     assert "generating responses to the 12 test instructions" in console
     assert f"gptft chat {out}" in console and "elapsed: " in console
-    fig = run_figures(out, ["loss"], best_step=metrics["best_step"])["loss"]
+    fig = run_figures(out, [LOSS], best_step=metrics["best_step"])["loss"]
     ax = fig.axes[0]
     assert ax.get_title() == "run: loss"
     curves = _curves(fig)

@@ -35,6 +35,7 @@ def _run(**env) -> dict:
     return json.loads(out.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_freed_blocks_are_reused_without_page_faults():
     pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
     tuned, default = _run(), _run(GPTFT_CPU_ALLOCATOR="default")

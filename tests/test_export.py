@@ -143,6 +143,7 @@ def test_checkpoint_run_folder_with_the_configs_shape_keys(tmp_path):
         build_gpt(job.model, 50257)
 
 
+@pytest.mark.slow
 def test_a_classification_run_continues_as_a_checkpoint(tmp_path, capsys):
     """A classification job with ``model.checkpoint`` = a classification run starts from its whole
     classifier, head included (lr ~ 0: the new run's model is the old one)."""

@@ -76,6 +76,7 @@ def spam_lora_run(tmp_path_factory, base) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_lora_classification_run_folder(spam_lora_run, base):
     adapter = spam_lora_run / "adapter"
     assert (adapter / ADAPTER_WEIGHTS).is_file() and (adapter / ADAPTER_CONFIG).is_file()
@@ -116,6 +117,7 @@ def test_lora_classification_run_folder(spam_lora_run, base):
     assert torch.equal(merged["head.weight"], tensors["base_model.model.score.weight"])
 
 
+@pytest.mark.slow
 def test_base_plus_adapter_rebuilds_the_saved_classifier(spam_lora_run, base):
     saved = load_classifier(spam_lora_run).model
     model = GPTClassifier(GPT.from_pretrained(base), 2).eval()
@@ -128,6 +130,7 @@ def test_base_plus_adapter_rebuilds_the_saved_classifier(spam_lora_run, base):
     assert not any("lora" in k for k in model.state_dict())
 
 
+@pytest.mark.slow
 def test_instruction_lora_export_matches_transformers(tmp_path, base, capsys):
     run, out = tmp_path / "run", tmp_path / "exported"
     args = ["finetune", "--config", str(CONFIGS / "instruct-lora.yaml"), f"model.checkpoint={base}",
@@ -180,6 +183,7 @@ def _one_error_line(capsys) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_export_of_a_lora_classification_run(spam_lora_run, tmp_path, capsys):
     before = {p: p.read_bytes() for p in spam_lora_run.rglob("*") if p.is_file()}
     assert main(["export", str(spam_lora_run), str(tmp_path / "out")]) == 0

@@ -129,6 +129,7 @@ def test_unsupported_peft_configs_are_named(tmp_path):
         read_adapter_config(tmp_path)
 
 
+@pytest.mark.slow
 def test_finetune_continues_from_a_peft_adapter(tiny_config, tmp_path):
     """``model.adapter``: a peft adapter of a transformers GPT-2 is loaded and trained on; its
     LoRA config replaces the job's (lr ~ 0: the run's merged model is the adapted one)."""

@@ -3,6 +3,8 @@
 import json
 
 from gptft.plots import epoch_ends, plot_run, run_figures
+from gptft.runfolder import LOSS
+from gptft.tasks.preference.task import REWARDS
 
 ROWS = [
     {"step": 1, "epoch": 0, "examples_seen": 8, "train/loss": 0.9, "train/loss_mean": 0.9, "train/lr": 1e-4},
@@ -26,7 +28,7 @@ def _curves(fig):
 
 def test_curves_are_what_was_measured_during_training(tmp_path):
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    figs = run_figures(tmp_path, ["loss", "accuracy"], best_step=4, title="my-run")
+    figs = run_figures(tmp_path, [LOSS, "accuracy"], best_step=4, title="my-run")
     loss, acc = _curves(figs["loss"]), _curves(figs["accuracy"])
     assert loss == {"train (mean since the previous point)": ([8, 16, 32], [0.9, 0.8, 0.05], "."),
                     "val": ([16, 32], [0.7, 0.5], "o"),
@@ -37,7 +39,7 @@ def test_curves_are_what_was_measured_during_training(tmp_path):
     assert figs["loss"].axes[0].get_yscale() == "log"  # 0.9 down to 0.05: a log scale
     assert figs["accuracy"].axes[0].get_yscale() == "linear"
     assert epoch_ends(ROWS) == [(1, 16), (2, 32)]
-    paths = plot_run(tmp_path, ["loss", "accuracy"], best_step=4)
+    paths = plot_run(tmp_path, [LOSS, "accuracy"], best_step=4)
     assert [p.name for p in paths] == ["loss.png", "accuracy.png"] and all(p.is_file() for p in paths)
 
 
@@ -46,7 +48,7 @@ def test_preference_reward_curves(tmp_path):
              "val/reward_chosen": 0.1 * s, "val/reward_rejected": -0.1 * s, "val/reward_margin": 0.2 * s}
             for s in (1, 2, 3)]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    figs = run_figures(tmp_path, ["rewards", "reward_margin"], best_step=3)
+    figs = run_figures(tmp_path, [REWARDS, "reward_margin"], best_step=3)
     rewards = _curves(figs["rewards"])
     assert rewards["val chosen"][1] == [0.1, 0.2, 0.30000000000000004]
     assert rewards["val rejected"][1] == [-0.1, -0.2, -0.30000000000000004]
@@ -68,7 +70,7 @@ def test_perplexity_ticks_spread_over_a_falling_loss(tmp_path):
     rows = [{"step": s, "epoch": 0, "examples_seen": 8 * s, "train/loss_mean": 10.8 - 0.6 * s,
              "val/loss": 10.5 - 0.6 * s, "val/perplexity": math.exp(10.5 - 0.6 * s)} for s in range(1, 13)]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    fig = run_figures(tmp_path, ["loss"], best_step=12)["loss"]
+    fig = run_figures(tmp_path, [LOSS], best_step=12)["loss"]
     ax = fig.axes[0]
     right = next(a for a in ax.child_axes if a.get_ylabel() == "perplexity")
     fig.canvas.draw()

@@ -134,6 +134,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(reference, data,
     _assert_no_secret(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", [10, 16])  # an epoch boundary; late in an epoch after an eval
 def test_any_checkpoint_resumes_to_the_same_result(reference, data, tmp_path, step):
     ref, _ = reference
@@ -144,6 +145,7 @@ def test_any_checkpoint_resumes_to_the_same_result(reference, data, tmp_path, st
     assert run_results(out, "metrics.json") == run_results(ref, "metrics.json")
 
 
+@pytest.mark.slow
 def test_resuming_unpickles_nothing(reference, data, tmp_path, monkeypatch):
     """A checkpoint is loaded with ``torch.load(weights_only=True)`` only: the schedule and the
     progress counters are JSON, not Accelerate's pickled custom-checkpoint files."""
@@ -182,6 +184,7 @@ def test_instruction_run_resumes_mid_epoch_to_the_same_result(tmp_path):
 
 # ---- what may and may not change on resume ----------------------------------------------------
 
+@pytest.mark.slow
 def test_changed_config_refuses_to_resume_with_one_line(reference, data, capsys):
     ref, _ = reference
     before = _snapshot(ref)
@@ -193,6 +196,7 @@ def test_changed_config_refuses_to_resume_with_one_line(reference, data, capsys)
     assert _snapshot(ref) == before  # config.yaml, log.jsonl, weights: untouched
 
 
+@pytest.mark.slow
 def test_allowed_changes_do_not_block_resume(reference, data):
     ref, _ = reference
     saved = ref / "checkpoints" / "step-00000016" / "config.yaml"
@@ -219,6 +223,7 @@ def test_nothing_to_resume(tmp_path, data, capsys):
 
 # ---- atomic writes -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_final_files_are_renamed_into_place(reference):
     ref, renamed = reference
     for name in (*FINAL_FILES, "loss.png", "accuracy.png"):
@@ -251,6 +256,7 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     assert [p.name for p in complete_checkpoints(root)] == ["step-00000006", "step-00000012"]
 
 
+@pytest.mark.slow
 def test_resuming_an_earlier_checkpoint_moves_the_abandoned_later_ones_aside(reference, data, tmp_path):
     """Resuming step 16 of a folder that also holds a later checkpoint (an abandoned run's): once
     step 16 has loaded, the later one is moved aside (kept, not deleted), so that
@@ -271,6 +277,7 @@ def test_resuming_an_earlier_checkpoint_moves_the_abandoned_later_ones_aside(ref
     assert_same_weights(ref, out)
 
 
+@pytest.mark.slow
 def test_a_new_run_over_an_earlier_one_starts_without_its_checkpoints(data, tmp_path):
     out = tmp_path / "run"
     assert _finetune(*SPAM, f"data.path={data}", f"output_dir={out}", "train.max_steps=4") == 0
@@ -305,6 +312,7 @@ def _run_with(ref: Path, out: Path, steps: tuple[int, ...]) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(reference, data, tmp_path, capsys,
                                                                damage):
@@ -324,6 +332,7 @@ def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(reference, data, 
     assert json.loads((out / "metrics.json").read_text())["steps"] == 17
 
 
+@pytest.mark.slow
 def test_no_valid_checkpoint_or_a_damaged_named_one_stops_with_one_line(reference, data, tmp_path,
                                                                        capsys):
     ref, _ = reference
@@ -352,6 +361,7 @@ def test_no_valid_checkpoint_or_a_damaged_named_one_stops_with_one_line(referenc
 
 # ---- a loss that is not finite -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_diverging_run_stops_naming_the_step_and_keeps_the_last_checkpoint(data, tmp_path, capsys):
     out = tmp_path / "diverged"
     # lr 1000: AdamW's weight decay multiplies every weight by 1 - lr * 0.1 = -99 a step, and each
@@ -387,6 +397,7 @@ def _poisoned_checkpoint(folder: Path, token: int) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_counts_and_logs_skipped_steps(tmp_path):
     tok = Tokenizer()
     texts = [f"message number {i} {'win cash now' if i % 2 else 'see you later'}" for i in range(36)]

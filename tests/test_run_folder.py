@@ -93,6 +93,7 @@ def test_a_new_run_refuses_a_folder_gptft_did_not_make(data, tmp_path, capsys):
     assert _snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_an_earlier_run_is_replaced_only_when_told_and_only_its_own_files(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert _finetune(data, out, "train.checkpoint_every=1", "train.keep_last=2") == 0
@@ -128,6 +129,7 @@ def test_an_earlier_run_is_replaced_only_when_told_and_only_its_own_files(data, 
     assert [r["step"] for r in log if "train/lr" in r] == [1, 2, 3]  # only the new run's lines
 
 
+@pytest.mark.slow
 def test_a_symlinked_checkpoints_folder_is_refused(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert _finetune(data, out) == 0
@@ -188,6 +190,7 @@ def test_a_stale_lock_is_taken_over(data, tmp_path, capsys):
 
 # ---- the final files as one set ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_that_fails_late_is_not_served(data, tmp_path, capsys, monkeypatch):
     """A resumed run that fails after training (its outputs unwritten): the folder still holds
     the earlier model, which ``gptft classify`` must not serve beside the new config."""

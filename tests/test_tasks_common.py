@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate import Accelerator
 from torch.testing import assert_close
@@ -17,6 +18,7 @@ from gptft.trainable import set_trainable
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+@pytest.mark.slow
 def test_save_final_of_a_compiled_lora_classifier(tiny_config, tmp_path):
     job = load_job(CONFIGS / "spam-tiny.yaml", ["model.trainable=lora", f"output_dir={tmp_path}"])
     model = GPTClassifier(GPT(tiny_config), 2)

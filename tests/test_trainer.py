@@ -110,6 +110,7 @@ def test_on_the_cpu_batches_pad_to_their_longest_example_by_default():
     assert _loader_shapes(task)[1] > bucketed
 
 
+@pytest.mark.slow
 def test_a_short_default_run_writes_checkpoints_no_bigger_than_twice_the_weights(tmp_path):
     data = shared_path("data", "sms_spam_collection", "SMSSpamCollection.tsv")
     out = tmp_path / "run"
@@ -142,6 +143,7 @@ def test_checkpoints_by_time_and_turned_off(tmp_path, monkeypatch):
     assert not (tmp_path / "off" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_step_is_evaluated_once(tmp_path):
     data = shared_path("data", "sms_spam_collection", "SMSSpamCollection.tsv")
     out = tmp_path / "run"

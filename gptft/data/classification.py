@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
+from gptft.data.config import ClassificationData
 from gptft.data.readers import JSON_SUFFIXES, decode, parse_json_records, parse_table, read_text
 from gptft.download import seed_file
 from gptft.errors import GPTFTError
-from gptft.tasks.classification.config import ClassificationData
 from gptft.tokenizer import Tokenizer
 
 if TYPE_CHECKING:

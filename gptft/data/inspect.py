@@ -99,7 +99,7 @@ def tokenize(job, fmt: ChatFormat, splits, max_length: int) -> LMData:
 
 def _pairs(job) -> bool:
     """Whether `job` trains on preference pairs (its data section is the preference task's)."""
-    from gptft.tasks.preference.config import PreferenceData
+    from gptft.data.config import PreferenceData
 
     return isinstance(job.data, PreferenceData)
 

@@ -16,12 +16,12 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
+from gptft.data.config import InstructionData
 from gptft.data.conversations import Record, conversation_record, locate, read_examples, read_rows
 from gptft.data.readers import JsonRecord, check_records, parse_json_records, read_text
 from gptft.download import seed_file
 from gptft.errors import GPTFTError
 from gptft.prompts import PromptStyle, format_example
-from gptft.tasks.instruction.config import InstructionData
 from gptft.tokenizer import Tokenizer
 
 INSTRUCTION_URL = (

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from gptft.data.config import PreferenceData
 from gptft.data.conversations import Record, preference_record, read_examples, read_rows
 from gptft.data.instruction import InstructionSplits, split_records, text_records
 from gptft.download import seed_file
 from gptft.errors import GPTFTError
 from gptft.prompts import PromptStyle, format_prompt
-from gptft.tasks.preference.config import PreferenceData
 from gptft.tokenizer import Tokenizer
 
 PREFERENCE_URL = (

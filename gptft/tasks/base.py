@@ -1,15 +1,15 @@
 """The training flow every task shares, and the pieces tasks build the same way.
 
 ``run_task`` builds the trainer, fits, evaluates each split, saves the run folder and lets the
-task write its own outputs. A task (see ``TaskBase``) supplies its data, model, loss, metrics
-and outputs; ``gptft.tasks`` registers it under a name.
+task write its own outputs. A task (see ``gptft.task.TaskBase``) supplies its data, model, loss,
+metrics and declared outputs; ``gptft.registry`` registers it under a name.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,101 +20,22 @@ from torch.utils.data import DataLoader, Dataset
 from gptft import runfolder
 from gptft.checkpoints import ResumePoint
 from gptft.config import Job, ModelConfig, job_to_yaml
-from gptft.data.collate import length_buckets
+from gptft.console import SPLITS, duration, metrics_table  # noqa: F401 (metrics_table: moved)
 from gptft.data.sampler import EpochBatchSampler
 from gptft.errors import GPTFTError
 from gptft.io import write_json, write_text
 from gptft.model import tied_names
+from gptft.registry import declared_outputs, get_task
+from gptft.runfolder import RunFolder
 from gptft.runs import TOKENIZER_DIR, check_vocab, is_run_folder, load_gpt, run_tokenizer, save_model
 from gptft.signals import Interrupted, StopRequest, signal_at
+from gptft.task import TaskBase
 from gptft.timing import Phases
 from gptft.tokenizer import HFTokenizer
-from gptft.trainer import EpochContext, EpochReport, Trainer, format_value, use_compile
+from gptft.trainer import Trainer
 
 CONFIG_HEADER = "# The resolved configuration of this run. Re-run it with:\n" \
                 "#   accelerate launch launch/finetune.py --config {path}\n"
-SPLITS = ("train", "val", "test")
-
-
-class TaskBase:
-    """What a task supplies to ``run_task`` (subclass it; see the classification and instruction
-    tasks). ``__init__(job, accelerator)`` reads the data and builds ``self.model``, so bad input
-    fails before the run folder is touched.
-
-    Attributes:
-        best_metric: the validation metric that picks the weights kept, e.g. ``val_accuracy``.
-        higher_is_better: its direction.
-        model: the model to train (trainable parameters set).
-        counts: parameter counts for ``metrics.json`` (``trainable_summary``).
-    """
-
-    best_metric: str = "val_loss"
-    higher_is_better: bool = False
-    eval_names: tuple[str, ...] = ("loss",)  # the names eval_metrics returns (set by run_task)
-    model: torch.nn.Module
-    counts: dict[str, int]
-
-    def __init__(self, job: Job, accelerator: Accelerator):
-        self.job, self.accelerator = job, accelerator
-
-    def loader(self, split: str, train: bool = False) -> DataLoader:
-        """The DataLoader of a split (``train=True``: the training loader, shuffled)."""
-        raise NotImplementedError
-
-    def has_split(self, split: str) -> bool:
-        """Whether `split` holds any example."""
-        return True
-
-    def buckets(self, lengths: Sequence[int], cap: int) -> list[int] | None:
-        """The lengths to pad batches to (``train.length_buckets``: a few for the data's `lengths`,
-        capped at `cap`), or None: each batch padded to its longest example."""
-        setting, device = self.job.train.length_buckets, self.accelerator.device
-        on = setting is True or (setting == "auto" and (
-            device.type == "cuda" or use_compile(self.job.train.compile, device)))
-        return length_buckets(lengths, cap) if on else None
-
-    def count(self, batch: dict) -> torch.Tensor:
-        raise NotImplementedError
-
-    def loss(self, model, batch: dict) -> torch.Tensor:
-        raise NotImplementedError
-
-    def eval_outputs(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def eval_metrics(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
-        raise NotImplementedError
-
-    def on_epoch_end(self, ctx: EpochContext) -> EpochReport | None:
-        """Metrics and text to log at an epoch's end (none by default)."""
-        return None
-
-    def split_report(self, split: str, gathered: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Extra final metrics of a split from its gathered outputs (none by default)."""
-        return {}
-
-    def meta(self) -> dict[str, Any]:
-        """The task's fields of ``gptft.json`` besides task, model and tokenizer."""
-        return {}
-
-    def backbone(self) -> torch.nn.Module:
-        """The language model inside the task's model (the model itself, or its ``backbone``)."""
-        return getattr(self.model, "backbone", self.model)
-
-    def gpt_config(self):
-        return self.backbone().config
-
-    def write_outputs(self, trainer: Trainer, metrics: dict) -> None:
-        """Files beyond the weights and metrics (plots, responses), after they are saved."""
-
-    def summary(self, metrics: dict) -> str:
-        """The final metrics printed at the end: a table of each split's evaluation (tasks add
-        their own lines, e.g. precision / recall / F1)."""
-        return metrics_table(metrics, self.eval_names)
-
-    def next_commands(self, run_dir: str) -> list[str]:
-        """Commands to try on the finished run, printed at the end."""
-        return []
 
 
 def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases | None = None,
@@ -160,8 +81,9 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
             metrics.update(task.split_report(split, gathered))
             stop_point("final evaluation")
     trainer.log({f"final/{k}": v for k, v in metrics.items() if isinstance(v, float)})
-    meta = {"task": job.task, "architecture": task.backbone().architecture,
-            "model": task.gpt_config().to_dict(), "tokenizer": task.tokenizer.name, **task.meta()}
+    meta = {"task": job.task, "produces": get_task(job.task).produces,
+            "architecture": task.backbone().architecture, "model": task.gpt_config().to_dict(),
+            "tokenizer": task.tokenizer.name, **task.meta()}
     signal_at("saving")
     with phases("saving"):
         if acc.is_main_process and isinstance(task.tokenizer, HFTokenizer):  # its files go along
@@ -175,7 +97,7 @@ def run_task(task: TaskBase, resume: ResumePoint | None = None, phases: Phases |
     signal_at("marking finished")
     metrics["time"] = phases.report()
     if acc.is_main_process:
-        write_json(Path(job.output_dir) / "metrics.json", rounded(metrics))
+        write_json(RunFolder(job.output_dir).metrics, rounded(metrics))
         runfolder.mark(Path(job.output_dir), "finished")  # last: the final files form one set
         print(closing_summary(task, metrics), flush=True)
     return metrics
@@ -192,32 +114,6 @@ def rounded(value: Any, digits: int = 6) -> Any:
     return value
 
 
-def metrics_table(metrics: dict, names: tuple[str, ...]) -> str:
-    """One row per split evaluated, one column per metric (accuracies as percentages)."""
-    splits = [s for s in SPLITS if any(f"{s}_{n}" in metrics for n in names)]
-    widths = [max(len(n), 8) + 2 for n in names]
-    header = f"{'':6}" + "".join(f"{n.replace('_', ' '):>{w}}" for n, w in zip(names, widths))
-    rows = [f"{s:6}" + "".join(f"{_fmt(n, metrics.get(f'{s}_{n}')):>{w}}" for n, w in zip(names, widths))
-            for s in splits]
-    return "\n".join([header, *rows])
-
-
-def _fmt(name: str, value: Any) -> str:
-    if not isinstance(value, (int, float)):
-        return "-"
-    return format_value(name, value)
-
-
-def duration(seconds: float) -> str:
-    """``42.0 s``, ``3 min 05 s``, ``1 h 02 min``."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    return f"{minutes // 60} h {minutes % 60:02d} min"
-
-
 def closing_summary(task: TaskBase, metrics: dict) -> str:
     """What the run ends with: the final metrics, where the time went, the run folder and the
     commands to try next."""
@@ -227,8 +123,7 @@ def closing_summary(task: TaskBase, metrics: dict) -> str:
     bounded = metrics.get("final_eval_batches")
     kept = (f"step {metrics['best_step']} of {metrics['steps']}, the best by {task.best_metric}"
             if metrics["best_step"] >= 0 else f"the last weights, step {metrics['steps']}: no validation ran")
-    files = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir()
-                   if (p.is_file() or p.name == "adapter") and not p.name.startswith("."))
+    files = RunFolder(out).files(task.outputs)
     lines = [f"final evaluation of the kept model ({kept}"
              + (f"; at most {bounded} batches per split)" if bounded else ")") + ":",
              task.summary(metrics),
@@ -357,13 +252,13 @@ def start_run_folder(job: Job, accelerator: Accelerator, resuming: bool = False)
     """Mark ``output_dir`` as a running gptft run and write the resolved ``config.yaml`` (main
     process), after ``gptft.runfolder.check_new_run`` allowed it; a new run with
     ``train.overwrite`` first removes the earlier run's files (only those gptft wrote)."""
-    out = Path(job.output_dir)
+    out = RunFolder(job.output_dir)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        runfolder.mark(out, "running")  # first: readers refuse the folder until the run has finished
+        out.root.mkdir(parents=True, exist_ok=True)
+        runfolder.mark(out.root, "running")  # first: readers refuse the folder until the run has finished
         if not resuming and job.train.overwrite:  # (a reset that fails midway: not "finished")
-            runfolder.reset_run_folder(out)
-        write_text(out / "config.yaml", job_to_yaml(job, CONFIG_HEADER.format(path=out / "config.yaml")))
+            runfolder.reset_run_folder(out.root, declared_outputs())  # of any task: it may be another's
+        write_text(out.config, job_to_yaml(job, CONFIG_HEADER.format(path=out.config)))
     accelerator.wait_for_everyone()
 
 
@@ -378,15 +273,15 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, job: Job, meta:
     state = {_state_name(k): v for k, v in state.items()}
     tied = {_state_name(k) for k in tied_names(accelerator.unwrap_model(model))}
     if accelerator.is_main_process:
-        out = Path(job.output_dir)
+        out = RunFolder(job.output_dir)
         if job.model.trainable == "lora":
             from gptft.lora import base_model_name, split_state_dict, write_adapter
 
             adapter, state = split_state_dict(state, _trainable_names(accelerator, model), job.lora)
-            write_adapter(adapter, out / "adapter", job.lora,
+            write_adapter(adapter, out.adapter, job.lora,
                           extra={"base_model": base_model_name(job.model), **meta})
-        save_model(out, state, meta, tied)
-        write_json(out / "metrics.json", metrics)
+        save_model(out.root, state, meta, tied)
+        write_json(out.metrics, metrics)
     accelerator.wait_for_everyone()
 
 

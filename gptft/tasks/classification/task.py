@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +10,7 @@ from accelerate import Accelerator
 
 from gptft.classifier import GPTClassifier
 from gptft.config import ModelConfig
+from gptft.console import format_metrics
 from gptft.data.classification import (
     ClassificationDataset,
     TextExamples,
@@ -19,6 +19,9 @@ from gptft.data.classification import (
 )
 from gptft.data.collate import classification_collate
 from gptft.errors import GPTFTError
+from gptft.metrics import classification_report
+from gptft.runfolder import LOSS, Figure, Matrix
+from gptft.task import EpochContext, EpochReport
 from gptft.tasks.base import (
     TaskBase,
     build_gpt,
@@ -30,7 +33,6 @@ from gptft.tasks.base import (
 )
 from gptft.tasks.classification.config import ClassificationJob
 from gptft.trainable import set_trainable
-from gptft.trainer import EpochContext, EpochReport, format_metrics
 
 
 class ClassificationTask(TaskBase):
@@ -38,6 +40,7 @@ class ClassificationTask(TaskBase):
 
     best_metric = "val_accuracy"
     higher_is_better = True
+    outputs = (LOSS, Figure("accuracy"), Matrix("confusion_matrix", "labels", "test/confusion_matrix"))
 
     def __init__(self, job: ClassificationJob, accelerator: Accelerator):
         super().__init__(job, accelerator)
@@ -124,14 +127,6 @@ class ClassificationTask(TaskBase):
     def meta(self) -> dict:
         return {"labels": self.label_names, "max_length": self.max_length}
 
-    def write_outputs(self, trainer, metrics: dict) -> None:
-        if self.accelerator.is_main_process:
-            from gptft.plots import plot_run
-
-            with trainer.phases("saving"):
-                plot_run(Path(self.job.output_dir), ["loss", "accuracy"],
-                         best_step=trainer.state.best_step, title=self.job.tracking.run_name)
-
     def summary(self, metrics: dict) -> str:
         text = super().summary(metrics)
         if "test_f1" in metrics:
@@ -157,13 +152,12 @@ def classifier_checkpoint(cfg: ModelConfig, labels: list[str],
     checkpoint is not such a run (a language-model run gives ``build_gpt`` its backbone)."""
     from gptft.model import empty_model
     from gptft.models import build_model
-    from gptft.runs import is_run_folder, load_meta, load_state_into, model_config
-    from gptft.tasks import TASKS
+    from gptft.runs import is_run_folder, load_meta, load_state_into, model_config, run_produces
 
     if cfg.weights != "pretrained" or not cfg.checkpoint or not is_run_folder(cfg.checkpoint):
         return None
     meta = load_meta(cfg.checkpoint)
-    if getattr(TASKS.get(meta.get("task")), "produces", None) != "classifier":
+    if run_produces(meta) != "classifier":
         return None
     if meta["labels"] != labels:
         raise GPTFTError(f"{cfg.checkpoint}: a classifier of labels {meta['labels']}, the data has "
@@ -173,19 +167,3 @@ def classifier_checkpoint(cfg: ModelConfig, labels: list[str],
     load_state_into(model, cfg.checkpoint)
     check_checkpoint_shape(model.backbone, cfg.shape(), cfg.checkpoint)
     return model.train()
-
-
-def classification_report(pred: torch.Tensor, label: torch.Tensor, names: list[str]) -> dict:
-    """Precision, recall and F1 (of class 1 for two classes, macro-averaged otherwise) and the
-    confusion matrix (rows: true label, columns: predicted)."""
-    k = len(names)
-    cm = torch.zeros(k, k, dtype=torch.long)
-    cm.index_put_((label.long(), pred.long()), torch.ones_like(label, dtype=torch.long), accumulate=True)
-    tp = cm.diag().double()
-    precision = tp / cm.sum(0).clamp(min=1)
-    recall = tp / cm.sum(1).clamp(min=1)
-    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    pick = (lambda t: t[1].item()) if k == 2 else (lambda t: t.mean().item())
-    return {"test_precision": pick(precision), "test_recall": pick(recall), "test_f1": pick(f1),
-            "positive_label": names[1] if k == 2 else "macro average",
-            "confusion_matrix": cm.tolist(), "labels": names}

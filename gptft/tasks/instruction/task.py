@@ -11,13 +11,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from gptft.console import format_metrics
 from gptft.data.collate import instruction_collate, packed_collate
 from gptft.data.inspect import check_or_raise, read, tokenize
 from gptft.errors import GPTFTError
 from gptft.io import write_json
 from gptft.model import IGNORE_INDEX
 from gptft.prompts import format_prompt
+from gptft.runfolder import LOSS, Records
 from gptft.runs import load_gpt
+from gptft.task import EpochContext, EpochReport
 from gptft.tasks.base import (
     TaskBase,
     build_gpt,
@@ -28,7 +31,8 @@ from gptft.tasks.base import (
 )
 from gptft.tasks.instruction.config import InstructionJob
 from gptft.trainable import set_trainable
-from gptft.trainer import EpochContext, EpochReport, format_metrics
+
+RESPONSES = Records("responses.json", "test/responses")  # each test record + model_response
 
 
 class InstructionTask(TaskBase):
@@ -36,6 +40,8 @@ class InstructionTask(TaskBase):
 
     best_metric = "val_loss"
     higher_is_better = False
+    # the loss (perplexity on a second axis), a response to every test instruction
+    outputs = (LOSS, RESPONSES)
 
     def __init__(self, job: InstructionJob, accelerator: Accelerator):
         super().__init__(job, accelerator)
@@ -145,24 +151,15 @@ class InstructionTask(TaskBase):
                 f"gptft export {run_dir} exported/"]
 
     def write_outputs(self, trainer, metrics: dict) -> None:
-        if self.accelerator.is_main_process:
-            from gptft.plots import plot_run
-
-            with trainer.phases("saving"):
-                plot_run(Path(self.job.output_dir), self.plots(), best_step=trainer.state.best_step,
-                         title=self.job.tracking.run_name)
+        super().write_outputs(trainer, metrics)  # the figures
         trainer.print(f"generating responses to the {len(self.splits.test)} test instructions "
-                      f"(responses.json)")
+                      f"({RESPONSES.file})")
         with trainer.phases("generation"):
             tokens, seconds = self.write_responses()
         if seconds > 0:
             metrics["generation_tokens_per_second"] = round(tokens / seconds, 1)
-            self.accelerator.print(f"responses.json: {len(self.splits.test)} responses, "
+            self.accelerator.print(f"{RESPONSES.file}: {len(self.splits.test)} responses, "
                                    f"{tokens:,} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)")
-
-    def plots(self) -> list[str]:
-        """The figures of the run (``gptft.plots``): the loss, with perplexity on a second axis."""
-        return ["loss"]
 
     def write_responses(self) -> tuple[int, float]:
         """Generate a response to every test record (shared among processes) into
@@ -186,7 +183,7 @@ class InstructionTask(TaskBase):
         seconds = time.perf_counter() - begin
         if acc.is_main_process:
             responses = dict(pairs)
-            write_json(out / "responses.json",
+            write_json(out / RESPONSES.file,
                        [{**r, "model_response": responses[i]} for i, r in enumerate(records)])
         acc.wait_for_everyone()
         return tokens, seconds

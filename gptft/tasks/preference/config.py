@@ -1,5 +1,5 @@
-"""The preference (DPO) job: its ``data`` and ``dpo`` sections and job class (no torch: read by
-config tools)."""
+"""The preference (DPO) job: its ``dpo`` section and job class (its ``data`` section:
+``gptft.data.config``; no torch: read by config tools)."""
 
 from __future__ import annotations
 
@@ -7,45 +7,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gptft.config import GenerateConfig, JobConfig, ModelConfig, TrainConfig
-from gptft.tasks.instruction.config import source_problems
-from gptft.validation import in_range, positive, seed_problems, split_problems
-
-
-@dataclass
-class PreferenceData:
-    path: str | None = None
-    """JSON array, JSONL or Parquet of pairs ({instruction, input?, chosen, rejected}, {prompt,
-    chosen, rejected} as strings or message lists, or {chosen, rejected} conversations sharing
-    their prompt), a datasets save_to_disk folder, or with format=hf a Hugging Face dataset name;
-    unset: the book's set, which gptft carries."""
-    format: Literal["auto", "json", "jsonl", "parquet", "hf"] = "auto"
-    """json (one array of records), jsonl (one record a line), parquet, hf (datasets.load_dataset,
-    or load_from_disk for a folder); auto: by content, suffix (.parquet) or a saved folder."""
-    dataset_split: str = "train"
-    """The split of a Hugging Face dataset to read (then divided by ``split``)."""
-    columns: dict[str, str] = field(default_factory=dict)
-    """Rename the source's columns to gptft's keys, {gptft key: column}, e.g. {prompt: question}."""
-    split: list[float] = field(default_factory=lambda: [0.85, 0.05, 0.10])
-    """Train / validation / test fractions (the book: 85% train, 10% test, 5% validation)."""
-    shuffle: bool = False
-    """Shuffle with ``seed`` before splitting; false: file order, as the book."""
-    seed: int = 123
-    """Seed of the shuffle."""
-    prompt_style: Literal["template", "chatml", "llama3", "alpaca", "phi3"] | None = None
-    """As the instruction task's (use the instruction run's); unset: template when the tokenizer
-    has one, else alpaca."""
-    max_length: int | None = None
-    """Truncate prompt + response to this many tokens; unset: the model's context length."""
-    drop_identical: bool = False
-    """Leave out pairs whose chosen and rejected responses are the same text (their loss is log 2
-    whatever the weights: they teach nothing); false: such a pair is an error."""
-    group_by_length: bool = False
-    """Batch pairs of similar length together (less padding), the batches in a random order;
-    false: random batches, as the book."""
-
-    def problems(self) -> list[str]:
-        return (split_problems(self.split) + positive(self, "max_length") + source_problems(self)
-                + seed_problems(self, "seed"))
+from gptft.data.config import PreferenceData
+from gptft.validation import in_range, positive
 
 
 @dataclass

@@ -16,17 +16,24 @@ import time
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from gptft.console import format_metrics, progress_disabled
 from gptft.data.collate import preference_collate
 from gptft.model import IGNORE_INDEX
+from gptft.modes import eval_mode
+from gptft.runfolder import LOSS, Figure
+from gptft.task import EpochContext, EpochReport
 from gptft.tasks.base import eval_batch_size, make_loader
-from gptft.tasks.instruction.task import InstructionTask
+from gptft.tasks.instruction.task import RESPONSES, InstructionTask
 from gptft.tasks.preference.config import DPOConfig, PreferenceJob
-from gptft.trainer import EpochContext, EpochReport, format_metrics, progress_disabled
+from gptft.tasks.preference.losses import preference_loss
+
+# The chosen and rejected responses' rewards on validation, in one figure.
+REWARDS = Figure("rewards", (("val chosen", "val/reward_chosen", "-", "o"),
+                             ("val rejected", "val/reward_rejected", "-.", "s")))
 
 
 def response_logps(model, batch: dict) -> torch.Tensor:
@@ -38,7 +45,8 @@ def response_logps(model, batch: dict) -> torch.Tensor:
 
 def dpo_losses(logps: torch.Tensor, ref_logps: torch.Tensor, tokens: torch.Tensor,
                cfg: DPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss (B,) of each pair and its rewards (B, 2), without gradient.
+    """The loss (B,) of each pair (``dpo.loss_type``'s, see ``losses``) and its rewards (B, 2),
+    without gradient.
 
     Args:
         logps: summed log-probabilities (B, 2) of the chosen and rejected responses under the
@@ -47,14 +55,7 @@ def dpo_losses(logps: torch.Tensor, ref_logps: torch.Tensor, tokens: torch.Tenso
         tokens: the responses' token counts (B, 2) (ipo normalises by them).
         cfg: β, loss type and label smoothing.
     """
-    logratios = logps - ref_logps  # log π / π_ref of chosen, rejected
-    if cfg.loss_type == "ipo":  # Azar et al. (2023), eq. 17, on per-token log-ratios as TRL
-        per_token = logratios / tokens.clamp(min=1)
-        losses = (per_token[:, 0] - per_token[:, 1] - 1 / (2 * cfg.beta)) ** 2
-    else:  # DPO; label smoothing: conservative DPO (the preference is flipped with that probability)
-        z = cfg.beta * (logratios[:, 0] - logratios[:, 1])
-        losses = -F.logsigmoid(z) * (1 - cfg.label_smoothing) - F.logsigmoid(-z) * cfg.label_smoothing
-    return losses, cfg.beta * logratios.detach()
+    return preference_loss(cfg)(logps, ref_logps, tokens), cfg.beta * (logps - ref_logps).detach()
 
 
 def preference_metrics(out: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -79,6 +80,8 @@ class PreferenceTask(InstructionTask):
 
     best_metric = "val_loss"
     higher_is_better = False
+    # the loss, the chosen and rejected rewards, their margin, the reward accuracy; responses
+    outputs = (LOSS, REWARDS, Figure("reward_margin"), Figure("reward_accuracy"), RESPONSES)
 
     def __init__(self, job: PreferenceJob, accelerator: Accelerator):
         super().__init__(job, accelerator)  # reads the pairs, builds the model, sets what trains
@@ -110,29 +113,27 @@ class PreferenceTask(InstructionTask):
         same values again (the same model, batches and kernels).
         """
         acc, model = self.accelerator, self.model
-        was_training = model.training
-        model.eval()
         begin, size = time.perf_counter(), eval_batch_size(self.job)
         total = sum(len(d) for d in self.datasets.values())
         bar = tqdm(total=total, desc="reference log-probabilities", leave=False, dynamic_ncols=True,
                    disable=progress_disabled(acc))  # the trainer's rule: no bar in a log file
-        for split, dataset in self.datasets.items():
-            collate = self._collate(split)
-            order = sorted(range(len(dataset)), key=lambda i: -dataset.lengths[i])
-            batches = [order[i : i + size] for i in range(0, len(order), size)]
-            mine = []
-            for indices in batches[acc.process_index :: acc.num_processes]:
-                batch = collate([dataset[i] for i in indices])
-                with acc.autocast():
-                    logps = response_logps(model, {k: v.to(acc.device) for k, v in batch.items()})
-                mine += zip(indices, logps.float().tolist(), strict=True)
-                bar.update(len(indices) * acc.num_processes)
-            table = torch.zeros(len(dataset), 2)
-            for i, values in gather_object(mine) if acc.num_processes > 1 else mine:
-                table[i] = torch.tensor(values)
-            dataset.reference = table
+        with eval_mode(model):
+            for split, dataset in self.datasets.items():
+                collate = self._collate(split)
+                order = sorted(range(len(dataset)), key=lambda i: -dataset.lengths[i])
+                batches = [order[i : i + size] for i in range(0, len(order), size)]
+                mine = []
+                for indices in batches[acc.process_index :: acc.num_processes]:
+                    batch = collate([dataset[i] for i in indices])
+                    with acc.autocast():
+                        logps = response_logps(model, {k: v.to(acc.device) for k, v in batch.items()})
+                    mine += zip(indices, logps.float().tolist(), strict=True)
+                    bar.update(len(indices) * acc.num_processes)
+                table = torch.zeros(len(dataset), 2)
+                for i, values in gather_object(mine) if acc.num_processes > 1 else mine:
+                    table[i] = torch.tensor(values)
+                dataset.reference = table
         bar.close()
-        model.train(was_training)
         acc.print(f"reference log-probabilities of {total:,} pairs in {time.perf_counter() - begin:.1f} s")
 
     # ---- what the trainer calls ----------------------------------------------------------------
@@ -148,14 +149,9 @@ class PreferenceTask(InstructionTask):
                 return response_logps(self.reference_model, batch)
             from gptft.lora import adapters_disabled
 
-            net = self.accelerator.unwrap_model(model)
-            was_training = net.training
-            net.eval()  # no dropout: the reference is the base model as it is at inference
-            try:
-                with adapters_disabled(net):
-                    return response_logps(model, batch)
-            finally:
-                net.train(was_training)
+            # no dropout: the reference is the base model as it is at inference
+            with eval_mode(self.accelerator.unwrap_model(model)) as net, adapters_disabled(net):
+                return response_logps(model, batch)
 
     def _pairs(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-pair losses (B,), rewards (B, 2) and log-probabilities (B, 2)."""
@@ -186,9 +182,3 @@ class PreferenceTask(InstructionTask):
             return EpochReport(text=text)
         return EpochReport({"val/sample_response": sample[1]},
                            f"{text}; sample response to {sample[0]!r}:\n{sample[1]}")
-
-    # ---- the run's files -----------------------------------------------------------------------
-
-    def plots(self) -> list[str]:
-        """The loss, the chosen and rejected rewards, their margin and the reward accuracy."""
-        return ["loss", "rewards", "reward_margin", "reward_accuracy"]
