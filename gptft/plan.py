@@ -292,7 +292,7 @@ def job_shape(job) -> Shape:
         return Shape.from_hf_config(hf, str(path))
     overrides = cfg.shape()
     if cfg.weights == "random":
-        from gptft.tasks.base import job_tokenizer
+        from gptft.runs import job_tokenizer
 
         overrides["vocab_size"] = job_tokenizer(cfg).vocab_size
     config = preset_config(cfg.name, pad_vocab_multiple=cfg.pad_vocab_multiple, **overrides)

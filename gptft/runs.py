@@ -228,3 +228,23 @@ def load_chat_run(run_dir: str | os.PathLike, device: str | torch.device = "auto
     if template is not None and not isinstance(template, str):
         raise GPTFTError(f"{Path(run_dir) / META_FILE}: 'chat_template' must be the template's text")
     return model, ChatFormat(style, tokenizer, template)
+
+
+def job_tokenizer(cfg):
+    """The tokenizer of a job (``gptft.tokenizer``): ``model.tokenizer`` if set; else a gptft run's
+    own, a Hugging Face folder's ``tokenizer.json``, the hub repo's, or GPT-2's for GPT-2."""
+    from gptft.models import hub_repo, is_gpt2_name
+    from gptft.tokenizer import load_tokenizer
+
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if cfg.checkpoint and cfg.weights == "pretrained":
+        folder = Path(cfg.checkpoint)
+        if is_run_folder(folder):
+            return run_tokenizer(folder, load_meta(folder))
+        if (folder / "tokenizer.json").is_file():
+            return load_tokenizer(folder)
+        return load_tokenizer("gpt2")  # a GPT-2 folder (vocab.json + merges.txt is GPT-2's BPE)
+    if is_gpt2_name(cfg.name):
+        return load_tokenizer("gpt2")
+    return load_tokenizer(hub_repo(cfg.name))

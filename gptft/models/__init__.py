@@ -20,8 +20,7 @@ from gptft.io import load_safetensors, read_json
 from gptft.model import GPT, GPTConfig, empty_model
 from gptft.model import PRESETS as GPT2_PRESETS
 from gptft.models.decoder import Decoder, DecoderConfig
-from gptft.models.families import BY_MODEL_TYPE, FAMILIES
-from gptft.models.families import config_from_hf as decoder_config_from_hf
+from gptft.models.families import BY_MODEL_TYPE, FAMILIES, decoder_fields
 
 __all__ = ["ARCHITECTURES", "PRESETS", "Decoder", "DecoderConfig", "build_model", "config_from_dict",
            "hub_repo", "is_gpt2_name", "config_from_hf", "from_pretrained", "preset_config"]
@@ -62,6 +61,18 @@ def config_from_dict(architecture: str, d: dict, source: str = "gptft.json") -> 
     try:
         return cls(**({**d, "architecture": architecture} if cls is DecoderConfig else d))
     except TypeError as e:  # a required field missing
+        raise GPTFTError(f"{source}: {e}") from None
+    except GPTFTError as e:
+        raise GPTFTError(f"{source}: {e}") from None
+
+
+def decoder_config_from_hf(hf: dict, source: str = "config.json", **overrides) -> DecoderConfig:
+    """A ``DecoderConfig`` from a Hugging Face ``config.json`` dict of a supported family, with
+    `overrides` of its fields; one GPTFTError names the file and what is wrong."""
+    fields_ = decoder_fields(hf, source)
+    try:
+        return DecoderConfig(**{**fields_, **overrides})
+    except TypeError as e:  # an unknown override
         raise GPTFTError(f"{source}: {e}") from None
     except GPTFTError as e:
         raise GPTFTError(f"{source}: {e}") from None

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from gptft.errors import GPTFTError
 from gptft.io import save_safetensors, write_json
 from gptft.model import KVCache, sdpa_mask, selective_cross_entropy
+from gptft.models.families import FULL, SLIDING
 
-FULL, SLIDING = "full_attention", "sliding_attention"
 """The two layer types (Hugging Face's ``layer_types`` values)."""
 
 
@@ -515,16 +515,6 @@ class Decoder(nn.Module):
         return selective_cross_entropy(self.logits, hidden, labels, chunk_size)
 
     # ---- Hugging Face checkpoints -------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, device=None, **overrides) -> Decoder:
-        """A local Hugging Face folder or hub name (see ``gptft.models.from_pretrained``)."""
-        from gptft.models import from_pretrained
-
-        model = from_pretrained(name_or_path, device=device, **overrides)
-        if not isinstance(model, cls):
-            raise GPTFTError(f"{name_or_path}: a {model.architecture} checkpoint, not a {cls.__name__}")
-        return model
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Copy a Hugging Face ``XForCausalLM`` state dict (``model.`` prefix optional) into this

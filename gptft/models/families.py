@@ -12,9 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gptft.errors import GPTFTError
-from gptft.models.decoder import FULL, SLIDING, DecoderConfig
+
+if TYPE_CHECKING:  # the decoder imports this table, not the other way round
+    from gptft.models.decoder import DecoderConfig
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+"""Hugging Face's names of the two kinds of attention layer (``layer_types``)."""
 
 
 def _no_sliding(hf: dict, n_layers: int) -> None:
@@ -154,10 +160,10 @@ def _rope(hf: dict, family: Family, problems: list[str]) -> dict:
     return out
 
 
-def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> DecoderConfig:
-    """A ``DecoderConfig`` from a Hugging Face ``config.json`` dict of a supported family;
-    everything unsupported (mixture of experts, other RoPE scalings, attention soft-capping ...)
-    is named in one GPTFTError."""
+def decoder_fields(hf: dict, source: str = "config.json") -> dict:
+    """The ``DecoderConfig`` fields of a Hugging Face ``config.json`` dict of a supported family
+    (``gptft.models.config_from_hf`` builds the config); everything unsupported (mixture of
+    experts, other RoPE scalings, attention soft-capping ...) is named in one GPTFTError."""
     family = family_of(hf.get("model_type"), source)
     d = {**family.defaults, **hf}
     problems = []
@@ -199,12 +205,7 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> Decode
         **rope,
     )
     config.update(family.features)
-    try:
-        return DecoderConfig(**{**config, **overrides})
-    except TypeError as e:  # an unknown override
-        raise GPTFTError(f"{source}: {e}") from None
-    except GPTFTError as e:
-        raise GPTFTError(f"{source}: {e}") from None
+    return config
 
 
 def to_hf_config(config: DecoderConfig, classifier: bool = False) -> dict:

@@ -27,7 +27,14 @@ from gptft.io import write_json, write_text
 from gptft.model import tied_names
 from gptft.registry import declared_outputs, get_task
 from gptft.runfolder import RunFolder
-from gptft.runs import TOKENIZER_DIR, check_vocab, is_run_folder, load_gpt, run_tokenizer, save_model
+from gptft.runs import (  # noqa: F401 (job_tokenizer: the tasks' import)
+    TOKENIZER_DIR,
+    check_vocab,
+    is_run_folder,
+    job_tokenizer,
+    load_gpt,
+    save_model,
+)
 from gptft.signals import Interrupted, StopRequest, signal_at
 from gptft.task import TaskBase
 from gptft.timing import Phases
@@ -136,28 +143,6 @@ def closing_summary(task: TaskBase, metrics: dict) -> str:
 
 
 # ---- pieces tasks build the same way ------------------------------------------------------------------
-
-def job_tokenizer(cfg: ModelConfig):
-    """The tokenizer of a job (``gptft.tokenizer``): ``model.tokenizer`` if set; else a gptft run's
-    own, a Hugging Face folder's ``tokenizer.json``, the hub repo's, or GPT-2's for GPT-2."""
-    from gptft.models import hub_repo, is_gpt2_name
-    from gptft.tokenizer import load_tokenizer
-
-    if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
-    if cfg.checkpoint and cfg.weights == "pretrained":
-        folder = Path(cfg.checkpoint)
-        if is_run_folder(folder):
-            from gptft.runs import load_meta
-
-            return run_tokenizer(folder, load_meta(folder))
-        if (folder / "tokenizer.json").is_file():
-            return load_tokenizer(folder)
-        return load_tokenizer("gpt2")  # a GPT-2 folder (vocab.json + merges.txt is GPT-2's BPE)
-    if is_gpt2_name(cfg.name):
-        return load_tokenizer("gpt2")
-    return load_tokenizer(hub_repo(cfg.name))
-
 
 def build_gpt(cfg: ModelConfig, vocab_size: int, device: torch.device | None = None) -> torch.nn.Module:
     """The language model of a job, of any family (``gptft.models``): pretrained weights (a
