@@ -268,6 +268,10 @@ def test_config_from_dict_round_trips_and_names_problems():
         config_from_dict("qwen3", {**cfg.to_dict(), "wings": 2})
     with pytest.raises(GPTFTError, match=r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)"):
         config_from_dict("gemma3_text", {**cfg.to_dict(), "n_kv_heads": 3})
+    with pytest.raises(GPTFTError, match=r"emb_dim must be a positive integer \(got 0\)"):
+        DecoderConfig(**{**cfg.to_dict(), "emb_dim": 0})
+    with pytest.raises(GPTFTError, match=r"architecture 'gpt3' is not one of llama, qwen2"):
+        DecoderConfig(**{**cfg.to_dict(), "architecture": "gpt3"})
 
 
 # Parameter counts of the real checkpoints, as their model cards / transformers report them.

@@ -65,6 +65,19 @@ class Family:
     key_map: dict = field(default_factory=lambda: {"model.": "", "lm_head.": "lm_head."})
     """Hugging Face name prefix → gptft's: the names below the prefixes are the same."""
 
+    def from_hf_key(self, key: str) -> str:
+        """gptft's name of a Hugging Face tensor name (as it is if no prefix of the map matches)."""
+        for hf, ours in self.key_map.items():
+            if key.startswith(hf):
+                return ours + key[len(hf) :]
+        return key
+
+    def to_hf_key(self, key: str) -> str:
+        """The Hugging Face name of a gptft tensor name (the longest matching prefix wins)."""
+        hf, ours = max(((h, o) for h, o in self.key_map.items() if key.startswith(o)),
+                       key=lambda pair: len(pair[1]))
+        return hf + key[len(ours) :]
+
 
 _COMMON_DEFAULTS = dict(rms_norm_eps=1e-6, initializer_range=0.02, attention_dropout=0.0,
                         tie_word_embeddings=False, rope_theta=10000.0, head_dim=None,
