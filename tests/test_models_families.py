@@ -156,7 +156,10 @@ def test_unsupported_model_types_and_features_are_named(tmp_path):
                                          r"are not supported; rope type 'yarn' is not supported"):
         config_from_hf(hf, "cfg")
     del hf["hidden_size"], hf["num_local_experts"], hf["rope_parameters"]
-    with pytest.raises(GPTFTError, match="missing key 'hidden_size'"):
+    hf.update(rms_norm_eps="small", num_attention_heads=4.0)
+    with pytest.raises(GPTFTError, match="cfg: unsupported llama config: missing key 'hidden_size'; "
+                                         "num_attention_heads must be a positive integer \\(got 4.0\\); "
+                                         "rms_norm_eps must be a number \\(got 'small'\\)$"):
         config_from_hf(hf, "cfg")
 
 

@@ -181,11 +181,19 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> Decode
     if d.get("use_bidirectional_attention"):
         problems.append("use_bidirectional_attention is not supported")
     act = d.get(family.activation_key, d.get("hidden_act", "silu"))
-    if act not in ACTIVATIONS:
+    if not isinstance(act, str) or act not in ACTIVATIONS:
         problems.append(f"activation {act!r} is not supported ({', '.join(ACTIVATIONS)})")
     required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "intermediate_size")
     problems += [f"missing key {k!r}" for k in required if k not in d]
+    integers = (*required, "max_position_embeddings", "num_key_value_heads", "head_dim",
+                "sliding_window", "sliding_window_pattern")
+    numbers = ("rms_norm_eps", "initializer_range", "attention_dropout", "rope_theta",
+               "query_pre_attn_scalar", "final_logit_softcapping", "max_window_layers")
+    for keys, kinds, what in ((integers, int, "a positive integer"), (numbers, (int, float), "a number")):
+        problems += [f"{k} must be {what} (got {d[k]!r})" for k in keys
+                     if d.get(k) is not None and (not isinstance(d[k], kinds) or isinstance(d[k], bool)
+                                                  or (kinds is int and d[k] <= 0))]
     rope = _rope(d, family, problems)
     if problems:
         raise GPTFTError(f"{source}: unsupported {family.name} config: " + "; ".join(problems))
@@ -198,8 +206,7 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> Decode
         architecture=family.name, vocab_size=d["vocab_size"],
         context_length=d["max_position_embeddings"], emb_dim=d["hidden_size"], n_layers=n_layers,
         n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
-        head_dim=d.get("head_dim") or (d["hidden_size"] // n_heads if isinstance(n_heads, int)
-                                       and n_heads > 0 else 0),
+        head_dim=d.get("head_dim") or (d["hidden_size"] // n_heads if n_heads > 0 else 0),
         intermediate_size=d["intermediate_size"], norm_eps=d["rms_norm_eps"],
         mlp_activation=ACTIVATIONS[act], qkv_bias=bias, o_bias=bias,
         mlp_bias=bool(d.get("mlp_bias", False)),
