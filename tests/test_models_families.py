@@ -130,6 +130,7 @@ def test_sharded_and_bf16_checkpoints_load(tmp_path):
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     model = from_pretrained(tmp_path / "bf16")
     assert model.embed_tokens.weight.dtype == torch.float32
+    assert model.lm_head.weight is model.embed_tokens.weight  # tied again after the meta build
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "bf16", dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
