@@ -70,7 +70,10 @@ def build(impl: str, args) -> torch.nn.Module:
     if impl == "textbook":
         if args.family != "qwen3":
             raise SystemExit("the textbook model is Qwen3 only")
-        from llms_from_scratch.qwen3 import Qwen3Model
+        try:
+            from llms_from_scratch.qwen3 import Qwen3Model
+        except ImportError:
+            raise SystemExit("the textbook model needs: pip install llms-from-scratch --no-deps") from None
 
         return Qwen3Model(dict(vocab_size=args.vocab, context_length=max(2048, args.seq_len),
                                emb_dim=args.width, n_heads=args.heads, n_layers=args.layers,
