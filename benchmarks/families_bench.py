@@ -8,7 +8,9 @@ response), mean cross-entropy over the targets. gptft computes logits at the tar
 computes its own logits and loss; the textbook model returns full logits and the loss is
 ``F.cross_entropy(..., ignore_index=-100)``. Each implementation runs in a fresh process (so the
 peak resident memory, ``ru_maxrss``, is its own), ``--warmup`` untimed steps then ``--steps``
-timed ones; examples/s and tokens/s (all positions) are medians of per-step rates; with
+timed ones; examples/s and tokens/s (all positions) are medians of per-step rates, and so is
+examples per CPU-second (process time: less sensitive to other processes' load; use it with
+``--threads 1``); with
 ``--rounds N`` the processes are interleaved (A, B, C, A, B, C ...) and medians over rounds shown.
 
 ``--generate``: greedy decoding with the KV cache at ``--batch-size`` (default 8) of gptft's
@@ -68,7 +70,10 @@ def build(impl: str, args) -> torch.nn.Module:
     if impl == "textbook":
         if args.family != "qwen3":
             raise SystemExit("the textbook model is Qwen3 only")
-        from llms_from_scratch.qwen3 import Qwen3Model
+        try:
+            from llms_from_scratch.qwen3 import Qwen3Model
+        except ImportError:
+            raise SystemExit("the textbook model needs: pip install llms-from-scratch --no-deps") from None
 
         return Qwen3Model(dict(vocab_size=args.vocab, context_length=max(2048, args.seq_len),
                                emb_dim=args.width, n_heads=args.heads, n_layers=args.layers,
@@ -91,25 +96,28 @@ def loss_fn(impl: str, model, ids: torch.Tensor, labels: torch.Tensor) -> torch.
 
 
 def train_step(impl: str, args) -> dict:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     model = build(impl, args).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)
-    rates = []
+    rates, cpu_rates = [], []
     for step in range(args.warmup + args.steps):
         ids = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), generator=g)
         labels = torch.full_like(ids, IGNORE_INDEX)
         half = args.seq_len // 2
         labels[:, half:-1] = ids[:, half + 1 :]
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         loss = loss_fn(impl, model, ids, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - started
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         if step >= args.warmup:
             rates.append(args.batch_size / seconds)
+            cpu_rates.append(args.batch_size / cpu_seconds)
     examples = statistics.median(rates)
     return dict(impl=impl, examples_per_s=examples, tokens_per_s=examples * args.seq_len,
+                examples_per_cpu_s=statistics.median(cpu_rates),
                 peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 loss=float(loss))
 
@@ -126,11 +134,13 @@ def compare_training(args) -> None:
                for impl, rs in runs.items()}
     print(f"{args.family}: width {args.width}, {args.layers} layers, {args.heads} heads "
           f"({args.kv_heads} kv), vocab {args.vocab}, batch {args.batch_size} x {args.seq_len}, "
-          f"threads {torch.get_num_threads()}, medians of {args.rounds} fresh processes each")
+          f"threads {args.threads or torch.get_num_threads()}, medians of {args.rounds} fresh processes each")
     base = results["gptft"]["examples_per_s"]
     for impl, r in results.items():
+        cpu = results["gptft"]["examples_per_cpu_s"] / r["examples_per_cpu_s"]
         print(f"  {impl:<13} {r['examples_per_s']:8.2f} examples/s {r['tokens_per_s']:9.0f} tokens/s "
-              f"peak RSS {r['peak_rss_mib']:7.0f} MiB   gptft/{impl} {base / r['examples_per_s']:.2f}x")
+              f"{r['examples_per_cpu_s']:8.2f} examples/CPU-s  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
+              f"gptft/{impl} {base / r['examples_per_s']:.2f}x (per CPU-s {cpu:.2f}x)")
 
 
 def compare_generation(args) -> None:
@@ -138,6 +148,7 @@ def compare_generation(args) -> None:
 
     from gptft.generate import generate
 
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     model = build("gptft", args).eval()
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
@@ -195,6 +206,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1, help="fresh processes per implementation")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--generate", action="store_true", help="time KV-cache generation instead")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -130,6 +130,7 @@ def test_sharded_and_bf16_checkpoints_load(tmp_path):
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     model = from_pretrained(tmp_path / "bf16")
     assert model.embed_tokens.weight.dtype == torch.float32
+    assert model.lm_head.weight is model.embed_tokens.weight  # tied again after the meta build
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "bf16", dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
@@ -156,7 +157,10 @@ def test_unsupported_model_types_and_features_are_named(tmp_path):
                                          r"are not supported; rope type 'yarn' is not supported"):
         config_from_hf(hf, "cfg")
     del hf["hidden_size"], hf["num_local_experts"], hf["rope_parameters"]
-    with pytest.raises(GPTFTError, match="missing key 'hidden_size'"):
+    hf.update(rms_norm_eps="small", num_attention_heads=4.0)
+    with pytest.raises(GPTFTError, match="cfg: unsupported llama config: missing key 'hidden_size'; "
+                                         "num_attention_heads must be a positive integer \\(got 4.0\\); "
+                                         "rms_norm_eps must be a number \\(got 'small'\\)$"):
         config_from_hf(hf, "cfg")
 
 
@@ -268,6 +272,10 @@ def test_config_from_dict_round_trips_and_names_problems():
         config_from_dict("qwen3", {**cfg.to_dict(), "wings": 2})
     with pytest.raises(GPTFTError, match=r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)"):
         config_from_dict("gemma3_text", {**cfg.to_dict(), "n_kv_heads": 3})
+    with pytest.raises(GPTFTError, match=r"emb_dim must be a positive integer \(got 0\)"):
+        DecoderConfig(**{**cfg.to_dict(), "emb_dim": 0})
+    with pytest.raises(GPTFTError, match=r"architecture 'gpt3' is not one of llama, qwen2"):
+        DecoderConfig(**{**cfg.to_dict(), "architecture": "gpt3"})
 
 
 # Parameter counts of the real checkpoints, as their model cards / transformers report them.

@@ -112,6 +112,10 @@ class DecoderConfig:
                 errors.append(f"{f.name} must be true or false (got {value!r})")
         if errors:
             raise GPTFTError("invalid model config: " + "; ".join(errors))
+        from gptft.models.families import FAMILIES
+
+        if self.architecture not in FAMILIES:
+            errors.append(f"architecture {self.architecture!r} is not one of {', '.join(FAMILIES)}")
         if self.n_heads % self.n_kv_heads:
             errors.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.mlp_activation not in ACTIVATIONS:
@@ -520,7 +524,8 @@ class Decoder(nn.Module):
         """Copy a Hugging Face ``XForCausalLM`` state dict (``model.`` prefix optional) into this
         model, converting dtypes. Every missing, unexpected or wrongly shaped tensor is reported
         in one ``GPTFTError``."""
-        state = {k.removeprefix(self.hf_prefix): v for k, v in state.items()
+        family = self._family()
+        state = {family.from_hf_key(k): v for k, v in state.items()
                  if not k.endswith("rotary_emb.inv_freq")}
         if self.config.tie_embeddings:
             state.pop("lm_head.weight", None)  # some tied checkpoints store it too
@@ -535,7 +540,7 @@ class Decoder(nn.Module):
             if tuple(state[k].shape) != tuple(want):
                 problems.append(f"{k} has shape {tuple(state[k].shape)}, the config needs {tuple(want)}")
         if problems:  # embeddings, head and final norm first (they show the width), then layers
-            problems.sort(key=lambda p: (" layers." in p, p))
+            problems.sort(key=lambda p: ("layers." in p, p))
             more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
             raise GPTFTError(f"{source}: weights do not match the model config: "
                              + "; ".join(problems[:4]) + more)
@@ -548,14 +553,19 @@ class Decoder(nn.Module):
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under Hugging Face ``XForCausalLM`` names (``lm_head`` omitted
         when tied: safetensors refuses shared tensors and transformers re-ties it)."""
-        out = {}
+        family, out = self._family(), {}
         for k, v in self.state_dict().items():
-            if k == "lm_head.weight":
-                if not self.config.tie_embeddings:
-                    out[k] = v[: self.config.vocab_size]
+            if k == "lm_head.weight" and self.config.tie_embeddings:
                 continue
-            out[self.hf_prefix + k] = v[: self.config.vocab_size] if k == "embed_tokens.weight" else v
+            if k in ("embed_tokens.weight", "lm_head.weight"):
+                v = v[: self.config.vocab_size]
+            out[family.to_hf_key(k)] = v
         return out
+
+    def _family(self):
+        from gptft.models.families import FAMILIES
+
+        return FAMILIES[self.config.architecture]
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write ``config.json`` + ``model.safetensors`` that ``transformers.AutoModelForCausalLM``

@@ -71,6 +71,19 @@ class Family:
     key_map: dict = field(default_factory=lambda: {"model.": "", "lm_head.": "lm_head."})
     """Hugging Face name prefix → gptft's: the names below the prefixes are the same."""
 
+    def from_hf_key(self, key: str) -> str:
+        """gptft's name of a Hugging Face tensor name (as it is if no prefix of the map matches)."""
+        for hf, ours in self.key_map.items():
+            if key.startswith(hf):
+                return ours + key[len(hf) :]
+        return key
+
+    def to_hf_key(self, key: str) -> str:
+        """The Hugging Face name of a gptft tensor name (the longest matching prefix wins)."""
+        hf, ours = max(((h, o) for h, o in self.key_map.items() if key.startswith(o)),
+                       key=lambda pair: len(pair[1]))
+        return hf + key[len(ours) :]
+
 
 _COMMON_DEFAULTS = dict(rms_norm_eps=1e-6, initializer_range=0.02, attention_dropout=0.0,
                         tie_word_embeddings=False, rope_theta=10000.0, head_dim=None,
@@ -174,11 +187,19 @@ def decoder_fields(hf: dict, source: str = "config.json") -> dict:
     if d.get("use_bidirectional_attention"):
         problems.append("use_bidirectional_attention is not supported")
     act = d.get(family.activation_key, d.get("hidden_act", "silu"))
-    if act not in ACTIVATIONS:
+    if not isinstance(act, str) or act not in ACTIVATIONS:
         problems.append(f"activation {act!r} is not supported ({', '.join(ACTIVATIONS)})")
     required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "intermediate_size")
     problems += [f"missing key {k!r}" for k in required if k not in d]
+    integers = (*required, "max_position_embeddings", "num_key_value_heads", "head_dim",
+                "sliding_window", "sliding_window_pattern")
+    numbers = ("rms_norm_eps", "initializer_range", "attention_dropout", "rope_theta",
+               "query_pre_attn_scalar", "final_logit_softcapping", "max_window_layers")
+    for keys, kinds, what in ((integers, int, "a positive integer"), (numbers, (int, float), "a number")):
+        problems += [f"{k} must be {what} (got {d[k]!r})" for k in keys
+                     if d.get(k) is not None and (not isinstance(d[k], kinds) or isinstance(d[k], bool)
+                                                  or (kinds is int and d[k] <= 0))]
     rope = _rope(d, family, problems)
     if problems:
         raise GPTFTError(f"{source}: unsupported {family.name} config: " + "; ".join(problems))
@@ -191,8 +212,7 @@ def decoder_fields(hf: dict, source: str = "config.json") -> dict:
         architecture=family.name, vocab_size=d["vocab_size"],
         context_length=d["max_position_embeddings"], emb_dim=d["hidden_size"], n_layers=n_layers,
         n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
-        head_dim=d.get("head_dim") or (d["hidden_size"] // n_heads if isinstance(n_heads, int)
-                                       and n_heads > 0 else 0),
+        head_dim=d.get("head_dim") or (d["hidden_size"] // n_heads if n_heads > 0 else 0),
         intermediate_size=d["intermediate_size"], norm_eps=d["rms_norm_eps"],
         mlp_activation=ACTIVATIONS[act], qkv_bias=bias, o_bias=bias,
         mlp_bias=bool(d.get("mlp_bias", False)),
