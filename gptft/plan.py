@@ -152,7 +152,8 @@ class Shape:
 class Setup:
     """How a job trains, as far as memory goes."""
 
-    task: str = "instruction"  # classification | instruction | preference
+    produces: str = "lm"  # what the task's model is (gptft.registry): lm | classifier
+    pairs: bool = False  # preference tuning: two sequences a row (chosen, rejected)
     batch_size: int = 8
     seq_len: int = 1024
     grad_accum_steps: int = 1
@@ -191,7 +192,7 @@ class Plan:
 
 
 def trainable_params(shape: Shape, setup: Setup, num_classes: int = 2) -> int:
-    head = shape.emb_dim * num_classes + num_classes if setup.task == "classification" else 0
+    head = shape.emb_dim * num_classes + num_classes if setup.produces == "classifier" else 0
     policy = setup.trainable
     if policy == "all":
         return shape.params() + head
@@ -229,8 +230,8 @@ def plan(shape: Shape, setup: Setup) -> Plan:
     grads = 4 * train / shards * on_device
     optimizer = 8 * train / shards * on_device
     best = 4 * train / shards * on_device if setup.keep_best else 0.0
-    reference = 4 * total / shards if setup.task == "preference" and setup.dpo_reference == "model" else 0.0
-    rows = setup.batch_size * (2 if setup.task == "preference" else 1)
+    reference = 4 * total / shards if setup.pairs and setup.dpo_reference == "model" else 0.0
+    rows = setup.batch_size * (2 if setup.pairs else 1)
     tokens = rows * setup.seq_len
     residual, rest = shape.block_activations()
     per_block = tokens * (4 * residual + act_bytes * rest)
@@ -240,12 +241,12 @@ def plan(shape: Shape, setup: Setup) -> Plan:
     chosen = set(checkpointed_indices(shape.n_layers, setup.activation_checkpointing))
     activations, recomputed = 0.0, 0.0
     for i in range(shape.n_layers - grad_blocks(shape, setup), shape.n_layers):
-        full = pooled if setup.task == "classification" and i == shape.n_layers - 1 else per_block
+        full = pooled if setup.produces == "classifier" and i == shape.n_layers - 1 else per_block
         activations += kept_input if i in chosen else full
         recomputed = max(recomputed, full if i in chosen else 0.0)
     activations += recomputed  # one checkpointed block recomputed at a time in the backward pass
     loss = 0.0
-    if setup.task in ("instruction", "preference"):
+    if setup.produces == "lm":
         # the last chunk's logits (compute dtype), their fp32 log-softmax and its gradient
         chunk = min(tokens, LOSS_CHUNK)
         loss = chunk * shape.vocab_size * (act_bytes + 4 + 4)
@@ -309,7 +310,10 @@ def job_setup(job, shape: Shape, gpus: int = 1, fsdp: bool | None = None,
     reference = "precomputed"
     if dpo is not None and not dpo.precompute_reference:
         reference = "adapters" if job.model.trainable == "lora" else "model"
-    return Setup(task=job.task, batch_size=job.train.batch_size,
+    from gptft.registry import get_task
+
+    return Setup(produces=get_task(job.task).produces, pairs=dpo is not None,
+                 batch_size=job.train.batch_size,
                  seq_len=min(max_length or shape_len, shape_len),
                  grad_accum_steps=job.train.grad_accum_steps, trainable=job.model.trainable,
                  lora_rank=job.lora.rank, activation_checkpointing=job.train.activation_checkpointing,
@@ -391,7 +395,7 @@ def report(p: Plan, budget: float | None = None) -> str:
     (with and without checkpointing), and, with a budget, what fits."""
     s = p.setup
     lines = [f"model: {p.total_params / 1e6:,.1f}M parameters, {p.trainable_params / 1e6:,.2f}M "
-             f"trainable ({s.trainable}); {s.task}, micro-batch {s.batch_size} x {s.seq_len} tokens, "
+             f"trainable ({s.trainable}); {'pairs of ' if s.pairs else ''}{s.produces}, micro-batch {s.batch_size} x {s.seq_len} tokens, "
              f"accumulation {s.grad_accum_steps}, {s.gpus} device(s)"
              + (", FSDP" if s.fsdp else "") + (", CPU offload" if s.cpu_offload else "")
              + (f", activation checkpointing {str(s.activation_checkpointing).lower()}"

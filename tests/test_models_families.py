@@ -268,7 +268,7 @@ def test_config_from_dict_round_trips_and_names_problems():
     assert config_from_dict("gpt2", GPTConfig(n_layers=2).to_dict()) == GPTConfig(n_layers=2)
     with pytest.raises(GPTFTError, match="gptft.json: architecture 'falcon' is not supported"):
         config_from_dict("falcon", {})
-    with pytest.raises(GPTFTError, match="unknown DecoderConfig field.*: wings"):
+    with pytest.raises(GPTFTError, match="model: unknown key.*wings"):
         config_from_dict("qwen3", {**cfg.to_dict(), "wings": 2})
     with pytest.raises(GPTFTError, match=r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)"):
         config_from_dict("gemma3_text", {**cfg.to_dict(), "n_kv_heads": 3})

@@ -73,7 +73,7 @@ def test_parts_add_up_and_checkpointing_lora_and_fsdp_cut_the_peak():
     assert fsdp.parts["optimizer"] == pytest.approx(parts["optimizer"] / 4)
     offload = plan(shape, dataclasses.replace(base, fsdp=True, cpu_offload=True))
     assert offload.parts["optimizer"] == 0 and offload.peak < fsdp.peak
-    dpo = plan(shape, dataclasses.replace(base, task="preference", dpo_reference="model"))
+    dpo = plan(shape, dataclasses.replace(base, pairs=True, dpo_reference="model"))
     assert dpo.parts["reference"] == parts["weights"]
     assert dpo.parts["activations"] == pytest.approx(2 * parts["activations"])  # two sequences a pair
 

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from gptft.config import load_job
     from gptft.data.inspect import check, context_length, prepare, report_text
     from gptft.errors import GPTFTError
-    from gptft.tokenizer import load_tokenizer
+    from gptft.runs import job_tokenizer
 
     if args.examples < 0:
         raise GPTFTError(f"-n: must be >= 0 (got {args.examples})")
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if job.data.max_length and job.data.max_length > context:
         raise GPTFTError(f"data.max_length ({job.data.max_length}) exceeds the model's context "
                          f"length ({context})")
-    data = prepare(job, load_tokenizer(job.model.tokenizer), job.data.max_length or context)
+    data = prepare(job, job_tokenizer(job.model), job.data.max_length or context)
     report = check(data, samples=args.examples)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(report_text(report, color=color))

@@ -432,4 +432,8 @@ def context_length(model) -> int:
             value = hf.get("n_positions") or hf.get("max_position_embeddings")
             if isinstance(value, int):
                 return value
+    from gptft.models import PRESETS
+
+    if model.name in PRESETS:  # a family preset (its hub repo's shape)
+        return int(PRESETS[model.name]["hf"]["max_position_embeddings"])
     return GPTConfig.from_name(model.name).context_length

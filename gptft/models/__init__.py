@@ -54,7 +54,7 @@ def config_from_dict(architecture: str, d: dict, source: str = "gptft.json") -> 
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise GPTFTError(f"{source}: unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        raise GPTFTError(f"{source}: model: unknown key(s) {', '.join(unknown)}")
     if cls is DecoderConfig and d.get("architecture", architecture) != architecture:
         raise GPTFTError(f"{source}: architecture {architecture!r} but the config says "
                          f"{d['architecture']!r}")

@@ -182,8 +182,11 @@ def check_model_fits(config, device: torch.device | None) -> None:
     parameters are counted on a model laid out on ``meta`` (no memory), for any family."""
     from gptft.models import build_model
 
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build_model(config).parameters())
+    try:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build_model(config).parameters())
+    except RuntimeError:  # a tensor too large for torch to describe at all
+        params = float("inf")
     device = torch.device(device or "cpu")
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
@@ -191,6 +194,10 @@ def check_model_fits(config, device: torch.device | None) -> None:
         import os
 
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if params == float("inf"):
+        raise GPTFTError(f"model: {config.n_layers} layers of width emb_dim={config.emb_dim:,}, "
+                         f"context_length={config.context_length:,}: tensors too large to exist; "
+                         "choose a smaller model.emb_dim, model.context_length or model.n_layers")
     if 4 * params > memory:
         raise GPTFTError(f"model: {config.n_layers} layers of width emb_dim={config.emb_dim:,}, "
                          f"context_length={config.context_length:,}: about {params / 1e9:,.1f} billion "
