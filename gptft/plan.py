@@ -395,7 +395,8 @@ def report(p: Plan, budget: float | None = None) -> str:
     (with and without checkpointing), and, with a budget, what fits."""
     s = p.setup
     lines = [f"model: {p.total_params / 1e6:,.1f}M parameters, {p.trainable_params / 1e6:,.2f}M "
-             f"trainable ({s.trainable}); {'pairs of ' if s.pairs else ''}{s.produces}, micro-batch {s.batch_size} x {s.seq_len} tokens, "
+             f"trainable ({s.trainable}); {'pairs, ' if s.pairs else ''}{s.produces}, "
+             f"micro-batch {s.batch_size} x {s.seq_len} tokens, "
              f"accumulation {s.grad_accum_steps}, {s.gpus} device(s)"
              + (", FSDP" if s.fsdp else "") + (", CPU offload" if s.cpu_offload else "")
              + (f", activation checkpointing {str(s.activation_checkpointing).lower()}"
