@@ -712,7 +712,7 @@ def paired_ratios(results: dict[str, Result], reference: str) -> dict[str, float
 
 
 def model_config(opts: argparse.Namespace, vocab_size: int) -> GPTConfig:
-    shape = {k: getattr(opts, k) for k in SHAPE_KEYS if getattr(opts, k) is not None}
+    shape = {k: getattr(opts, k, None) for k in SHAPE_KEYS if getattr(opts, k, None) is not None}
     return GPTConfig.from_name(opts.model, vocab_size=vocab_size, drop_rate=0.0, **shape)
 
 

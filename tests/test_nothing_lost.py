@@ -300,6 +300,6 @@ def test_the_closing_summary_lists_a_lora_runs_adapter_folder(tmp_path):
     for name in ("model.safetensors", "metrics.json", ".gptft-run"):
         (tmp_path / name).write_text("x")
     task = SimpleNamespace(job=SimpleNamespace(output_dir=str(tmp_path)), best_metric="val_loss",
-                           summary=lambda m: "table", next_commands=lambda d: [])
+                           summary=lambda m: "table", next_commands=lambda d: [], outputs=())
     text = closing_summary(task, {"time": {"total": 1.0}, "best_step": 2, "steps": 2})
-    assert f"run folder: {tmp_path} (adapter/, metrics.json, model.safetensors)" in text
+    assert f"run folder: {tmp_path} (model.safetensors, metrics.json, adapter/)" in text
