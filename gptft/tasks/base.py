@@ -179,13 +179,10 @@ build_model = build_gpt
 def check_model_fits(config, device: torch.device | None) -> None:
     """Refuse, before allocating, a model whose fp32 weights alone exceed the memory of the
     device it is built on (an ``emb_dim`` or ``context_length`` typed with extra zeros), from the
-    parameter count of its shape (an upper bound within a few percent: untied heads counted)."""
-    e, n = config.emb_dim, config.n_layers
-    if hasattr(config, "intermediate_size"):  # a decoder family: attention, MLP, norms
-        attention = e * config.head_dim * 2 * (config.n_heads + config.n_kv_heads)
-        params = config.vocab_size * e * 2 + n * (attention + 3 * e * config.intermediate_size + 4 * e)
-    else:  # GPT-2: learned positions, four e x e attention matrices, a 4e MLP
-        params = (config.vocab_size + config.context_length) * e + n * (12 * e * e + 13 * e) + 2 * e
+    parameter count of its shape (``gptft.plan.Shape``, any family)."""
+    from gptft.plan import Shape
+
+    params = Shape.from_config(config, getattr(config, "architecture", "gpt2")).params()
     device = torch.device(device or "cpu")
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
