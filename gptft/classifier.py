@@ -99,15 +99,16 @@ def _check_classifier_meta(meta: dict, path: Path) -> None:
 
 def evaluate_classifier(run_dir: str | os.PathLike, path: str | os.PathLike, *, text_column: str = "text",
                         label_column: str = "label", fmt: str = "auto", batch_size: int = 32,
-                        device: str | torch.device = "auto") -> dict:
+                        device: str | torch.device = "auto", settings: dict[str, str] | None = None) -> dict:
     """Accuracy, precision / recall / F1 (of the second class for two, macro-averaged otherwise)
     and the confusion matrix (rows: true label, columns: predicted) of a finished run on a
-    labelled file (CSV, TSV, JSONL or SMS, read as ``data.path``; labels must be the run's)."""
+    labelled file (CSV, TSV, JSONL or SMS, read as ``data.path``; labels must be the run's).
+    `settings` as in ``gptft.data.classification.read_labelled_file``."""
     from gptft.data.classification import read_labelled_file
     from gptft.metrics import classification_report
 
     clf = load_classifier(run_dir, device)
-    data = read_labelled_file(path, clf.labels, text_column, label_column, fmt)
+    data = read_labelled_file(path, clf.labels, text_column, label_column, fmt, settings=settings)
     preds = [clf.labels.index(p.label) for p in clf.predict(data.texts, batch_size)]
     pred, label = torch.tensor(preds), torch.tensor(data.labels)
     report = classification_report(pred, label, clf.labels)

@@ -67,7 +67,23 @@ def clipped(message: str) -> str:
 
 def run(argv: list[str] | None = None) -> NoReturn:
     """``main(argv)``, then end the process with its status (``exit_now``)."""
+    plug_closed_streams()
     exit_now(main(argv))
+
+
+def plug_closed_streams() -> None:
+    """Put ``/dev/null`` on a standard descriptor (0, 1, 2) the process was started without
+    (``<&-``, ``>&-``), so that no file gptft opens takes its number and receives what a library
+    or a child process writes there. Python has already set the matching ``sys.stdin`` /
+    ``sys.stdout`` / ``sys.stderr`` to None, which the commands check."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:  # a lower descriptor was closed too and took it: move it in place
+                os.dup2(opened, fd)
+                os.close(opened)
 
 
 def exit_now(code: int) -> NoReturn:
@@ -85,6 +101,8 @@ def exit_now(code: int) -> NoReturn:
             thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with it closed (>&-)
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe or stream: nothing more can go out

@@ -33,11 +33,17 @@ from typing import Any
 
 from gptft.errors import GPTFTError
 from gptft.io import make_folder, read_json_object, usual_mode, write_json, writing
-from gptft.runfolder import CONFIG
 
 ENDOFTEXT = "<|endoftext|>"
 MARKER = ".gptft-export"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def export_folder(run_dir: str | os.PathLike) -> str:
+    """Where a run's closing summary suggests exporting it: beside the run folder, named after it
+    (``runs/instruct`` -> ``runs/instruct-hf``), so that each run's suggested export is its own
+    folder, not one that an earlier run's export already holds."""
+    return f"{Path(run_dir)}-hf"
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -148,21 +154,10 @@ def generation_config(run_dir: Path, config, tokenizer=None) -> dict[str, Any]:
     """``generation_config.json``: the tokenizer's end-of-sequence ids (GPT-2's end-of-text when
     none is given) and the run's ``generate`` settings (from its ``config.yaml``; gptft's defaults
     when it has none)."""
-    import yaml
-
-    from gptft.config import GenerateConfig
+    from gptft.runs import saved_generate_config
     from gptft.tokenizer import load_tokenizer
-    from gptft.validation import check
 
-    path = run_dir / CONFIG
-    try:
-        saved = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise GPTFTError(f"{path}: unreadable ({reason})") from None
-    if not isinstance(saved, dict):
-        raise GPTFTError(f"{path}: not a saved configuration (a {type(saved).__name__}, not a mapping)")
-    gen = check(GenerateConfig, saved.get("generate") or {}, str(path), "generate.")
+    gen = saved_generate_config(run_dir)
     out: dict[str, Any] = {**_special_ids(tokenizer or load_tokenizer("gpt2")),
                            "max_new_tokens": gen.max_new_tokens, "do_sample": gen.temperature > 0}
     if gen.temperature > 0:  # greedy otherwise: sampling settings would only draw warnings

@@ -228,6 +228,18 @@ def check_finite(state: dict[str, torch.Tensor], source: str | os.PathLike) -> N
                          "the weights are damaged")
 
 
+def check_float_weights(state: dict[str, torch.Tensor], names, source: str | os.PathLike) -> None:
+    """Refuse integer (or boolean) tensors in `state` under `names` (those that become a model's
+    floating-point weights): a file written by hand with int8 / int32 tensors would otherwise be
+    converted silently, its values taken as weights (quantized weights need their scales)."""
+    bad = [f"{k} ({str(state[k].dtype).removeprefix('torch.')})" for k in names
+           if k in state and not (state[k].is_floating_point() or state[k].is_complex())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise GPTFTError(f"{source}: tensor {', '.join(bad[:3])}{more} is not floating point; "
+                         "weights must be float32, bfloat16 or float16")
+
+
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     """``read_json`` of a file that must hold one JSON object (a config, an index, a state)."""
     data = read_json(path)

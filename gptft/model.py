@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gptft.errors import GPTFTError
-from gptft.io import load_safetensors, read_json, save_safetensors, write_json
+from gptft.io import check_float_weights, load_safetensors, read_json, save_safetensors, write_json
 
 IGNORE_INDEX = -100
 """A label that asks for no loss (PyTorch's and Hugging Face's convention)."""
@@ -513,6 +513,7 @@ class GPT(nn.Module):
         state = {k: v for k, v in state.items() if not k.endswith((".attn.bias", ".masked_bias"))}
         state.pop("lm_head.weight", None)  # tied to wte
         own = {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}
+        check_float_weights(state, own, source)
         problems = [f"missing {k}" for k in own if k not in state]
         problems += [f"unexpected {k}" for k in state if k not in own]
         for k in own.keys() & state.keys():

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from gptft.errors import GPTFTError
-from gptft.io import load_safetensors, read_json_object, save_safetensors, write_json
+from gptft.io import check_float_weights, load_safetensors, read_json_object, save_safetensors, write_json
 from gptft.model import empty_model, tied_names
 from gptft.registry import TASKS
 from gptft.runfolder import META, WEIGHTS, check_finished
@@ -132,6 +132,7 @@ def load_state_into(model: nn.Module, run_dir: str | os.PathLike) -> None:
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     missing, unexpected = [], list(state.keys() - model.state_dict().keys())
     own, tied = model.state_dict(), tied_names(model)
+    check_float_weights(state, [k for k, v in own.items() if v.is_floating_point()], path)
     for k, v in own.items():
         if k in tied:
             continue
@@ -228,6 +229,26 @@ def load_chat_run(run_dir: str | os.PathLike, device: str | torch.device = "auto
     if template is not None and not isinstance(template, str):
         raise GPTFTError(f"{Path(run_dir) / META_FILE}: 'chat_template' must be the template's text")
     return model, ChatFormat(style, tokenizer, template)
+
+
+def saved_generate_config(run_dir: str | os.PathLike):
+    """The ``generate`` section of the run's ``config.yaml`` (a ``gptft.config.GenerateConfig``):
+    gptft's defaults where the run has no ``config.yaml`` or no such section."""
+    import yaml
+
+    from gptft.config import GenerateConfig
+    from gptft.runfolder import CONFIG
+    from gptft.validation import check
+
+    path = Path(run_dir) / CONFIG
+    try:
+        saved = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise GPTFTError(f"{path}: unreadable ({reason})") from None
+    if not isinstance(saved, dict):
+        raise GPTFTError(f"{path}: not a saved configuration (a {type(saved).__name__}, not a mapping)")
+    return check(GenerateConfig, saved.get("generate") or {}, str(path), "generate.")
 
 
 def job_tokenizer(cfg):

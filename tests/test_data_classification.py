@@ -186,8 +186,8 @@ BAD_FILES = [
     ("fields.csv", "text,label\nhi,ham\nhi, there,spam\n", ":3:", "3 fields, but the header has 2"),
     ("quote.csv", 'text,label\nhi,ham\n"open,spam\nmore,ham\n', ":3:", "malformed CSV row"),
     ("quote2.csv", 'text,label\nhi,ham\n"closed" junk,spam\n', ":3:", "malformed CSV row"),
-    ("columns.csv", "message,category\nhi,ham\n", ":1:", "no column 'text' (columns found: 'message', "
-                                                        "'category')"),
+    ("columns.csv", "message,category\nhi,ham\n", ":1:", "no column 'text' (set data.text_column) and no "
+     "column 'label' (set data.label_column); columns found: 'message', 'category'"),
     ("empty_text.csv", "text,label\nhi,ham\n   ,spam\n", ":3:", "empty text"),
     ("multiline.csv", 'text,label\n"a\nb",ham\nc,spam\n,ham\n', ":5:", "empty text"),
     ("empty_label.tsv", "ham\thi\n\tyo\n", ":2:", "empty label"),
@@ -196,7 +196,7 @@ BAD_FILES = [
     ("bad.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": \n', ":2:", "invalid JSON"),
     ("list.jsonl", '{"text": "a", "label": "x"}\n["b", "y"]\n', ":2:", "expected a JSON object"),
     ("key.jsonl", '{"text": "a", "label": "x"}\n{"txt": "b", "label": "y"}\n', ":2:",
-     "no key 'text' (keys found: 'txt', 'label')"),
+     "no key 'text' (set data.text_column); keys found: 'txt', 'label'"),
     ("type.jsonl", '{"text": "a", "label": "x"}\n{"text": 5, "label": "y"}\n', ":2:", "must be a string"),
     ("one_class.csv", "text,label\na,ham\nb,ham\n", "", "1 class found"),
     ("tiny.tsv", "ham\ta\nspam\tb\nham\tc\n", "", "leaves the val split empty"),

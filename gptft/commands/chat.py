@@ -1,4 +1,4 @@
-"""Chat with an instruction (or preference) run: type a message, read its answer.
+r"""Chat with an instruction (or preference) run: type a message, read its answer.
 
   gptft chat RUN_DIR
   printf 'My name is Ada.\nWhat is my name?\n' | gptft chat RUN_DIR
@@ -8,8 +8,10 @@ chatml, llama3) keeps the conversation: every answer sees the turns before it, r
 same template as in training; the oldest turns are dropped once the conversation no longer fits
 the model's context. A run with a one-turn prompt style (alpaca, phi3) answers each line on its
 own. /reset forgets the conversation, /system TEXT sets the system message (and starts afresh),
-/quit or end of input (Ctrl-D) ends the chat; an empty line is skipped. Greedy decoding by
-default; sampling with --temperature > 0.
+/quit or end of input (Ctrl-D, or no standard input at all) ends the chat; an empty line is
+skipped. A message longer than the model's context keeps the template and loses the middle of
+its text (marked [...], with a note). Greedy decoding by default; sampling with --temperature > 0;
+--max-new-tokens defaults to the run's generate.max_new_tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptft.commands.generate import add_sampling_arguments, sampling_config
+from gptft.commands.generate import add_sampling_arguments, require_stdout, sampling_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,10 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gptft.chat import Conversation, respond_to
+    from gptft.chat import Conversation, cut_note, fit_messages, respond_to
     from gptft.runs import load_chat_run
 
+    require_stdout("the answers")
     cfg = sampling_config(args)
+    if sys.stdin is None:  # started with the standard input closed (<&-): no message will come
+        return 0
     model, fmt = load_chat_run(args.run_dir, args.device)
     chat = Conversation(fmt, model.config.context_length, cfg.max_new_tokens)
     chat.system = args.system if fmt.chat else None
@@ -59,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         messages = chat.prompt_messages(text)
         if chat.trimmed > trimmed:
             note(f"(the {chat.trimmed - trimmed} oldest exchange(s) no longer fit the context: dropped)")
+        messages, cut = fit_messages(fmt, messages, model.config.context_length - 1, "the message")
+        if cut:
+            note(cut_note([cut], model.config.context_length))
         answer = respond_to(model, fmt, [messages], cfg)[0]
         if fmt.chat:
             chat.add(text, answer)

@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         raise GPTFTError(f"--batch-size: must be > 0 (got {args.batch_size})")
     from gptft.io import check_output, write_records
 
+    if args.output is None and sys.stdout is None:  # started with >&-: the labels would go nowhere
+        raise GPTFTError("the standard output is closed: nowhere to print the labels (give --output FILE)")
     output = check_output(args.output, args.overwrite) if args.output else None
     from gptft.classifier import load_classifier
 

@@ -11,6 +11,7 @@ columns: predicted); --output writes them as JSON.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from gptft.commands.options import add_labelling_arguments
 from gptft.errors import GPTFTError
@@ -34,10 +35,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size <= 0:
         raise GPTFTError(f"--batch-size: must be > 0 (got {args.batch_size})")
+    if sys.stdout is None:  # started with >&-: the metrics would go nowhere
+        raise GPTFTError("the standard output is closed: nowhere to print the metrics")
     output = check_output(args.output, args.overwrite, (".json",)) if args.output else None
     result = evaluate_classifier(args.run_dir, args.file, text_column=args.text_column,
                                  label_column=args.label_column, fmt=args.format,
-                                 batch_size=args.batch_size, device=args.device)
+                                 batch_size=args.batch_size, device=args.device, settings={
+                                     "text": "--text-column", "label": "--label-column",
+                                     "format": "--format"})
     print(evaluation_text(result))
     if output is not None:
         write_json(output, result)

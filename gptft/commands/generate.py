@@ -6,7 +6,9 @@
 --file reads JSON Lines (or a JSON array) of {"instruction", "input"} records (or, for a run
 trained with a chat template, {"messages": [...]} conversations to continue) and writes each
 record with its "model_response" added, as JSON Lines, to --output or the standard output. The
-prompt is the run's: its prompt style or chat template, as in training.
+prompt is the run's: its prompt style or chat template, as in training. A prompt longer than the
+model's context keeps its template and loses the middle of its text (marked [...]; a note says how
+many tokens). --max-new-tokens defaults to the run's generate.max_new_tokens (its config.yaml).
 Greedy decoding by default; sampling with --temperature > 0 (and --top-k / --top-p, which only
 apply when sampling).
 """
@@ -44,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """The decoding flags ``generate`` and ``chat`` share."""
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
-                        help="longest response in tokens (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="longest response in tokens (default: the run's generate.max_new_tokens, "
+                        f"else {DEFAULTS.max_new_tokens})")
     parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
                         help="0: greedy (default); > 0: sample at this temperature")
     parser.add_argument("--top-k", type=int, default=DEFAULTS.top_k,
@@ -63,8 +66,14 @@ def _flag(problem: str) -> str:
 
 
 def sampling_config(args: argparse.Namespace, batch_size: int = 1) -> GenerateConfig:
-    """The checked ``GenerateConfig`` of the flags; a note when --top-k / --top-p cannot apply."""
-    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+    """The checked ``GenerateConfig`` of the flags; a note when --top-k / --top-p cannot apply.
+    --max-new-tokens not given: the run's ``generate.max_new_tokens`` (its ``config.yaml``)."""
+    from gptft.runs import saved_generate_config
+
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = saved_generate_config(args.run_dir).max_new_tokens
+    options = {"max_new_tokens": max_new_tokens, "temperature": args.temperature,
                "top_k": args.top_k, "top_p": args.top_p, "batch_size": batch_size, "seed": args.seed}
     cfg, problems = build(GenerateConfig, options)
     if problems:  # named by their flags: "--top-p: must be in (0, 1] (got 2.0)"
@@ -76,11 +85,20 @@ def sampling_config(args: argparse.Namespace, batch_size: int = 1) -> GenerateCo
     return cfg
 
 
+def require_stdout(what: str) -> None:
+    """Refuse to start when the standard output is closed (``>&-``): `what` would go nowhere."""
+    if sys.stdout is None:
+        raise GPTFTError(f"the standard output is closed: nowhere to print {what}")
+
+
 def run(args: argparse.Namespace) -> int:
+    from gptft.chat import cut_note, fit_messages, fit_record
     from gptft.generate import read_prompt_records, respond
     from gptft.io import check_output, write_records
     from gptft.runs import load_chat_run
 
+    if args.output is None:
+        require_stdout("the responses (give --file with --output FILE)" if args.file else "the response")
     if args.file is None and args.output:
         raise GPTFTError("--output: only with --file (one --instruction prints its response)")
     if args.file is not None and args.input:
@@ -90,15 +108,26 @@ def run(args: argparse.Namespace) -> int:
     records = (read_prompt_records(args.file) if args.file
                else [{"instruction": args.instruction, "input": args.input}])
     model, fmt = load_chat_run(args.run_dir, args.device)
+    limit = model.config.context_length - 1  # what generation reads of a prompt
+    where = [f"{args.file}: record {i + 1}" if args.file else "--instruction" for i in range(len(records))]
     if fmt.chat:  # the run's chat template: a record's messages, or its instruction as one user turn
         from gptft.chat import respond_to
         from gptft.data.conversations import instruction_messages
 
         conversations = [r["messages"] if "messages" in r else instruction_messages({**r, "output": ""})[:1]
                          for r in records]
-        responses = respond_to(model, fmt, conversations, cfg, progress=args.file is not None)
+        fitted = [fit_messages(fmt, c, limit, w) for c, w in zip(conversations, where)]
+        note = cut_note([cut for _, cut in fitted], model.config.context_length)
+        if note:
+            print(note, file=sys.stderr)
+        responses = respond_to(model, fmt, [c for c, _ in fitted], cfg, progress=args.file is not None)
     else:
-        responses = respond(model, fmt.tokenizer, records, fmt.style, cfg, progress=args.file is not None)
+        fitted = [fit_record(fmt.tokenizer, fmt.style, r, limit, w) for r, w in zip(records, where)]
+        note = cut_note([cut for _, cut in fitted], model.config.context_length)
+        if note:
+            print(note, file=sys.stderr)
+        responses = respond(model, fmt.tokenizer, [r for r, _ in fitted], fmt.style, cfg,
+                            progress=args.file is not None)
     if args.file is None:
         print(responses[0])
         return 0

@@ -183,21 +183,27 @@ def read_texts(path: str | Path, column: str = "text") -> tuple[list[str], int]:
 
 
 def read_labelled_file(path: str | Path, labels: list[str], text_column: str = "text",
-                       label_column: str = "label", fmt: str = "auto") -> TextExamples:
+                       label_column: str = "label", fmt: str = "auto",
+                       settings: dict[str, str] | None = None) -> TextExamples:
     """A labelled file read as ``data.path`` is (CSV, TSV, JSONL or SMS), its labels indexed
-    by `labels` (a finished run's label names); every record kept, in file order."""
+    by `labels` (a finished run's label names); every record kept, in file order. `settings`
+    names what sets the ``text``, ``label`` column and the ``format`` in errors (a command's
+    flags; default: ``data.text_column``, ...)."""
     cfg = ClassificationData(path=str(path), format=fmt, text_column=text_column,
                              label_column=label_column, labels=list(labels))
-    rows = _read_labelled(Path(path), cfg)
+    rows = _read_labelled(Path(path), cfg, settings)
     return TextExamples(rows.texts, _label_indices(rows, list(labels), cfg))
 
 
 # ---- reading files -------------------------------------------------------------------------------
 
 
-def _read_labelled(path: Path, cfg: ClassificationData) -> _Rows:
+SETTINGS = {"text": "data.text_column", "label": "data.label_column", "format": "data.format"}
+
+
+def _read_labelled(path: Path, cfg: ClassificationData, settings: dict[str, str] | None = None) -> _Rows:
     text = read_text(path)
-    return _parse_labelled(text, str(path), _file_format(path, text, cfg), cfg)
+    return _parse_labelled(text, str(path), _file_format(path, text, cfg), cfg, settings)
 
 
 def _file_format(path: Path, text: str, cfg: ClassificationData) -> str:
@@ -217,19 +223,22 @@ def _file_format(path: Path, text: str, cfg: ClassificationData) -> str:
                      "set data.format to csv, tsv, jsonl or sms")
 
 
-def _parse_labelled(text: str, name: str, fmt: str, cfg: ClassificationData) -> _Rows:
+def _parse_labelled(text: str, name: str, fmt: str, cfg: ClassificationData,
+                    settings: dict[str, str] | None = None) -> _Rows:
+    settings = settings or SETTINGS
     if fmt == "sms":
-        rows = _sms_rows(text, name)
+        rows = _sms_rows(text, name, settings)
     elif fmt == "jsonl":
-        rows = _json_rows(text, name, cfg.text_column, cfg.label_column)
+        rows = _json_rows(text, name, cfg.text_column, cfg.label_column, settings)
     else:
-        rows = _table_rows(text, name, "," if fmt == "csv" else "\t", cfg.text_column, cfg.label_column)
+        rows = _table_rows(text, name, "," if fmt == "csv" else "\t", cfg.text_column, cfg.label_column,
+                           settings)
     if not rows.texts:
         raise GPTFTError(f"{name}: no data rows")
     return rows
 
 
-def _sms_rows(text: str, name: str) -> _Rows:
+def _sms_rows(text: str, name: str, settings: dict[str, str] = SETTINGS) -> _Rows:
     """The SMS Spam Collection layout: ``label<TAB>text`` lines, no header, no quoting."""
     rows = _Rows(name)
     for number, line in enumerate(text.split("\n"), 1):
@@ -239,23 +248,34 @@ def _sms_rows(text: str, name: str) -> _Rows:
         label, tab, body = line.partition("\t")
         if not tab:
             raise GPTFTError(f"{name}:{number}: expected 'label<TAB>text' (headerless SMS layout), found "
-                             "no tab; for a file with a header set data.format and data.text_column/"
-                             "label_column")
+                             f"no tab; for a file with a header set {settings['format']} and "
+                             f"{settings['text']} / {settings['label']}")
         rows.add(body, label.strip(), f"{name}:{number}")
     return rows
 
 
-def _column(header: list[str], column: str, name: str, what: str) -> int:
-    if column not in header:
-        raise GPTFTError(f"{name}:1: no column {column!r} (columns found: {', '.join(map(repr, header))}); "
-                         f"set {what}")
-    return header.index(column)
+def quoted(names, limit: int = 80) -> str:
+    """Names found in a file, quoted for an error line: each cut to `limit` characters, at most
+    ten of them (a binary or garbled file's "header" can be megabytes)."""
+    names = list(names)
+    shown = [repr(n if len(n) <= limit else n[:limit] + "...") for n in names[:10]]
+    return ", ".join(shown) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
 
-def _table_rows(text: str, name: str, delimiter: str, text_column: str, label_column: str) -> _Rows:
+def _missing(found, wanted: dict[str, str], where: str, kind: str, settings: dict[str, str]) -> None:
+    """One error naming every column (`kind`: column or key) of `wanted` (``{"text": name, "label":
+    name}``) that `found` lacks, and the setting of each."""
+    missing = [(role, name) for role, name in wanted.items() if name not in found]
+    if missing:
+        names = " and ".join(f"no {kind} {name!r} (set {settings[role]})" for role, name in missing)
+        raise GPTFTError(f"{where}: {names}; {kind}s found: {quoted(found) or 'none'}")
+
+
+def _table_rows(text: str, name: str, delimiter: str, text_column: str, label_column: str,
+                settings: dict[str, str] = SETTINGS) -> _Rows:
     header, records = parse_table(text, name, delimiter)
-    t = _column(header, text_column, name, "data.text_column")
-    la = _column(header, label_column, name, "data.label_column")
+    _missing(header, {"text": text_column, "label": label_column}, f"{name}:1", "column", settings)
+    t, la = header.index(text_column), header.index(label_column)
     rows = _Rows(name)
     for line, fields in records:
         rows.add(fields[t], fields[la].strip(), f"{name}:{line}")
@@ -280,16 +300,14 @@ def _json_records(text: str, name: str) -> list[tuple[str, Any]]:
             for r in parse_json_records(text, name)]
 
 
-def _json_rows(text: str, name: str, text_column: str, label_column: str) -> _Rows:
+def _json_rows(text: str, name: str, text_column: str, label_column: str,
+               settings: dict[str, str] = SETTINGS) -> _Rows:
     rows = _Rows(name)
     for where, obj in _json_records(text, name):
         if not isinstance(obj, dict):
             raise GPTFTError(f"{where}: expected a JSON object with keys {text_column!r} and "
                              f"{label_column!r}, found {type(obj).__name__}")
-        for key, setting in ((text_column, "data.text_column"), (label_column, "data.label_column")):
-            if key not in obj:
-                raise GPTFTError(f"{where}: no key {key!r} (keys found: {', '.join(map(repr, obj))}); "
-                                 f"set {setting}")
+        _missing(obj, {"text": text_column, "label": label_column}, where, "key", settings)
         text_value, label = obj[text_column], obj[label_column]
         if not isinstance(text_value, str):
             raise GPTFTError(f"{where}: {text_column!r} must be a string, found {type(text_value).__name__}")

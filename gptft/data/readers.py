@@ -33,14 +33,33 @@ def read_text(path: str | Path) -> str:
                          f"directory {Path.cwd()}, not from the config file's folder)")
     check_file(path, "data file")
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            head = f.read(PREFIX)
+            check_not_binary(head, str(path))  # before reading (and decoding) it all
+            data = head + f.read()
     except OSError as e:
         raise GPTFTError(f"{path}: cannot read the data file: {e.strerror or e}") from None
     return decode(data, str(path))
 
 
+PREFIX = 1 << 16  # bytes read first to tell text from binary data
+
+
+def check_not_binary(data: bytes, name: str) -> None:
+    """Refuse bytes holding a NUL: no text format has one (a binary file, a disk image, UTF-16).
+    Checked on the first bytes of a file before the rest is read, so that a large binary file
+    costs neither its size in memory nor a megabyte error line."""
+    at = data.find(b"\0")
+    if at >= 0:
+        line = data.count(b"\n", 0, at) + 1
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff") or 0 < data.count(0) <= len(data) // 2 - 1
+        hint = "UTF-16 text? save the file as UTF-8" if utf16 else "not a text file"
+        raise GPTFTError(f"{name}:{line}: binary data, a NUL byte at byte offset {at} ({hint})")
+
+
 def decode(data: bytes, name: str) -> str:
-    """Decode UTF-8 bytes read from `name` (a file, or a member of an archive)."""
+    """Decode UTF-8 bytes read from `name` (a file, or a member of an archive); refuse binary data."""
+    check_not_binary(data, name)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

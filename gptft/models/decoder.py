@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptft.errors import GPTFTError
-from gptft.io import save_safetensors, write_json
+from gptft.io import check_float_weights, save_safetensors, write_json
 from gptft.model import KVCache, sdpa_mask, selective_cross_entropy
 from gptft.models.families import FULL, SLIDING
 
@@ -531,6 +531,7 @@ class Decoder(nn.Module):
             state.pop("lm_head.weight", None)  # some tied checkpoints store it too
         own = {k: v for k, v in self.state_dict().items()
                if not (self.config.tie_embeddings and k == "lm_head.weight")}
+        check_float_weights(state, own, source)
         problems = [f"missing {k}" for k in own if k not in state]
         problems += [f"unexpected {k}" for k in state if k not in own]
         for k in own.keys() & state.keys():

@@ -137,12 +137,16 @@ class ClassificationTask(TaskBase):
         return text
 
     def next_commands(self, run_dir: str) -> list[str]:
+        from gptft.export import export_folder
+
         data = self.job.data
         columns = "".join(f" --{flag}-column {value}" for flag, value, default in (
             ("text", data.text_column, "text"), ("label", data.label_column, "label")) if value != default)
-        return [f"gptft classify {run_dir} 'You have won a prize, call now to claim it'",
+        return [f"gptft classify {run_dir} 'URGENT! Your mobile number has won a $2000 bonus. Call "
+                "09066364589 to claim. T&Cs apply'",
                 f"gptft classify {run_dir} --file texts.txt --output predictions.csv",
-                f"gptft evaluate {run_dir} {data.test_path or 'NEW_LABELLED_DATA.csv'}{columns}"]
+                f"gptft evaluate {run_dir} {data.test_path or 'NEW_LABELLED_DATA.csv'}{columns}",
+                f"gptft export {run_dir} {export_folder(run_dir)}"]
 
 
 def classifier_checkpoint(cfg: ModelConfig, labels: list[str],

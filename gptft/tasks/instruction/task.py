@@ -144,11 +144,13 @@ class InstructionTask(TaskBase):
         return out
 
     def next_commands(self, run_dir: str) -> list[str]:
+        from gptft.export import export_folder
+
         return [f"gptft generate {run_dir} --instruction 'Rewrite the sentence using a simile.' "
                 "--input 'The car is very fast.'",
                 f"gptft chat {run_dir}",
                 f"gptft judge {run_dir}/responses.json --model llama3   # with a local Ollama server",
-                f"gptft export {run_dir} exported/"]
+                f"gptft export {run_dir} {export_folder(run_dir)}"]
 
     def write_outputs(self, trainer, metrics: dict) -> None:
         super().write_outputs(trainer, metrics)  # the figures
