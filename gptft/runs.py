@@ -248,7 +248,7 @@ def saved_generate_config(run_dir: str | os.PathLike):
         raise GPTFTError(f"{path}: unreadable ({reason})") from None
     if not isinstance(saved, dict):
         raise GPTFTError(f"{path}: not a saved configuration (a {type(saved).__name__}, not a mapping)")
-    return check(GenerateConfig, saved.get("generate") or {}, str(path), "generate.")
+    return check(GenerateConfig, saved.get("generate") or {}, str(path), "generate")
 
 
 def job_tokenizer(cfg):

@@ -1357,3 +1357,285 @@ def test_checkpoints_do_not_print_accelerates_tied_weights_warning(tmp_path, cap
     assert (tmp_path / "run" / "checkpoints" / "step-00000001").is_dir()
     out, err = capsys.readouterr()
     assert "Removed shared tensor" not in out + err + caplog.text
+
+
+# ---- issue 24, round 3: prompts past the context, the run's max_new_tokens, evaluate's flags, ------
+# ---- closed standard streams, integer weights, binary data files, the summary's export line ------
+
+def _one_clean_error(argv: list[str], words: list[str], tmp_path: Path, capsys) -> str:
+    """Run `argv`: exit 2, one ``gptft CMD: error:`` line holding `words`, no traceback, no file
+    under `tmp_path` changed. Returns the line."""
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    status = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip() and not PROGRESS.search(line)]
+    assert status == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith(f"gptft {argv[0]}: error: "), err
+    for word in words:
+        assert word in lines[0], (word, err)
+    assert _snapshot(tmp_path) == before
+    return lines[0]
+
+
+def _spy_generate(monkeypatch) -> list[dict]:
+    """Record each ``gptft.generate.generate`` call's prompts and max_new_tokens."""
+    import gptft.generate
+
+    calls, real = [], gptft.generate.generate
+
+    def spy(model, prompts, max_new_tokens, **kwargs):
+        calls.append({"prompts": [list(p) for p in prompts], "max_new_tokens": max_new_tokens})
+        return real(model, prompts, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(gptft.generate, "generate", spy)
+    return calls
+
+
+LONG_TEXT = " ".join(f"word{i}" for i in range(3000))  # about 150 times a 64-token context
+
+
+def test_generate_keeps_the_template_of_a_prompt_far_longer_than_the_context(tmp_path, capsys, monkeypatch):
+    from gptft.prompts import format_prompt
+    from gptft.tokenizer import load_tokenizer
+
+    run = _instruction_run(tmp_path / "run")
+    calls = _spy_generate(monkeypatch)
+    assert main(["generate", str(run), "--instruction", LONG_TEXT, "--max-new-tokens", "2",
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    tok = load_tokenizer("gpt2")
+    preamble, header = format_prompt({"instruction": "", "input": ""}, "alpaca").split("\n\n### Response:")
+    prompt = tok.decode(calls[0]["prompts"][0])
+    assert len(calls[0]["prompts"][0]) <= 63
+    assert prompt.startswith(preamble + "word0 word1") and prompt.endswith("\n\n### Response:\n")
+    assert "[...]" in prompt and "word2999" in prompt  # the middle of the text went, not its ends
+    notes = [line for line in err.splitlines() if "cut from the middle" in line]
+    assert len(notes) == 1 and "the prompt was longer than the model's context (64 tokens)" in notes[0]
+    cut = len(tok.encode(format_prompt({"instruction": LONG_TEXT}, "alpaca"))) - len(calls[0]["prompts"][0])
+    assert f"{cut:,} tokens cut" in notes[0]
+
+
+def _chatml_run(folder: Path, context_length: int = 64) -> Path:
+    from gptft.templates import CHATML
+    from gptft.tokenizer import load_tokenizer
+
+    config = GPTConfig(vocab_size=load_tokenizer("tiny-chatml").vocab_size, context_length=context_length,
+                       emb_dim=32, n_layers=2, n_heads=2)
+    save_model(folder, GPT(config), {"task": "instruction", "model": config.to_dict(), "tokenizer": "tiny-chatml",
+                                     "prompt_style": "chatml", "chat_template": CHATML, "max_length": 64})
+    return folder
+
+
+def test_chat_keeps_the_chat_template_of_a_message_far_longer_than_the_context(tmp_path, capsys, monkeypatch):
+    from gptft.runs import load_chat_run
+
+    run = _chatml_run(tmp_path / "run")
+    calls = _spy_generate(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{LONG_TEXT}\n"))
+    assert main(["chat", str(run), "--system", "Be brief.", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    _, fmt = load_chat_run(run, "cpu")
+    prompt = calls[0]["prompts"][0]
+    template = fmt.tokenizer.decode(fmt.prompt([{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "@TEXT@"}]))
+    before, after = template.split("@TEXT@")  # the system turn and user header; the assistant header
+    text = fmt.tokenizer.decode(prompt)
+    assert len(prompt) <= 63 and "<|im_start|>assistant" in after
+    assert text.startswith(before + "word0") and text.endswith("word2999" + after)
+    assert "[...]" in text
+    assert sum("cut from the middle" in line for line in err.splitlines()) == 1, err
+
+
+def test_a_template_longer_than_the_context_is_refused(tmp_path, capsys):
+    small = GPTConfig(vocab_size=50257, context_length=16, emb_dim=32, n_layers=2, n_heads=2)
+    run = tmp_path / "run"
+    save_model(run, GPT(small), {"task": "instruction", "model": small.to_dict(), "tokenizer": "gpt2",
+                                 "prompt_style": "alpaca"})
+    _one_clean_error(["generate", str(run), "--instruction", LONG_TEXT, "--device", "cpu"],
+                     ["--instruction", "its template alone is", "tokens, more than the 15"], tmp_path, capsys)
+
+
+def test_generate_and_chat_default_to_the_runs_max_new_tokens(tmp_path, capsys, monkeypatch):
+    run = _instruction_run(tmp_path / "run")
+    (run / "config.yaml").write_text("task: instruction\ngenerate:\n  max_new_tokens: 3\n")
+    calls = _spy_generate(monkeypatch)
+    assert main(["generate", str(run), "--instruction", "Name a color.", "--device", "cpu"]) == 0
+    assert main(["generate", str(run), "--instruction", "Name a color.", "--max-new-tokens", "5",
+                 "--device", "cpu"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("Name a color.\n"))
+    assert main(["chat", str(run), "--device", "cpu"]) == 0
+    assert [c["max_new_tokens"] for c in calls] == [3, 5, 3]
+    (run / "config.yaml").write_text("task: instruction\ngenerate:\n  max_new_tokens: 0\n")
+    _one_clean_error(["generate", str(run), "--instruction", "Name a color.", "--device", "cpu"],
+                     [str(run / "config.yaml"), "generate.max_new_tokens"], tmp_path, capsys)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("mail.csv", "body,category\nhi,ham\n"), ("mail.jsonl", '{"body": "hi", "category": "ham"}\n')])
+def test_evaluate_names_its_flags_and_every_missing_column(name, text, tmp_path, capsys):
+    run = _classification_run(tmp_path / "clf")
+    (tmp_path / name).write_text(text)
+    kind = "column" if name.endswith(".csv") else "key"
+    _one_clean_error(["evaluate", str(run), str(tmp_path / name), "--device", "cpu"],
+                     [str(tmp_path / name), f"no {kind} 'text' (set --text-column)",
+                      f"no {kind} 'label' (set --label-column)", "'body', 'category'"], tmp_path, capsys)
+
+
+def test_every_commands_help_prints_its_examples_as_they_run(capsys):
+    """A docstring's ``\\n`` became a line break in ``gptft chat --help``'s printf example."""
+    from gptft.commands import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    for name, sub in commands.items():
+        examples = [line for line in sub.format_help().splitlines()
+                    if line.startswith("  ") and (line.split()[0] == "gptft" or "| gptft " in line)]
+        for line in examples:
+            assert line.count("'") % 2 == 0, (name, line)
+    assert "  printf 'My name is Ada.\\nWhat is my name?\\n' | gptft chat RUN_DIR" in commands["chat"].format_help()
+
+
+def _shell(command: str, cwd: Path):
+    import subprocess
+    import sys
+
+    return subprocess.run(["bash", "-c", command.replace("gptft ", f"{sys.executable} -m gptft ", 1)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_chat_runs_its_help_example_and_ends_quietly_without_stdin(tmp_path):
+    from gptft.commands import build_parser
+
+    run = _instruction_run(tmp_path / "run")
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    example = next(line.strip() for line in commands["chat"].format_help().splitlines() if "printf" in line)
+    proc = _shell(example.replace("gptft chat RUN_DIR", f"gptft chat {run} --max-new-tokens 2 --device cpu"),
+                  tmp_path)
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2, proc.stderr
+    for redirect in ("<&-", "</dev/null"):  # no standard input at all, and an empty one
+        proc = _shell(f"gptft chat {run} --max-new-tokens 2 --device cpu {redirect}", tmp_path)
+        assert proc.returncode == 0 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_classify_with_stdout_closed_says_so(tmp_path):
+    run = _classification_run(tmp_path / "clf")
+    proc = _shell(f"gptft classify {run} 'a text' --device cpu >&-", tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == ("gptft classify: error: the standard output is closed: nowhere to print "
+                                   "the labels (give --output FILE)")
+    out = tmp_path / "labels.csv"  # with --output the labels have somewhere to go
+    proc = _shell(f"gptft classify {run} 'a text' --device cpu --output {out} >&-", tmp_path)
+    assert proc.returncode == 0 and out.is_file() and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _integer_tensor(path: Path, part: str, dtype) -> str:
+    """Rewrite one tensor of a safetensors file as `dtype` (as a hand-written file might hold it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k in sorted(state) if part in k)
+    state[name] = state[name].round().to(dtype)
+    save_file(state, str(path), metadata=metadata)
+    return name
+
+
+def test_integer_weights_in_a_run_are_refused(tmp_path, capsys):
+    import torch
+
+    run = _instruction_run(tmp_path / "run")
+    name = _integer_tensor(run / "model.safetensors", "attn", torch.int32)
+    _one_clean_error(["generate", str(run), "--instruction", "Hi.", "--device", "cpu"],
+                     [str(run / "model.safetensors"), f"tensor {name} (int32) is not floating point"],
+                     tmp_path, capsys)
+    clf = _classification_run(tmp_path / "clf")
+    name = _integer_tensor(clf / "model.safetensors", "head", torch.int8)
+    _one_clean_error(["classify", str(clf), "a text", "--device", "cpu"],
+                     [str(clf / "model.safetensors"), f"tensor {name} (int8)"], tmp_path, capsys)
+
+
+def test_integer_weights_in_a_hugging_face_folder_are_refused(tmp_path, capsys):
+    import torch
+
+    hf = _hf_folder(tmp_path / "hf")
+    name = _integer_tensor(hf / "model.safetensors", "h.0.mlp.c_fc.weight", torch.int8)
+    data = _good_csv(tmp_path / "data.csv")
+    _one_clean_error(_finetune(tmp_path, tmp_path / "out", "spam-tiny.yaml", "model.weights=pretrained",
+                               f"model.checkpoint={hf}", f"data.path={data}"),
+                     [str(hf), f"tensor {name.removeprefix('transformer.')} (int8)"], tmp_path, capsys)
+
+
+def test_integer_weights_of_a_decoder_family_are_refused(tmp_path):
+    import torch
+    transformers = pytest.importorskip("transformers")
+
+    from gptft.errors import GPTFTError
+    from gptft.models import from_pretrained
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    name = _integer_tensor(tmp_path / "llama" / "model.safetensors", "q_proj", torch.int32)
+    with pytest.raises(GPTFTError, match=r"is not floating point") as e:
+        from_pretrained(str(tmp_path / "llama"))
+    assert str(tmp_path / "llama") in str(e.value) and "(int32)" in str(e.value)
+    assert name.split(".")[-2] in str(e.value)
+
+
+NUL_CASES = [("spam-tiny.yaml", "nul.csv"), ("spam-tiny.yaml", "nul.tsv"), ("spam-tiny.yaml", "nul.jsonl"),
+             ("instruct-tiny.yaml", "nul.json"), ("instruct-tiny.yaml", "nul.jsonl")]
+
+
+@pytest.mark.parametrize("config, name", NUL_CASES)
+def test_a_data_file_of_nul_bytes_gives_a_short_line(config, name, tmp_path, capsys):
+    p = tmp_path / name
+    p.write_bytes(b"\0" * 3_000_000)
+    line = _one_clean_error(_finetune(tmp_path, tmp_path / "out", config, f"data.path={p}"),
+                            [f"{p}:1: binary data, a NUL byte at byte offset 0"], tmp_path, capsys)
+    assert len(line) < 200 + len(str(p)), line
+
+
+def test_a_nul_byte_past_the_first_bytes_and_utf16_are_named(tmp_path, capsys):
+    late = tmp_path / "late.csv"
+    late.write_bytes(b"text,label\n" + b"hello there,ham\n" * 10_000 + b"bad\0row,spam\n")
+    _one_clean_error(_finetune(tmp_path, tmp_path / "out", "spam-tiny.yaml", f"data.path={late}"),
+                     [f"{late}:10002: binary data, a NUL byte at byte offset 160014"], tmp_path, capsys)
+    utf16 = tmp_path / "texts.csv"
+    utf16.write_bytes("text\nhello\n".encode("utf-16"))
+    run = _classification_run(tmp_path / "clf")
+    _one_clean_error(["classify", str(run), "--file", str(utf16), "--device", "cpu"],
+                     [str(utf16), "UTF-16 text? save the file as UTF-8"], tmp_path, capsys)
+
+
+def test_a_long_garbled_header_is_quoted_short(tmp_path, capsys):
+    p = tmp_path / "wide.csv"
+    p.write_text(",".join("x" * 100_000 for _ in range(3)) + "\nhi,ham,1\n")
+    line = _one_clean_error(_finetune(tmp_path, tmp_path / "out", "spam-tiny.yaml", f"data.path={p}"),
+                            [f"{p}:1", "no column 'text'", "'" + "x" * 80 + "...'"], tmp_path, capsys)
+    assert len(line) < 600, line
+
+
+def test_the_summary_suggests_an_export_folder_of_the_runs_own(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from gptft.data.config import ClassificationData
+    from gptft.tasks.classification.task import ClassificationTask
+    from gptft.tasks.instruction.task import InstructionTask
+
+    task = SimpleNamespace(job=SimpleNamespace(data=ClassificationData()))
+    for run_dir, commands in (("runs/spam-lora", ClassificationTask.next_commands(task, "runs/spam-lora")),
+                              ("runs/instruct-lora/", InstructionTask.next_commands(task, "runs/instruct-lora/"))):
+        export = [c for c in commands if c.startswith("gptft export ")]
+        assert export == [f"gptft export {run_dir} {run_dir.rstrip('/')}-hf"]
+    # the suggested folders of two runs differ, and each command runs as printed
+    for name in ("a", "b"):
+        run = _instruction_run(tmp_path / "runs" / name)
+        command = InstructionTask.next_commands(task, str(run))[-1].split()
+        status = main(command[1:])
+        assert status == 0, capsys.readouterr().err
+        assert (tmp_path / "runs" / f"{name}-hf" / "model.safetensors").is_file()
