@@ -1422,8 +1422,9 @@ def _chatml_run(folder: Path, context_length: int = 64) -> Path:
 
     config = GPTConfig(vocab_size=load_tokenizer("tiny-chatml").vocab_size, context_length=context_length,
                        emb_dim=32, n_layers=2, n_heads=2)
-    save_model(folder, GPT(config), {"task": "instruction", "model": config.to_dict(), "tokenizer": "tiny-chatml",
-                                     "prompt_style": "chatml", "chat_template": CHATML, "max_length": 64})
+    save_model(folder, GPT(config), {"task": "instruction", "model": config.to_dict(),
+                                     "tokenizer": "tiny-chatml", "prompt_style": "chatml",
+                                     "chat_template": CHATML, "max_length": 64})
     return folder
 
 
@@ -1493,7 +1494,8 @@ def test_every_commands_help_prints_its_examples_as_they_run(capsys):
                     if line.startswith("  ") and (line.split()[0] == "gptft" or "| gptft " in line)]
         for line in examples:
             assert line.count("'") % 2 == 0, (name, line)
-    assert "  printf 'My name is Ada.\\nWhat is my name?\\n' | gptft chat RUN_DIR" in commands["chat"].format_help()
+    example = "  printf 'My name is Ada.\\nWhat is my name?\\n' | gptft chat RUN_DIR"
+    assert example in commands["chat"].format_help()
 
 
 def _shell(command: str, cwd: Path):
@@ -1577,8 +1579,9 @@ def test_integer_weights_of_a_decoder_family_are_refused(tmp_path):
     from gptft.errors import GPTFTError
     from gptft.models import from_pretrained
 
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=64)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
     name = _integer_tensor(tmp_path / "llama" / "model.safetensors", "q_proj", torch.int32)
     with pytest.raises(GPTFTError, match=r"is not floating point") as e:
@@ -1628,8 +1631,8 @@ def test_the_summary_suggests_an_export_folder_of_the_runs_own(tmp_path, capsys)
     from gptft.tasks.instruction.task import InstructionTask
 
     task = SimpleNamespace(job=SimpleNamespace(data=ClassificationData()))
-    for run_dir, commands in (("runs/spam-lora", ClassificationTask.next_commands(task, "runs/spam-lora")),
-                              ("runs/instruct-lora/", InstructionTask.next_commands(task, "runs/instruct-lora/"))):
+    for run_dir, cls in (("runs/spam-lora", ClassificationTask), ("runs/instruct-lora/", InstructionTask)):
+        commands = cls.next_commands(task, run_dir)
         export = [c for c in commands if c.startswith("gptft export ")]
         assert export == [f"gptft export {run_dir} {run_dir.rstrip('/')}-hf"]
     # the suggested folders of two runs differ, and each command runs as printed

@@ -144,7 +144,8 @@ def test_readme_quick_start_runs_offline(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "run folder: runs/spam-tiny (" in out and "run folder: runs/instruct-tiny (" in out
-    assert re.search(r"^(ham|spam)\t0\.\d{4}\tYou are a winner", out, re.M)  # $1000 kept as written
+    assert re.search(r"^spam\t0\.\d{4}\tURGENT! Your mobile number has won a \$2000", out, re.M)  # as written
+    assert re.search(r"^ham\t0\.\d{4}\tSorry, I will call you later\.", out, re.M)
     assert "sample.tsv: 300 examples" in out and "accuracy  " in out
     assert (clone / "runs" / "spam-tiny" / "accuracy.png").is_file()
     assert (clone / "runs" / "instruct-tiny" / "responses.json").is_file()
