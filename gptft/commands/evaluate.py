@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size <= 0:
         raise GPTFTError(f"--batch-size: must be > 0 (got {args.batch_size})")
-    if sys.stdout is None:  # started with >&-: the metrics would go nowhere
-        raise GPTFTError("the standard output is closed: nowhere to print the metrics")
+    if sys.stdout is None and not args.output:  # started with >&-: the metrics would go nowhere
+        raise GPTFTError("the standard output is closed: nowhere to print the metrics (give --output FILE)")
     output = check_output(args.output, args.overwrite, (".json",)) if args.output else None
     result = evaluate_classifier(args.run_dir, args.file, text_column=args.text_column,
                                  label_column=args.label_column, fmt=args.format,
