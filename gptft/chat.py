@@ -85,21 +85,23 @@ def fit_texts(render: Callable[[list[str]], list[int]], texts: list[str], tokeni
     if full <= limit:
         return list(texts), 0
     texts = list(texts)
-    mark = len(tokenizer.encode(CUT_MARK))
+    mark, slack = len(tokenizer.encode(CUT_MARK)), 0
     while len(ids) > limit:
         sizes = [(len(tokenizer.encode(t)) if t != CUT_MARK else 0, i) for i, t in enumerate(texts)]
         size, i = max(sizes)
         if size == 0:
             bare = len(render([""] * len(texts)))
-            raise GPTFTError(f"{what}: its template alone is {bare} tokens, more than the "
-                             f"{limit} the model's context leaves for a prompt")
-        tokens, spans = tokenizer.encode_offsets(texts[i])
-        keep = max(len(tokens) - (len(ids) - limit) - mark, 0)
+            raise GPTFTError(f"{what}: its template alone is {bare} tokens and the model's context "
+                             f"leaves {limit} for the whole prompt: no room for its text")
+        text = valid_text(texts[i])[0]  # character offsets need UTF-8
+        tokens, spans = tokenizer.encode_offsets(text)
+        keep = max(len(tokens) - (len(ids) - limit) - mark - slack, 0)
         head, tail = (keep + 1) // 2, keep // 2
-        text = texts[i]
         texts[i] = ((text[: spans[head - 1][1]] if head else "") + CUT_MARK
                     + (text[spans[len(tokens) - tail][0]:] if tail else ""))
-        ids = render(texts)
+        before, ids = len(ids), render(texts)
+        if len(ids) >= before:  # tokens merging across the cut: cut more next time
+            slack = 2 * slack + 1
     return texts, full - len(ids)
 
 
@@ -136,6 +138,16 @@ def fit_record(tokenizer, style: str, record: dict, limit: int,
     texts, cut = fit_texts(render, [record["instruction"], record.get("input") or ""], tokenizer,
                            limit, what)
     return ({**record, "instruction": texts[0], "input": texts[1]} if cut else record), cut
+
+
+def valid_text(text: str) -> tuple[str, bool]:
+    """`text` with lone surrogates (the undecodable bytes of a terminal, a pipe or argv, as Python
+    reads them) as U+FFFD, which every tokenizer takes; and whether there were any."""
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace"), True
 
 
 def cut_note(cuts: list[int], context_length: int) -> str | None:

@@ -1448,13 +1448,39 @@ def test_chat_keeps_the_chat_template_of_a_message_far_longer_than_the_context(t
     assert sum("cut from the middle" in line for line in err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("tokenizer", ["gpt2", "tiny-chatml"])
+def test_fitting_cuts_to_the_limit_whatever_the_text(tokenizer):
+    """Lone surrogates (undecodable bytes of a terminal or argv), an input beside the instruction,
+    special-token text and limits just under the full length: always at most `limit` tokens."""
+    from gptft.chat import CUT_MARK, fit_record, valid_text
+    from gptft.prompts import format_prompt
+    from gptft.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    surrogates, changed = valid_text("\udcfc" + LONG_TEXT + "\udcff")
+    assert changed and surrogates.startswith("\ufffd")
+    records = [{"instruction": surrogates},
+               {"instruction": "Sum these.", "input": " + ".join(map(str, range(2000)))},
+               {"instruction": "<|endoftext|> " * 300 + "é" * 500}]
+    for record in records:
+        full = len(tok.encode(format_prompt(record, "alpaca")))
+        bare = len(tok.encode(format_prompt({"instruction": "", "input": record.get("input") and "x"},
+                                            "alpaca")))
+        for limit in (bare + 8, bare + 200, full - 1, full):
+            fitted, cut = fit_record(tok, "alpaca", record, limit)
+            ids = tok.encode(format_prompt(fitted, "alpaca"))
+            assert len(ids) <= limit and cut == full - len(ids)
+            assert (CUT_MARK in fitted["instruction"] + fitted.get("input", "")) == (limit < full)
+
+
 def test_a_template_longer_than_the_context_is_refused(tmp_path, capsys):
     small = GPTConfig(vocab_size=50257, context_length=16, emb_dim=32, n_layers=2, n_heads=2)
     run = tmp_path / "run"
     save_model(run, GPT(small), {"task": "instruction", "model": small.to_dict(), "tokenizer": "gpt2",
                                  "prompt_style": "alpaca"})
     _one_clean_error(["generate", str(run), "--instruction", LONG_TEXT, "--device", "cpu"],
-                     ["--instruction", "its template alone is", "tokens, more than the 15"], tmp_path, capsys)
+                     ["--instruction", "its template alone is", "leaves 15 for the whole prompt"],
+                     tmp_path, capsys)
 
 
 def test_generate_and_chat_default_to_the_runs_max_new_tokens(tmp_path, capsys, monkeypatch):
@@ -1642,3 +1668,32 @@ def test_the_summary_suggests_an_export_folder_of_the_runs_own(tmp_path, capsys)
         status = main(command[1:])
         assert status == 0, capsys.readouterr().err
         assert (tmp_path / "runs" / f"{name}-hf" / "model.safetensors").is_file()
+
+
+def test_undecodable_bytes_reach_the_model_as_replacement_characters(tmp_path, capsys, monkeypatch):
+    """A line of a chat (or an argument) that is not UTF-8: Python reads its bytes as lone
+    surrogates, which a Hugging Face tokenizer refuses (TypeError)."""
+    run = _chatml_run(tmp_path / "run")
+    monkeypatch.setattr("sys.stdin", io.StringIO("caf\udce9 " + LONG_TEXT + "\n"))
+    assert main(["chat", str(run), "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "not UTF-8: read as U+FFFD" in err and "cut from the middle" in err
+    assert main(["generate", str(run), "--instruction", "caf\udce9", "--max-new-tokens", "2",
+                 "--device", "cpu"]) == 0
+    assert "--instruction are not UTF-8" in capsys.readouterr().err
+
+
+def test_generate_file_cuts_only_the_prompts_that_do_not_fit(tmp_path, capsys, monkeypatch):
+    run = _chatml_run(tmp_path / "run")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "system", "content": LONG_TEXT},
+                                                {"role": "user", "content": "Hi."}]}) + "\n"
+                       + json.dumps({"instruction": "Name a color."}) + "\n")
+    calls = _spy_generate(monkeypatch)
+    assert main(["generate", str(run), "--file", str(prompts), "--max-new-tokens", "2",
+                 "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    first = json.loads(out.splitlines()[0])
+    assert first["messages"][0]["content"] == LONG_TEXT  # written back as given, not as cut
+    assert "1 of 2 prompts were longer than the model's context (64 tokens)" in err
+    assert all(len(p) <= 63 for p in calls[0]["prompts"])

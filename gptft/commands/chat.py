@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gptft.chat import Conversation, cut_note, fit_messages, respond_to
+    from gptft.chat import Conversation, cut_note, fit_messages, respond_to, valid_text
     from gptft.runs import load_chat_run
 
     require_stdout("the answers")
@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     while True:
         if interactive:
             print(">> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line, undecodable = valid_text(sys.stdin.readline())
+        if undecodable:
+            note("note: bytes of this line are not UTF-8: read as U+FFFD")
         text = line.strip()
         if not line or text == "/quit":
             return 0

@@ -92,7 +92,7 @@ def require_stdout(what: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gptft.chat import cut_note, fit_messages, fit_record
+    from gptft.chat import cut_note, fit_messages, fit_record, valid_text
     from gptft.generate import read_prompt_records, respond
     from gptft.io import check_output, write_records
     from gptft.runs import load_chat_run
@@ -105,11 +105,18 @@ def run(args: argparse.Namespace) -> int:
         raise GPTFTError("--input: only with --instruction (--file records carry their own input)")
     cfg = sampling_config(args, args.batch_size)
     output = check_output(args.output, args.overwrite, (".jsonl",)) if args.output else None
-    records = (read_prompt_records(args.file) if args.file
-               else [{"instruction": args.instruction, "input": args.input}])
+    if args.file:
+        records = read_prompt_records(args.file)
+    else:  # undecodable bytes of argv (lone surrogates) as U+FFFD, which every tokenizer takes
+        (instruction, bad), (text, bad_input) = valid_text(args.instruction), valid_text(args.input)
+        flags = [flag for flag, found in (("--instruction", bad), ("--input", bad_input)) if found]
+        if flags:
+            print(f"note: bytes of {' and '.join(flags)} are not UTF-8: read as U+FFFD", file=sys.stderr)
+        records = [{"instruction": instruction, "input": text}]
     model, fmt = load_chat_run(args.run_dir, args.device)
     limit = model.config.context_length - 1  # what generation reads of a prompt
     where = [f"{args.file}: record {i + 1}" if args.file else "--instruction" for i in range(len(records))]
+    progress = args.file is not None
     if fmt.chat:  # the run's chat template: a record's messages, or its instruction as one user turn
         from gptft.chat import respond_to
         from gptft.data.conversations import instruction_messages
@@ -117,17 +124,14 @@ def run(args: argparse.Namespace) -> int:
         conversations = [r["messages"] if "messages" in r else instruction_messages({**r, "output": ""})[:1]
                          for r in records]
         fitted = [fit_messages(fmt, c, limit, w) for c, w in zip(conversations, where)]
-        note = cut_note([cut for _, cut in fitted], model.config.context_length)
-        if note:
-            print(note, file=sys.stderr)
-        responses = respond_to(model, fmt, [c for c, _ in fitted], cfg, progress=args.file is not None)
     else:
         fitted = [fit_record(fmt.tokenizer, fmt.style, r, limit, w) for r, w in zip(records, where)]
-        note = cut_note([cut for _, cut in fitted], model.config.context_length)
-        if note:
-            print(note, file=sys.stderr)
-        responses = respond(model, fmt.tokenizer, [r for r, _ in fitted], fmt.style, cfg,
-                            progress=args.file is not None)
+    note = cut_note([cut for _, cut in fitted], model.config.context_length)
+    if note:
+        print(note, file=sys.stderr)
+    prompts = [prompt for prompt, _ in fitted]
+    responses = (respond_to(model, fmt, prompts, cfg, progress=progress) if fmt.chat
+                 else respond(model, fmt.tokenizer, prompts, fmt.style, cfg, progress=progress))
     if args.file is None:
         print(responses[0])
         return 0
