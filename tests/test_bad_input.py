@@ -983,7 +983,7 @@ def case_yaml_billion_laughs(tmp, out):
 
 
 def case_yaml_nested_too_deep(tmp, out):
-    p = _yaml(tmp, "task: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    p = _yaml(tmp, "task: " + "[" * 1_000 + "]" * 1_000 + "\n")
     return ["finetune", "--config", str(p)], [str(p), "nested too deeply"]
 
 
@@ -1327,6 +1327,7 @@ def test_the_launchers_num_processes_is_read_from_its_command_line(cmdline, aske
     assert launcher_num_processes(cmdline) == asked
 
 
+@pytest.mark.slow  # a process of its own (the pipe is the process boundary)
 def test_classify_into_a_closed_pipe_ends_quietly(tmp_path):
     """``gptft classify ... | head -1``: no BrokenPipeError traceback."""
     import subprocess
