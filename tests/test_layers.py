@@ -19,7 +19,7 @@ PACKAGE = ROOT / "gptft"
 LAYERS = [
     ("entry points", ["gptft.cli", "gptft.__main__"]),
     ("commands", ["gptft.commands"]),
-    ("whole jobs and services", ["gptft.finetune", "gptft.export", "gptft.judge", "gptft.serve",
+    ("whole jobs and services", ["gptft.run", "gptft.export", "gptft.judge", "gptft.serve",
                                  "gptft.assets"]),
     ("tasks", ["gptft.tasks"]),
     ("training loop and task contract", ["gptft.trainer", "gptft.task"]),
