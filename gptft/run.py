@@ -79,6 +79,8 @@ def finetune(job: Job, started: float | None = None) -> dict:
 
 
 def _finetune(job: Job, phases: Phases, stop: StopRequest) -> dict:
+    """Set up, start the folder, run, with the folder's lock held throughout; a new run stopped
+    before its first checkpoint removes what it wrote."""
     signal_at("start-up")
     watch_parent()
     job = with_adapter_config(job)  # model.adapter: its LoRA config is the run's
