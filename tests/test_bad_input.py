@@ -1322,7 +1322,7 @@ def test_the_process_count_and_global_batch_are_printed_and_fp16_on_the_cpu_warn
     (b"bash\0-c\0python x.py --num_processes 3\0", None),
 ])
 def test_the_launchers_num_processes_is_read_from_its_command_line(cmdline, asked):
-    from gptft.finetune import launcher_num_processes
+    from gptft.run import launcher_num_processes
 
     assert launcher_num_processes(cmdline) == asked
 
