@@ -1,5 +1,5 @@
 """The Accelerator a run trains with, and the process-wide settings of PyTorch's backends that go
-with it (set where the run is set up, ``gptft.finetune``, not as a side effect of training)."""
+with it (set where the run is set up, ``gptft.run``, not as a side effect of training)."""
 
 from __future__ import annotations
 

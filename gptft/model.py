@@ -1,4 +1,5 @@
 """GPT-2 in one file: attention → MLP → block → config → model → Hugging Face checkpoints.
+(``LanguageModel``, before the model, is what every family's model shares.)
 
 Parameter names follow OpenAI's / Hugging Face's GPT-2 (``wte``, ``h.0.attn.c_attn`` ...), so a
 Hugging Face ``model.safetensors`` maps onto this model key for key; only GPT-2's ``Conv1D``
@@ -294,7 +295,63 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class GPT(nn.Module):
+class LanguageModel:
+    """What every family's language model offers on top of its own ``hidden_states`` (``GPT``
+    here, ``gptft.models.decoder.Decoder``): logits, ``forward`` (logits, or the loss of each row),
+    the last position's hidden state for decoding, the loss at labelled positions only, the
+    parameter count. A family supplies ``hidden_states``, ``lm_head`` and ``config``."""
+
+    def last_hidden_state(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``hidden_states(...)[:, -1]`` (B, emb_dim), as decoding needs it, computed with
+        ``last_only`` (arguments as ``hidden_states``)."""
+        return self.hidden_states(input_ids, **kwargs, last_only=True)[:, -1]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project hidden states (..., emb_dim) to vocabulary logits (..., vocab_size)."""
+        logits = self.lm_head(hidden)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size); arguments as in ``hidden_states``.
+
+        With ``labels`` (B, T) (target ids, ``IGNORE_INDEX`` where no loss is wanted) it returns instead the
+        summed cross-entropy of each row (B,), computing the vocabulary projection only at the
+        labelled positions and in chunks (see ``selective_cross_entropy``).
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
+        if labels is None:
+            return self.logits(hidden)
+        return self.selective_cross_entropy(hidden, labels)
+
+    def selective_cross_entropy(
+        self, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
+    ) -> torch.Tensor:
+        """Summed cross-entropy per row (B,) over the positions whose label is not ``IGNORE_INDEX``.
+
+        Logits exist only for labelled positions, ``chunk_size`` rows at a time; in training each
+        chunk's logits are recomputed in the backward pass instead of being stored, so memory
+        stays at one chunk of (chunk_size, vocab) whatever the batch. The last chunk is the
+        exception: the backward pass starts with it, so keeping it costs no more memory at the
+        peak than recomputing it would, and a batch of one chunk (the usual case) is never
+        recomputed.
+        """
+        return selective_cross_entropy(self.logits, hidden, labels, chunk_size)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count; tied embeddings are counted once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+class GPT(LanguageModel, nn.Module):
     """GPT-2 language model.
 
     ``model(input_ids)`` returns logits (B, T, vocab_size). ``model.hidden_states(input_ids)``
@@ -361,10 +418,6 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        """Parameter count; tied embeddings are counted once."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
     def _mask(
         self, attention_mask: torch.Tensor | None, T: int, past: int
     ) -> tuple[torch.Tensor | None, bool]:
@@ -396,10 +449,7 @@ class GPT(nn.Module):
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 2:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
+            position_ids = default_position_ids(attention_mask, T, past, input_ids.device)
         mask, is_causal = self._mask(attention_mask, T, past)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for i, block in enumerate(self.h):
@@ -410,11 +460,6 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)
-
-    def last_hidden_state(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """``hidden_states(...)[:, -1]`` (B, emb_dim), as decoding needs it, computed with
-        ``last_only`` (arguments as ``hidden_states``)."""
-        return self.hidden_states(input_ids, **kwargs, last_only=True)[:, -1]
 
     def pooled_hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B, emb_dim) at one position per row of right-padded `input_ids`.
@@ -427,46 +472,6 @@ class GPT(nn.Module):
         for block in self.h[:-1]:
             x = block(x, None, True)
         return self.ln_f(self.h[-1].forward_at(x, positions))
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Project hidden states (..., emb_dim) to vocabulary logits (..., vocab_size)."""
-        logits = self.lm_head(hidden)
-        if self.config.padded_vocab_size != self.config.vocab_size:
-            logits = logits[..., : self.config.vocab_size]
-        return logits
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, T, vocab_size); arguments as in ``hidden_states``.
-
-        With ``labels`` (B, T) (target ids, ``IGNORE_INDEX`` where no loss is wanted) it returns instead the
-        summed cross-entropy of each row (B,), computing the vocabulary projection only at the
-        labelled positions and in chunks (see ``selective_cross_entropy``).
-        """
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
-        if labels is None:
-            return self.logits(hidden)
-        return self.selective_cross_entropy(hidden, labels)
-
-    def selective_cross_entropy(
-        self, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
-    ) -> torch.Tensor:
-        """Summed cross-entropy per row (B,) over the positions whose label is not ``IGNORE_INDEX``.
-
-        Logits exist only for labelled positions, ``chunk_size`` rows at a time; in training each
-        chunk's logits are recomputed in the backward pass instead of being stored, so memory
-        stays at one chunk of (chunk_size, vocab) whatever the batch. The last chunk is the
-        exception: the backward pass starts with it, so keeping it costs no more memory at the
-        peak than recomputing it would, and a batch of one chunk (the usual case) is never
-        recomputed.
-        """
-        return selective_cross_entropy(self.logits, hidden, labels, chunk_size)
 
     # ---- Hugging Face GPT-2 checkpoints --------------------------------------------------------
 
@@ -580,6 +585,16 @@ def tied_names(model: nn.Module) -> set[str]:
     state dict stores each tensor once, under its first name."""
     every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     return every - {n for n, _ in model.named_parameters()}
+
+
+def default_position_ids(attention_mask: torch.Tensor | None, T: int, past: int,
+                         device: torch.device) -> torch.Tensor:
+    """Positions (B or 1, T) of `T` new tokens after `past` cached ones: counted over the real
+    tokens of a 2-D ``attention_mask`` (so left padding does not shift them), else ``past, past +
+    1, ...``."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+    return torch.arange(past, past + T, device=device)[None]
 
 
 def sdpa_mask(

@@ -12,7 +12,7 @@ A second Ctrl-C while the run stops raises ``KeyboardInterrupt`` (the command li
 line); repeated SIGTERM / SIGUSR1 (a launcher forwarding the signal it got) are ignored.
 
 Outside the training loop (start-up, data loading, resume loading, the final evaluation, saving,
-the outputs) ``gptft.finetune`` holds a request of its own for the whole job: the trainer's takes
+the outputs) ``gptft.run`` holds a request of its own for the whole job: the trainer's takes
 over a signal that came before the loop and hands back one that came after it, and the job acts on
 it where one phase ends (``agreed``: every process alike). ``GPTFT_SIGNAL_AT=PHASE:SIGNAL[:RANK]``
 sends SIGNAL to the process (of that rank) as PHASE begins (``signal_at``), so tests can stop a

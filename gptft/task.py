@@ -1,4 +1,4 @@
-"""The task contract: what a task supplies to the trainer and to the run (``gptft.tasks.base.run_task``).
+"""The task contract: what a task supplies to the trainer and to the run (``gptft.run``).
 
 A task (subclass ``TaskBase``; see ``gptft/tasks/``) supplies its data, model, loss, metrics and
 the files its run writes (``outputs``); ``gptft.registry`` names it. The trainer
@@ -66,7 +66,7 @@ class TaskBase:
     best_metric: str = "val_loss"
     higher_is_better: bool = False
     outputs: tuple[Output, ...] = (LOSS,)
-    eval_names: tuple[str, ...] = ("loss",)  # the names eval_metrics returns (set by run_task)
+    eval_names: tuple[str, ...] = ("loss",)  # the names eval_metrics returns (set by the final evaluation)
     model: nn.Module
     counts: dict[str, int]
 

@@ -16,7 +16,7 @@ step): ``train/loss`` the logging step's loss, ``train/loss_mean`` the mean loss
 the previous logging step, ``train/lr``; ``val/<metric>`` each validation during training (every
 ``eval_every`` steps and at epoch ends, once per step); ``train_sample/<metric>`` a task's
 epoch-end evaluation of a sample of the training split; ``final/<split>_<metric>`` the kept model's
-final evaluation (``gptft.tasks.base.run_task``). The console gets one line per evaluation (step,
+final evaluation (``gptft.run``). The console gets one line per evaluation (step,
 epoch, validation metrics, learning rate, training examples/s).
 """
 
@@ -177,7 +177,7 @@ class Trainer:
                 self.evaluate_and_track()
             self._check_finite()
         finally:
-            self.stop.restore()  # a signal from now on: the job's (gptft.finetune)
+            self.stop.restore()  # a signal from now on: the job's (gptft.run)
             bar.close()  # also on an error: its message then starts a line of its own
             self._bar = None
         self._restore_best()

@@ -983,7 +983,7 @@ def case_yaml_billion_laughs(tmp, out):
 
 
 def case_yaml_nested_too_deep(tmp, out):
-    p = _yaml(tmp, "task: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    p = _yaml(tmp, "task: " + "[" * 1_000 + "]" * 1_000 + "\n")
     return ["finetune", "--config", str(p)], [str(p), "nested too deeply"]
 
 
@@ -1322,11 +1322,12 @@ def test_the_process_count_and_global_batch_are_printed_and_fp16_on_the_cpu_warn
     (b"bash\0-c\0python x.py --num_processes 3\0", None),
 ])
 def test_the_launchers_num_processes_is_read_from_its_command_line(cmdline, asked):
-    from gptft.finetune import launcher_num_processes
+    from gptft.run import launcher_num_processes
 
     assert launcher_num_processes(cmdline) == asked
 
 
+@pytest.mark.slow  # a process of its own (the pipe is the process boundary)
 def test_classify_into_a_closed_pipe_ends_quietly(tmp_path):
     """``gptft classify ... | head -1``: no BrokenPipeError traceback."""
     import subprocess

@@ -52,7 +52,7 @@ def stop_rate(run) -> float:
 
 @pytest.mark.slow
 def test_a_tiny_multi_turn_run_learns_to_stop(tmp_path):
-    from gptft.finetune import finetune
+    from gptft.run import finetune
 
     job = tiny_job(tmp_path)
     finetune(load_job(job))
@@ -64,7 +64,7 @@ def test_a_tiny_multi_turn_run_learns_to_stop(tmp_path):
 def test_the_same_run_with_the_eos_target_masked_never_stops(tmp_path, monkeypatch):
     import gptft.data.chat as chat
     import gptft.tasks.instruction.task as task
-    from gptft.finetune import finetune
+    from gptft.run import finetune
 
     fit = chat.fit
 

@@ -265,7 +265,7 @@ def server(monkeypatch, tmp_path):
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     yield SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_port}", files=files, hits=hits,
                           cache=tmp_path / "cache")
     httpd.shutdown()

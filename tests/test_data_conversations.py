@@ -268,7 +268,7 @@ def test_preference_pairs_are_the_prompt_rendered_then_each_answer(tmp_path):
 @pytest.mark.slow
 def test_dpo_on_conversation_pairs_runs_and_records_the_template(tmp_path):
     from gptft.config import load_job
-    from gptft.finetune import finetune
+    from gptft.run import finetune
 
     rows = [{"chosen": [{"role": "user", "content": f"Name color {i}."},
                         {"role": "assistant", "content": f"Color {i} is red."}],

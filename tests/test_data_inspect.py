@@ -96,7 +96,7 @@ def test_eos_never_a_target_is_an_error_and_training_refuses(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "end of turn: 0 of 10 trained answer(s) end in a target EOS" in out
     assert "EOS never a target: train: no trained answer ends in a target end-of-turn" in out
-    from gptft.finetune import finetune
+    from gptft.run import finetune
 
     with pytest.raises(GPTFTError, match="no trained answer ends in a target end-of-turn"):
         finetune(load_job(job, overrides))

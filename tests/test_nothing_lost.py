@@ -290,7 +290,7 @@ def test_an_empty_test_split_is_warned(tmp_path, capsys):
 def test_the_closing_summary_lists_a_lora_runs_adapter_folder(tmp_path):
     from types import SimpleNamespace
 
-    from gptft.tasks.base import closing_summary
+    from gptft.run import closing_summary
 
     tmp_path = tmp_path / "run"
     tmp_path.mkdir()

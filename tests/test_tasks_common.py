@@ -12,7 +12,7 @@ from gptft.classifier import GPTClassifier
 from gptft.config import load_job
 from gptft.io import load_safetensors
 from gptft.lora import merge_lora
-from gptft.tasks.base import save_final
+from gptft.run import save_final
 from gptft.trainable import set_trainable
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     early.install()
     try:
         from gptft.config import load_job
-        from gptft.finetune import finetune
+        from gptft.run import finetune
         from gptft.timing import process_start
 
         finetune(load_job(args.config, args.overrides), started=process_start())

@@ -52,19 +52,33 @@ class ClassificationData:
         return out
 
 
+def source_problems(data) -> list[str]:
+    """A data section's source keys that cannot go together."""
+    out = []
+    if data.format == "hf" and not data.path:
+        out.append("format: hf needs path (a Hugging Face dataset name or a saved folder)")
+    if data.columns and not data.path:
+        out.append("columns: only with path (the carried data sets have gptft's keys)")
+    return out
+
+
 @dataclass
-class InstructionData:
+class RecordsData:
+    """The keys the instruction and preference sections share: records read from a file or a
+    ``datasets`` source (``gptft.data.conversations``), split by fractions, and the prompt style
+    that makes them tokens. Each section says what its records are in its own ``path``."""
+
     path: str | None = None
-    """JSON array, JSONL or Parquet of records ({messages}, ShareGPT {conversations} or
-    {instruction, input?, output}), a datasets save_to_disk folder, or with format=hf a Hugging
-    Face dataset name; unset: the book's set, which gptft carries."""
+    """JSON array, JSONL or Parquet of records, a datasets save_to_disk folder, or with format=hf a
+    Hugging Face dataset name; unset: the book's set, which gptft carries."""
     format: Literal["auto", "json", "jsonl", "parquet", "hf"] = "auto"
     """json (one array of records), jsonl (one record a line), parquet, hf (datasets.load_dataset,
     or load_from_disk for a folder); auto: by content, suffix (.parquet) or a saved folder."""
     dataset_split: str = "train"
     """The split of a Hugging Face dataset to read (then divided by ``split``)."""
     columns: dict[str, str] = field(default_factory=dict)
-    """Rename the source's columns to gptft's keys, {gptft key: column}, e.g. {messages: chat}."""
+    """Rename the source's columns to gptft's keys, {gptft key: column}, e.g. {messages: chat} or
+    {prompt: question}."""
     split: list[float] = field(default_factory=lambda: [0.85, 0.05, 0.10])
     """Train / validation / test fractions (the book: 85% train, 10% test, 5% validation)."""
     shuffle: bool = False
@@ -74,7 +88,15 @@ class InstructionData:
     prompt_style: Literal["template", "chatml", "llama3", "alpaca", "phi3"] | None = None
     """template: the tokenizer's chat template; chatml, llama3: built-in chat templates (any
     model, GPT-2 included); alpaca, phi3: one-turn text formats (gptft.prompts); unset: template
-    when the tokenizer has one, else alpaca."""
+    when the tokenizer has one, else alpaca. A preference run: use the instruction run's."""
+
+
+@dataclass
+class InstructionData(RecordsData):
+    path: str | None = None
+    """JSON array, JSONL or Parquet of records ({messages}, ShareGPT {conversations} or
+    {instruction, input?, output}), a datasets save_to_disk folder, or with format=hf a Hugging
+    Face dataset name; unset: the book's set, which gptft carries."""
     train_on: Literal["assistant", "last_assistant", "all"] | None = None
     """Which tokens the loss learns with a chat template: every assistant turn (each with its
     end-of-turn token), the last one only, or all tokens; unset: assistant (with alpaca / phi3,
@@ -106,39 +128,13 @@ class InstructionData:
         return out + source_problems(self) + seed_problems(self, "seed")
 
 
-def source_problems(data) -> list[str]:
-    """A data section's source keys that cannot go together."""
-    out = []
-    if data.format == "hf" and not data.path:
-        out.append("format: hf needs path (a Hugging Face dataset name or a saved folder)")
-    if data.columns and not data.path:
-        out.append("columns: only with path (the carried data sets have gptft's keys)")
-    return out
-
-
 @dataclass
-class PreferenceData:
+class PreferenceData(RecordsData):
     path: str | None = None
     """JSON array, JSONL or Parquet of pairs ({instruction, input?, chosen, rejected}, {prompt,
     chosen, rejected} as strings or message lists, or {chosen, rejected} conversations sharing
     their prompt), a datasets save_to_disk folder, or with format=hf a Hugging Face dataset name;
     unset: the book's set, which gptft carries."""
-    format: Literal["auto", "json", "jsonl", "parquet", "hf"] = "auto"
-    """json (one array of records), jsonl (one record a line), parquet, hf (datasets.load_dataset,
-    or load_from_disk for a folder); auto: by content, suffix (.parquet) or a saved folder."""
-    dataset_split: str = "train"
-    """The split of a Hugging Face dataset to read (then divided by ``split``)."""
-    columns: dict[str, str] = field(default_factory=dict)
-    """Rename the source's columns to gptft's keys, {gptft key: column}, e.g. {prompt: question}."""
-    split: list[float] = field(default_factory=lambda: [0.85, 0.05, 0.10])
-    """Train / validation / test fractions (the book: 85% train, 10% test, 5% validation)."""
-    shuffle: bool = False
-    """Shuffle with ``seed`` before splitting; false: file order, as the book."""
-    seed: int = 123
-    """Seed of the shuffle."""
-    prompt_style: Literal["template", "chatml", "llama3", "alpaca", "phi3"] | None = None
-    """As the instruction task's (use the instruction run's); unset: template when the tokenizer
-    has one, else alpaca."""
     max_length: int | None = None
     """Truncate prompt + response to this many tokens; unset: the model's context length."""
     drop_identical: bool = False

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from gptft.errors import GPTFTError
 from gptft.io import check_float_weights, save_safetensors, write_json
-from gptft.model import KVCache, sdpa_mask, selective_cross_entropy
+from gptft.model import KVCache, LanguageModel, default_position_ids, sdpa_mask
 from gptft.models.families import FULL, SLIDING
 
 """The two layer types (Hugging Face's ``layer_types`` values)."""
@@ -331,12 +331,12 @@ class DecoderBlock(nn.Module):
 # ---- the model ------------------------------------------------------------------------------
 
 
-class Decoder(nn.Module):
+class Decoder(LanguageModel, nn.Module):
     """A decoder-only language model of one of the families in ``gptft.models.families``.
 
-    Offers the same interface as ``gptft.model.GPT`` (``hidden_states``, ``logits``, ``forward``
-    with labels, ``pooled_hidden_states``, ``blocks`` ...), so the rest of gptft never names a
-    family's modules.
+    Offers the same interface as ``gptft.model.GPT`` (``hidden_states``, ``pooled_hidden_states``,
+    ``blocks`` ... here; ``logits``, ``forward`` with labels ... from ``gptft.model.LanguageModel``),
+    so the rest of gptft never names a family's modules.
     """
 
     peft_layers = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -396,10 +396,6 @@ class Decoder(nn.Module):
         elif isinstance(module, RMSNorm):
             nn.init.constant_(module.weight, 0.0 if module.unit_offset else 1.0)
 
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        """Parameter count; tied embeddings are counted once."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
     # ---- forward ------------------------------------------------------------------------------
 
     def _rope_of(self, layer: int) -> tuple[float, dict | None]:
@@ -456,10 +452,7 @@ class Decoder(nn.Module):
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 2:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
+            position_ids = default_position_ids(attention_mask, T, past, input_ids.device)
         x = self._embed(input_ids)
         inputs = self._layer_inputs(position_ids, x.dtype, attention_mask, T, past)
         last = len(self.layers) - 1
@@ -468,10 +461,6 @@ class Decoder(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         return self.norm(x)
-
-    def last_hidden_state(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """``hidden_states(...)[:, -1]`` (B, emb_dim), computed with ``last_only``."""
-        return self.hidden_states(input_ids, **kwargs, last_only=True)[:, -1]
 
     def pooled_hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B, emb_dim) at one position per row of right-padded `input_ids`:
@@ -488,35 +477,11 @@ class Decoder(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states (..., emb_dim) to vocabulary logits (..., vocab_size), soft-capped
         if the config says so."""
-        logits = self.lm_head(hidden)
-        if self.config.padded_vocab_size != self.config.vocab_size:
-            logits = logits[..., : self.config.vocab_size]
+        logits = super().logits(hidden)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, T, vocab_size); with ``labels``, the summed cross-entropy of each row (B,)
-        (see ``selective_cross_entropy``)."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
-        if labels is None:
-            return self.logits(hidden)
-        return self.selective_cross_entropy(hidden, labels)
-
-    def selective_cross_entropy(
-        self, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
-    ) -> torch.Tensor:
-        """Summed cross-entropy per row (B,) over the labelled positions, logits computed only
-        there, in chunks (as ``GPT.selective_cross_entropy``)."""
-        return selective_cross_entropy(self.logits, hidden, labels, chunk_size)
 
     # ---- Hugging Face checkpoints -------------------------------------------------------------
 

@@ -157,34 +157,19 @@ class _Api:
         return JSONResponse(self._model_card())
 
     async def chat(self, request: Request):
-        self._authorize(request)
-        data = await self._body(request, CHAT_FIELDS)
-        self._check_model(data, "lm")
+        data = await self._request(request, CHAT_FIELDS, "lm")
         messages = _messages(data)
         prompt = render_messages(self.served.meta, self.served.tokenizer, messages)
         ends = end_texts(self.served.meta, self.served.tokenizer)
         return await self._generate(request, data, [prompt], "messages", chat=True, ends=ends)
 
     async def completions(self, request: Request):
-        self._authorize(request)
-        data = await self._body(request, COMPLETION_FIELDS)
-        self._check_model(data, "lm")
-        prompt = data.get("prompt")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
-            raise RequestError(400, "prompt: must be a string or a non-empty list of strings "
-                               f"(got {_kind(prompt)})", param="prompt")
-        return await self._generate(request, data, prompts, "prompt", chat=False)
+        data = await self._request(request, COMPLETION_FIELDS, "lm")
+        return await self._generate(request, data, _strings(data, "prompt"), "prompt", chat=False)
 
     async def classify(self, request: Request) -> JSONResponse:
-        self._authorize(request)
-        data = await self._body(request, CLASSIFY_FIELDS)
-        self._check_model(data, "classifier")
-        texts = data.get("input")
-        texts = [texts] if isinstance(texts, str) else texts
-        if not (isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)):
-            raise RequestError(400, "input: must be a string or a non-empty list of strings "
-                               f"(got {_kind(data.get('input'))})", param="input")
+        data = await self._request(request, CLASSIFY_FIELDS, "classifier")
+        texts = _strings(data, "input")
         blank = [i for i, t in enumerate(texts) if not t.strip()]
         if blank:
             raise RequestError(400, f"input[{blank[0]}]: the text is empty", param=f"input[{blank[0]}]")
@@ -313,6 +298,14 @@ class _Api:
                 job.cancelled = True
 
     # ---- checks ----------------------------------------------------------------------------
+
+    async def _request(self, request: Request, fields: set[str], kind: str) -> dict:
+        """The JSON body of a request to a model route (`kind`: ``lm`` or ``classifier``), after
+        the API key, the body and its fields, and the model it names are checked."""
+        self._authorize(request)
+        data = await self._body(request, fields)
+        self._check_model(data, kind)
+        return data
 
     def _authorize(self, request: Request) -> None:
         key = self.options.api_key
@@ -463,6 +456,16 @@ def _messages(data: dict) -> list[dict[str, str]]:
                                f"{json.dumps(m.get('role'))[:40]})", param=f"{where}.role")
         out.append({"role": m["role"], "content": _content(m.get("content"), f"{where}.content")})
     return out
+
+
+def _strings(data: dict, name: str) -> list[str]:
+    """The field `name` of a request: a string or a non-empty list of strings, as a list."""
+    value = data.get(name)
+    values = [value] if isinstance(value, str) else value
+    if not (isinstance(values, list) and values and all(isinstance(v, str) for v in values)):
+        raise RequestError(400, f"{name}: must be a string or a non-empty list of strings "
+                           f"(got {_kind(value)})", param=name)
+    return values
 
 
 def _content(content: Any, where: str) -> str:
