@@ -39,13 +39,6 @@ MARKER = ".gptft-export"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def export_folder(run_dir: str | os.PathLike) -> str:
-    """Where a run's closing summary suggests exporting it: beside the run folder, named after it
-    (``runs/instruct`` -> ``runs/instruct-hf``), so that each run's suggested export is its own
-    folder, not one that an earlier run's export already holds."""
-    return f"{Path(run_dir)}-hf"
-
-
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the model of the finished run `run_dir` as a ``transformers`` folder `out_dir`.
 

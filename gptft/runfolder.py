@@ -391,3 +391,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def export_folder(run_dir: str | os.PathLike) -> str:
+    """Where a run's closing summary suggests exporting it (``gptft export``): beside the run
+    folder, named after it (``runs/instruct`` -> ``runs/instruct-hf``), so that each run's
+    suggested export is its own folder, not one that an earlier run's export already holds."""
+    return f"{Path(run_dir)}-hf"

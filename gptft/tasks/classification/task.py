@@ -137,7 +137,7 @@ class ClassificationTask(TaskBase):
         return text
 
     def next_commands(self, run_dir: str) -> list[str]:
-        from gptft.export import export_folder
+        from gptft.runfolder import export_folder
 
         data = self.job.data
         columns = "".join(f" --{flag}-column {value}" for flag, value, default in (

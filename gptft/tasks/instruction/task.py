@@ -144,7 +144,7 @@ class InstructionTask(TaskBase):
         return out
 
     def next_commands(self, run_dir: str) -> list[str]:
-        from gptft.export import export_folder
+        from gptft.runfolder import export_folder
 
         return [f"gptft generate {run_dir} --instruction 'Rewrite the sentence using a simile.' "
                 "--input 'The car is very fast.'",
