@@ -1588,6 +1588,7 @@ def test_integer_weights_in_a_run_are_refused(tmp_path, capsys):
                      [str(clf / "model.safetensors"), f"tensor {name} (int8)"], tmp_path, capsys)
 
 
+@pytest.mark.slow
 def test_integer_weights_in_a_hugging_face_folder_are_refused(tmp_path, capsys):
     import torch
 
