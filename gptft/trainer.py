@@ -27,7 +27,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from itertools import islice
 from pathlib import Path
 from typing import Any, NoReturn
@@ -220,6 +220,27 @@ class Trainer:
         raise Interrupted(f"stopped by {name} during the {where}, after training: checkpoint {path} "
                           f"of step {self.state.step} saved; continue with the same command and "
                           "train.resume=true (it evaluates and saves then)")
+
+    @contextmanager
+    def checkpoint_on_write_failure(self) -> Iterator[None]:
+        """A write that fails after ``fit`` (a full disk or a read-only folder at the task's
+        outputs, raised on every process: ``on_every_process``) first saves a checkpoint
+        of the last step, if it can be written, so that ``train.resume=true`` ends the run as the
+        uninterrupted one, bit for bit; the error line says which."""
+        try:
+            yield
+        except GPTFTError as error:
+            alike = self.accelerator.num_processes == 1 or getattr(error, "on_every_process", False)
+            if getattr(error, "reason", None) is None or not alike:  # not a failed write; one rank's
+                raise
+            try:
+                path = self.save_last_checkpoint()
+            except GPTFTError as again:
+                raise GPTFTError(f"{error}; no checkpoint of step {self.state.step} could be saved "
+                                 f"either ({getattr(again, 'reason', again)})") from None
+            raise GPTFTError(f"{error}; checkpoint {path} of step {self.state.step} saved: once the "
+                             "file can be written, continue with the same command and "
+                             "train.resume=true") from None
 
     def print(self, text: str) -> None:
         """A line on the main process's console, above the progress bar (not glued onto it)."""

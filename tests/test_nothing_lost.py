@@ -434,3 +434,46 @@ def test_two_processes_stop_the_reference_precomputation_together(tmp_path):
     assert "stopped by SIGTERM during the reference log-probabilities (after batch 2), before the run " \
            "folder changed" in _one_stop_line(log)
     assert not out.exists() or [p.name for p in out.iterdir()] == []
+
+
+# ---- a full disk at responses.json (the instruction task's last file) -----------------------------
+
+def _full_at_responses(monkeypatch) -> None:
+    """responses.json cannot be written, as on a full disk (the weights and metrics could)."""
+    import errno
+
+    import gptft.tasks.instruction.task as instruction
+    from gptft.io import write_error
+
+    real = instruction.write_json
+
+    def full(path, obj):
+        if Path(path).name == "responses.json":
+            raise write_error(path, OSError(errno.ENOSPC, "No space left on device"))
+        real(path, obj)
+
+    monkeypatch.setattr(instruction, "write_json", full)
+
+
+@pytest.mark.slow  # three runs
+def test_a_full_disk_at_responses_json_keeps_the_steps_and_resumes_bit_for_bit(tmp_path, capsys,
+                                                                              monkeypatch):
+    """No checkpoint existed (the default checkpoint_minutes): the failed write saves step 2's, and
+    train.resume=true gives the uninterrupted run's log.jsonl, weights, metrics and responses."""
+    records = _records(tmp_path)
+    ref, out = tmp_path / "reference", tmp_path / "run"
+    assert main(_instruct(ref, records)) == 0
+    capsys.readouterr()
+    _full_at_responses(monkeypatch)
+    assert main(_instruct(out, records)) == 2
+    line = _stop_line(capsys)
+    assert line.startswith(f"gptft finetune: error: {out / 'responses.json'}: cannot write: No space left "
+                           "on device") and "nothing was replaced; checkpoint " \
+           f"{out / 'checkpoints' / 'step-00000002'} of step 2 saved: once the file can be written, " \
+           "continue with the same command and train.resume=true" in line, line
+    assert not (out / "responses.json").exists() and not (out / ".gptft-lock").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
+    monkeypatch.undo()
+    assert main(_instruct(out, records, "train.resume=true")) == 0
+    assert (out / "log.jsonl").read_bytes() == (ref / "log.jsonl").read_bytes()
+    assert _instruct_results(out) == _instruct_results(ref)

@@ -192,9 +192,19 @@ class InstructionTask(TaskBase):
             pairs = gather_object(list(zip(mine, texts)))
             tokens = sum(gather_object([stats.get("new_tokens", 0)]))
         seconds = time.perf_counter() - begin
+        failed: list[GPTFTError | None] = [None]  # a failed write, raised on every process
         if acc.is_main_process:
             responses = dict(pairs)
-            write_json(out / RESPONSES.file,
-                       [{**r, "model_response": responses[i]} for i, r in enumerate(records)])
-        acc.wait_for_everyone()
+            try:
+                write_json(out / RESPONSES.file,
+                           [{**r, "model_response": responses[i]} for i, r in enumerate(records)])
+            except GPTFTError as e:
+                e.on_every_process = True  # (Trainer.checkpoint_on_write_failure)
+                failed = [e]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(failed)
+        if failed[0] is not None:
+            raise failed[0]
         return tokens, seconds
