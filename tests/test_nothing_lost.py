@@ -477,3 +477,47 @@ def test_a_full_disk_at_responses_json_keeps_the_steps_and_resumes_bit_for_bit(t
     assert main(_instruct(out, records, "train.resume=true")) == 0
     assert (out / "log.jsonl").read_bytes() == (ref / "log.jsonl").read_bytes()
     assert _instruct_results(out) == _instruct_results(ref)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs (the tiny instruction run needs about 15): a real ENOSPC (needs root and
+    mount; skipped elsewhere), as test_bad_input's tiny_disk."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if not shutil.which("mount") or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_at_responses_json_says_what_was_kept(small_disk, tmp_path, capsys, monkeypatch):
+    """The disk fills just before responses.json: the checkpoint cannot be saved either; one line
+    says both, and nothing temporary is left behind."""
+    from gptft.tasks.instruction.task import InstructionTask
+
+    out, filler = small_disk / "run", small_disk / "filler"
+    real = InstructionTask.write_responses
+
+    def fill_then_write(self, *args):
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 2**20)
+                    f.flush()
+            except OSError:
+                pass
+        return real(self, *args)
+
+    monkeypatch.setattr(InstructionTask, "write_responses", fill_then_write)
+    assert main(_instruct(out, _records(tmp_path))) == 2
+    line = _stop_line(capsys)
+    assert line.startswith(f"gptft finetune: error: {out / 'responses.json'}: cannot write: No space left "
+                           "on device") and "no checkpoint of step 2 could be saved either (No space" in line
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
+    assert not (out / ".gptft-lock").exists() and not any((out / "checkpoints").iterdir())
