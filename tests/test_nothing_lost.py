@@ -521,3 +521,59 @@ def test_a_real_full_disk_at_responses_json_says_what_was_kept(small_disk, tmp_p
                            "on device") and "no checkpoint of step 2 could be saved either (No space" in line
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
     assert not (out / ".gptft-lock").exists() and not any((out / "checkpoints").iterdir())
+
+
+# ---- the launcher signalled: Ctrl-C in its terminal, SIGTERM to accelerate launch itself ----------
+
+def _launch_and_signal(out: Path, log: Path, send, *over: str) -> tuple[int, str]:
+    """Start a long 2-process run, `send(launcher)` once it trains; its exit status and output."""
+    import subprocess
+    import time
+
+    from conftest import ROOT, cpu_launch_env, free_port, launcher
+
+    argv = launcher("--num_processes", "2", "--main_process_port", str(free_port())) + _finetune(
+        out, "train.max_steps=100000", "train.epochs=100000", "train.log_every=1000", *over)[1:]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=cpu_launch_env(),
+                                start_new_session=True)  # a process group of its own, as a terminal's job
+        try:
+            deadline = time.monotonic() + 300
+            while "first step after" not in log.read_text() and proc.poll() is None:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            time.sleep(1)
+            send(proc)
+            return proc.wait(timeout=120), log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_to_accelerate_launch_save_a_checkpoint(tmp_path):
+    """Ctrl-C (SIGINT to the launcher's process group; torch's agent forwards it to the workers, who
+    run in sessions of their own) and SIGTERM to the launcher alone: the workers stop with a
+    checkpoint within the agent's grace period (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s); the launcher
+    exits 128 + the signal (130, 143) whatever the workers' status (docs/distributed.md)."""
+    import os
+    import signal
+
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    status, text = _launch_and_signal(out, log, lambda p: os.killpg(p.pid, signal.SIGINT))
+    assert status == 130, text
+    lines = [x for x in text.splitlines() if x.startswith("gptft finetune:")]
+    assert len(lines) == 1 and "stopped by SIGINT at step " in lines[0], text
+    assert "Traceback" not in text and "forcefully exiting" not in text, text
+    first = sorted((out / "checkpoints").iterdir())
+    assert len(first) == 1 and (first[0] / "config.yaml").is_file()
+
+    status, text = _launch_and_signal(out, log, lambda p: p.send_signal(signal.SIGTERM), "train.resume=true")
+    assert status == 143, text
+    assert f"resumed from {first[0]}" in text
+    lines = [x for x in text.splitlines() if x.startswith("gptft finetune:")]
+    assert len(lines) == 1 and "stopped by SIGTERM at step " in lines[0], text
+    assert "Traceback" not in text and "forcefully exiting" not in text, text
+    last = sorted((out / "checkpoints").iterdir())[-1]  # (train.keep_last may have removed the first)
+    assert last.name > first[0].name and (last / "config.yaml").is_file()
+    assert not (out / ".gptft-lock").exists()
