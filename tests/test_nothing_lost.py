@@ -156,7 +156,8 @@ def test_two_processes_agree_on_a_signal_one_of_them_got_in_the_final_evaluation
     lines = [x for x in text.splitlines() if x.startswith("gptft finetune:")]
     assert len(lines) == 1, text  # one line, from the main process
     assert not re.search(r'File ".*gptft/', text), text  # (the launcher's own traceback aside)
-    assert "stopped by SIGTERM during the final evaluation (after batch 1), after training: checkpoint" in lines[0]
+    assert "stopped by SIGTERM during the final evaluation (after batch 1), after training: " \
+           "checkpoint" in lines[0]
     assert "(exitcode: 75)" in text
     assert (out / "checkpoints" / "step-00000002" / "config.yaml").is_file()
     assert not (out / ".gptft-lock").exists()
