@@ -120,7 +120,7 @@ class PreferenceTask(InstructionTask):
         bar = tqdm(total=total, desc="reference log-probabilities", leave=False, dynamic_ncols=True,
                    disable=progress_disabled(acc))  # the trainer's rule: no bar in a log file
         stops = BatchStops(acc, "reference log-probabilities", stop_before_the_folder)
-        with eval_mode(model):
+        with eval_mode(model), bar:  # (the bar closed on a stop too)
             for split, dataset in self.datasets.items():
                 collate = self._collate(split)
                 order = sorted(range(len(dataset)), key=lambda i: -dataset.lengths[i])
@@ -140,7 +140,6 @@ class PreferenceTask(InstructionTask):
                 for i, values in gather_object(mine) if acc.num_processes > 1 else mine:
                     table[i] = torch.tensor(values)
                 dataset.reference = table
-        bar.close()
         acc.print(f"reference log-probabilities of {total:,} pairs in {time.perf_counter() - begin:.1f} s")
 
     # ---- what the trainer calls ----------------------------------------------------------------
