@@ -16,16 +16,18 @@ CUT_MARK = " [...] "  # where the middle of a text too long for the context was 
 
 
 def respond_to(model, fmt: ChatFormat, conversations: list[list[dict]], cfg: GenerateConfig,
-               stats: dict | None = None, progress: bool = False) -> list[str]:
+               stats: dict | None = None, progress: bool = False, between_batches=None) -> list[str]:
     """The model's next assistant turn after each conversation (``ChatFormat.prompt``), generated
     ``cfg.batch_size`` at a time until the tokenizer's EOS, cut at any stop token or end-of-turn
-    text (``ChatFormat.response``). `stats` and `progress` as in ``gptft.generate.generate``."""
+    text (``ChatFormat.response``). `stats`, `progress` and `between_batches` as in
+    ``gptft.generate.generate``."""
     from gptft.generate import generate
 
     prompts = [fmt.prompt(c) for c in conversations]
     tokens = generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                       top_p=cfg.top_p, eos_id=list(fmt.tokenizer.stop_ids), seed=cfg.seed,
-                      batch_size=cfg.batch_size, stats=stats, progress=progress)
+                      batch_size=cfg.batch_size, stats=stats, progress=progress,
+                      between_batches=between_batches)
     return [fmt.response(t) for t in tokens]
 
 

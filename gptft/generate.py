@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -277,6 +277,7 @@ def generate(
     batch_size: int | None = None,
     stats: dict | None = None,
     progress: bool = False,
+    between_batches: Callable[[], None] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
@@ -297,6 +298,9 @@ def generate(
             length first, so that a batch holds prompts of similar lengths.
         stats: a dict to receive ``prompts``, ``new_tokens``, ``seconds`` (wall time of the
             decoding) and ``tokens_per_s`` (new tokens per second).
+        progress: a bar over the prompts (on a terminal only).
+        between_batches: called after each batch (``batch_count`` of them), e.g. to stop on a
+            signal there (``gptft.signals.BatchStops``).
 
     Returns:
         The new tokens of each prompt, in the order of `prompts`.
@@ -327,6 +331,8 @@ def generate(
             for i, tokens in zip(batch, outs, strict=True):
                 results[i] = tokens
             bar.update(len(batch))
+            if between_batches is not None:
+                between_batches()
     if stats is not None:
         seconds = time.perf_counter() - started
         new_tokens = sum(len(t) for t in results)
@@ -335,18 +341,26 @@ def generate(
     return results
 
 
+def batch_count(prompts: int, max_new_tokens: int, batch_size: int | None) -> int:
+    """How many batches ``generate`` decodes `prompts` prompts in."""
+    if not prompts or max_new_tokens == 0:
+        return 0
+    return -(-prompts // (batch_size or prompts))
+
+
 def generate_texts(model: LanguageModel, tokenizer: Tokenizer, prompts: list[str], cfg: GenerateConfig,
-                   stats: dict | None = None, progress: bool = False) -> list[str]:
+                   stats: dict | None = None, progress: bool = False,
+                   between_batches: Callable[[], None] | None = None) -> list[str]:
     """Responses to text prompts, generated ``cfg.batch_size`` at a time (prompts of similar
     lengths together), decoded and stripped.
 
     Generation stops at any of the tokenizer's ``stop_ids`` (GPT-2: its end-of-text token).
-    `stats` and `progress` (a bar over the prompts) as in ``generate``.
+    `stats`, `progress` (a bar over the prompts) and `between_batches` as in ``generate``.
     """
     tokens = generate(
         model, tokenizer.encode_batch(prompts), cfg.max_new_tokens, temperature=cfg.temperature,
         top_k=cfg.top_k, top_p=cfg.top_p, eos_id=list(tokenizer.stop_ids), seed=cfg.seed,
-        batch_size=cfg.batch_size, stats=stats, progress=progress,
+        batch_size=cfg.batch_size, stats=stats, progress=progress, between_batches=between_batches,
     )
     return [tokenizer.decode(t).strip() for t in tokens]
 

@@ -200,7 +200,8 @@ def run(task: TaskBase, resume: ResumePoint | None = None, phases: Phases | None
         save(task, trainer.model, metrics)
     stop_point("final save")
     signal_at("outputs")
-    task.write_outputs(trainer, metrics)
+    with trainer.checkpoint_on_write_failure():  # a full disk at responses.json: resumable
+        task.write_outputs(trainer, metrics)
     stop_point("outputs (plots, responses)")
     signal_at("marking finished")
     finish(task, metrics, phases)

@@ -14,9 +14,12 @@ line); repeated SIGTERM / SIGUSR1 (a launcher forwarding the signal it got) are 
 Outside the training loop (start-up, data loading, resume loading, the final evaluation, saving,
 the outputs) ``gptft.run`` holds a request of its own for the whole job: the trainer's takes
 over a signal that came before the loop and hands back one that came after it, and the job acts on
-it where one phase ends (``agreed``: every process alike). ``GPTFT_SIGNAL_AT=PHASE:SIGNAL[:RANK]``
-sends SIGNAL to the process (of that rank) as PHASE begins (``signal_at``), so tests can stop a
-run in each phase.
+it where one phase ends (``agreed``: every process alike). The long loops of those phases (the
+final evaluation, the generation of the test responses, DPO's reference log-probabilities) do not
+wait for their end: ``BatchStops`` asks between two batches, every process at the same batch.
+``GPTFT_SIGNAL_AT=PHASE[@K]:SIGNAL[:RANK]`` sends SIGNAL to the process (of that rank) as PHASE
+begins, or with ``@K`` after the K-th batch of a loop of that name (``signal_at``), so tests can
+stop a run in each phase.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import signal
 import sys
 import threading
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from gptft.errors import GPTFTError
 
@@ -46,11 +50,12 @@ class StopRequest:
     ``install`` (main thread only) replaces the handlers of ``STOP_SIGNALS`` until ``restore``.
     Each step, ``vote()`` gives this process's flag as a number to add to the step's reduction,
     ``record(total)`` keeps the reduced sum, and ``due()`` says (alike on every process) whether
-    to stop now.
+    to stop now. `loops`: whether long loops (``BatchStops``) act on it between their batches
+    (the training loop's request acts at step ends only: a validation runs to its end).
     """
 
-    def __init__(self, device: Any = None):
-        self.signum = 0
+    def __init__(self, device: Any = None, loops: bool = True):
+        self.signum, self.loops = 0, loops
         self._old: dict[int, Any] = {}
         self._outer: StopRequest | None = None  # the request installed before this one
         self._lag = 1 if getattr(device, "type", "cpu") == "cuda" else 0
@@ -123,15 +128,78 @@ class StopRequest:
         return bool(value.item() > 0)
 
 
-def signal_at(phase: str) -> None:
+def installed_request() -> StopRequest | None:
+    """The ``StopRequest`` whose handler SIGTERM has now (None: a default or someone else's)."""
+    request = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return request if isinstance(request, StopRequest) else None
+
+
+def loop_request() -> StopRequest | None:
+    """The installed request, if long loops act on it (``StopRequest.loops``)."""
+    request = installed_request()
+    return request if request is not None and request.loops else None
+
+
+class BatchStops:
+    """The stop checks of a long loop, one after each batch: when every process agreed to stop
+    (``StopRequest.agreed``, a collective), ``on_stop(signal name, where)`` ends the loop (it
+    raises: saves what can be saved and raises ``Interrupted``).
+
+    Every process must check as often as the others. A loop whose processes hold different
+    numbers of batches gives its own count as `batches` (one collective, here) and calls
+    ``finish()`` after it: the checks the others still make are made there. Without an installed
+    request (outside ``gptft finetune``), or during the training loop (whose request acts at step
+    ends: ``StopRequest.loops``), nothing is checked.
+
+    Args:
+        accelerator: the run's (None: one process).
+        phase: the loop's name, in the stop's line and in ``GPTFT_SIGNAL_AT=PHASE@K`` (``signal_at``).
+        on_stop: called with the signal's name and where the loop stopped; it raises.
+        batches: this process's number of batches, when it may differ from the others'.
+    """
+
+    def __init__(self, accelerator: Any, phase: str, on_stop: Callable[[str, str], NoReturn],
+                 batches: int | None = None):
+        self.accelerator, self.phase, self.on_stop = accelerator, phase, on_stop
+        self.request = loop_request()
+        self.count, self.most = 0, 0
+        several = accelerator is not None and accelerator.num_processes > 1
+        if batches is not None and self.request is not None and several:
+            from accelerate.utils import gather_object
+
+            self.most = max(gather_object([batches]))
+
+    def __call__(self) -> None:
+        """After a batch: stop here if every process agreed to."""
+        self.count += 1
+        signal_at(self.phase, self.count)
+        if self.request is not None and self.request.agreed(self.accelerator):
+            self.on_stop(self.request.name, f"{self.phase} (after batch {self.count})")
+
+    def finish(self) -> None:
+        """The checks this process still owes the others (it had fewer batches)."""
+        while self.count < self.most:
+            self()
+
+
+def stop_before_the_folder(name: str, where: str) -> NoReturn:
+    """``BatchStops``' `on_stop` for a loop that runs before the run folder changes (DPO's
+    reference log-probabilities, in data loading)."""
+    raise Interrupted(f"stopped by {name} during the {where}, before the run folder changed: "
+                      "nothing to save; run the same command again")
+
+
+def signal_at(phase: str, batch: int | None = None) -> None:
     """Testing hook: with ``GPTFT_SIGNAL_AT=PHASE:SIGNAL[:RANK]`` (e.g. ``final evaluation:SIGTERM``),
-    send SIGNAL to this process (if its ``RANK`` matches, when given) as `phase` begins."""
+    send SIGNAL to this process (if its ``RANK`` matches, when given) as `phase` begins; with
+    ``PHASE@K:SIGNAL[:RANK]`` after the K-th `batch` of the loop named `phase` (``BatchStops``)."""
     wanted = os.environ.get("GPTFT_SIGNAL_AT", "")
     if not wanted:
         return
     name, _, rest = wanted.partition(":")
     signame, _, rank = rest.partition(":")
-    if name == phase and (not rank or rank == os.environ.get("RANK", "0")):
+    if name == (phase if batch is None else f"{phase}@{batch}") and (
+            not rank or rank == os.environ.get("RANK", "0")):
         os.kill(os.getpid(), getattr(signal, signame or "SIGTERM"))
 
 

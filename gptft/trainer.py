@@ -27,10 +27,10 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn as nn
@@ -47,7 +47,7 @@ from gptft.errors import GPTFTError
 from gptft.io import append_text
 from gptft.modes import eval_mode
 from gptft.runfolder import LOG
-from gptft.signals import Interrupted, StopRequest
+from gptft.signals import BatchStops, Interrupted, StopRequest
 from gptft.task import EpochContext, EpochReport, TaskBase
 from gptft.timing import Phases
 from gptft.tracking import tracker_values
@@ -132,7 +132,7 @@ class Trainer:
         self._saved_step = -1
         self._fit_log_lines = 0  # log lines when fit ended (a checkpoint saved later keeps these)
         self._data_sha256: dict[str, str] | None = None  # of the data files, in each checkpoint
-        self.stop = StopRequest(dev)
+        self.stop = StopRequest(dev, loops=False)  # acted on at step ends
         self._rate_mark = (0.0, 0)  # (training seconds, examples seen) at the last evaluation line
         self._bar: tqdm | None = None
 
@@ -207,6 +207,40 @@ class Trainer:
         finally:
             self._swap_best()
             self.state.log_lines = lines
+
+    def batch_stops(self, phase: str, batches: int | None = None) -> BatchStops:
+        """Stop checks between the batches of a loop after ``fit`` named `phase` (the final
+        evaluation, a task's outputs): see ``gptft.signals.BatchStops``."""
+        return BatchStops(self.accelerator, phase, self.stop_after_training, batches)
+
+    def stop_after_training(self, name: str, where: str) -> NoReturn:
+        """Stop on a signal every process agreed on after ``fit``: a checkpoint of the last step
+        (``save_last_checkpoint``), then ``Interrupted``."""
+        path = self.save_last_checkpoint()
+        raise Interrupted(f"stopped by {name} during the {where}, after training: checkpoint {path} "
+                          f"of step {self.state.step} saved; continue with the same command and "
+                          "train.resume=true (it evaluates and saves then)")
+
+    @contextmanager
+    def checkpoint_on_write_failure(self) -> Iterator[None]:
+        """A write that fails after ``fit`` (a full disk or a read-only folder at the task's
+        outputs, raised on every process: ``on_every_process``) first saves a checkpoint
+        of the last step, if it can be written, so that ``train.resume=true`` ends the run as the
+        uninterrupted one, bit for bit; the error line says which."""
+        try:
+            yield
+        except GPTFTError as error:
+            alike = self.accelerator.num_processes == 1 or getattr(error, "on_every_process", False)
+            if getattr(error, "reason", None) is None or not alike:  # not a failed write; one rank's
+                raise
+            try:
+                path = self.save_last_checkpoint()
+            except GPTFTError as again:
+                raise GPTFTError(f"{error}; no checkpoint of step {self.state.step} could be saved "
+                                 f"either ({getattr(again, 'reason', again)})") from None
+            raise GPTFTError(f"{error}; checkpoint {path} of step {self.state.step} saved: once the "
+                             "file can be written, continue with the same command and "
+                             "train.resume=true") from None
 
     def print(self, text: str) -> None:
         """A line on the main process's console, above the progress bar (not glued onto it)."""
@@ -420,8 +454,10 @@ class Trainer:
     def gather(self, loader, max_batches: int | None = None,
                desc: str | None = None) -> dict[str, torch.Tensor]:
         """The task's eval outputs over `loader` from all processes, without the duplicates that
-        even batches add; with `desc`, a progress bar of that name."""
+        even batches add; with `desc`, a progress bar of that name. After ``fit`` (the final
+        evaluation) a stop signal ends it between two batches (``stop_after_training``)."""
         gathered: dict[str, list[torch.Tensor]] = {}
+        stops = self.batch_stops("final evaluation")  # (inactive in fit: its stops are at step ends)
         total = len(loader) if max_batches is None else min(len(loader), max_batches)
         bar = tqdm(islice(loader, max_batches), total=total, desc=desc, leave=False, dynamic_ncols=True,
                    disable=True if desc is None else progress_disabled(self.accelerator))
@@ -431,6 +467,7 @@ class Trainer:
                     out = self.task.eval_outputs(model, batch)
                 for k, v in self.accelerator.gather_for_metrics(out).items():
                     gathered.setdefault(k, []).append(v)
+                stops()
         return {k: torch.cat(v).cpu() for k, v in gathered.items()}
 
     def evaluate(self, loader, max_batches: int | None = None) -> dict[str, float]:

@@ -120,7 +120,7 @@ def test_sigterm_in_the_final_evaluation_keeps_the_steps(tmp_path, capsys, monke
     out = tmp_path / "run"
     monkeypatch.setenv("GPTFT_SIGNAL_AT", "final evaluation:SIGTERM")
     assert main(_finetune(out)) == 75
-    assert "during the final evaluation, after training: checkpoint" in _stop_line(capsys)
+    assert "during the final evaluation (after batch 1), after training: checkpoint" in _stop_line(capsys)
     monkeypatch.delenv("GPTFT_SIGNAL_AT")
     assert main(_finetune(out, "train.resume=true")) == 0
     assert json.loads((out / ".gptft-run").read_text())["state"] == "finished"
@@ -156,7 +156,8 @@ def test_two_processes_agree_on_a_signal_one_of_them_got_in_the_final_evaluation
     lines = [x for x in text.splitlines() if x.startswith("gptft finetune:")]
     assert len(lines) == 1, text  # one line, from the main process
     assert not re.search(r'File ".*gptft/', text), text  # (the launcher's own traceback aside)
-    assert "stopped by SIGTERM during the final evaluation, after training: checkpoint" in lines[0]
+    assert "stopped by SIGTERM during the final evaluation (after batch 1), after training: " \
+           "checkpoint" in lines[0]
     assert "(exitcode: 75)" in text
     assert (out / "checkpoints" / "step-00000002" / "config.yaml").is_file()
     assert not (out / ".gptft-lock").exists()
@@ -303,3 +304,277 @@ def test_the_closing_summary_lists_a_lora_runs_adapter_folder(tmp_path):
                            summary=lambda m: "table", next_commands=lambda d: [], outputs=())
     text = closing_summary(task, {"time": {"total": 1.0}, "best_step": 2, "steps": 2})
     assert f"run folder: {tmp_path} (model.safetensors, metrics.json, adapter/)" in text
+
+
+# ---- a signal inside a long loop stops it between two batches (gptft.signals.BatchStops) ---------
+
+def _records(tmp_path: Path, n: int = 30) -> Path:
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"{i} {i}"}
+                                for i in range(n)]))
+    return path
+
+
+def _instruct(out: Path, records: Path, *over: str) -> list[str]:
+    return _finetune(out, f"data.path={records}", "data.max_length=64", "generate.max_new_tokens=2",
+                     "generate.batch_size=1", *over, config="instruct-tiny.yaml")
+
+
+def _instruct_results(run: Path) -> dict:
+    return _results(run) | {"responses": (run / "responses.json").read_bytes()}
+
+
+def test_sigterm_in_the_final_evaluation_stops_between_two_batches(tmp_path, capsys, monkeypatch,
+                                                                   uninterrupted):
+    """The whole splits (no final_eval_batches): the stop comes after batch 2 of the first split,
+    not at the phase's end; the resumed run ends as the uninterrupted one, bit for bit."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("GPTFT_SIGNAL_AT", "final evaluation@2:SIGTERM")
+    assert main(_finetune(out, "train.final_eval_batches=null")) == 75
+    line = _stop_line(capsys)
+    assert "stopped by SIGTERM during the final evaluation (after batch 2), after training: " \
+           f"checkpoint {out / 'checkpoints' / 'step-00000002'} of step 2 saved" in line
+    assert not [x for x in (out / "log.jsonl").read_text().splitlines() if '"final/' in x]
+    assert not (out / "model.safetensors").exists() and not (out / ".gptft-lock").exists()
+    monkeypatch.delenv("GPTFT_SIGNAL_AT")
+    assert main(_finetune(out, "train.final_eval_batches=null", "train.resume=true")) == 0
+    ref = tmp_path / "whole"
+    assert main(_finetune(ref, "train.final_eval_batches=null")) == 0
+    assert _results(out) == _results(ref)
+
+
+def test_sigint_in_the_generation_of_the_test_responses_stops_between_two_batches(tmp_path, capsys,
+                                                                                  monkeypatch):
+    records = _records(tmp_path)
+    ref, out = tmp_path / "reference", tmp_path / "run"
+    assert main(_instruct(ref, records)) == 0
+    monkeypatch.setenv("GPTFT_SIGNAL_AT", "generation of the test responses@2:SIGINT")
+    assert main(_instruct(out, records)) == 75
+    line = _stop_line(capsys)
+    assert "stopped by SIGINT during the generation of the test responses (after batch 2), after " \
+           "training: checkpoint" in line and "of step 2 saved" in line
+    assert not (out / "responses.json").exists()
+    monkeypatch.delenv("GPTFT_SIGNAL_AT")
+    assert main(_instruct(out, records, "train.resume=true")) == 0
+    assert _instruct_results(out) == _instruct_results(ref)
+
+
+def _pairs(tmp_path: Path, n: int = 40) -> Path:
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([{"instruction": f"Repeat the number {i}.", "input": "",
+                                 "chosen": f"Gladly: {i}.", "rejected": f"{i}, obviously."}
+                                for i in range(n)]))
+    return path
+
+
+def _dpo(out: Path, pairs: Path, *over: str) -> list[str]:
+    return _finetune(out, "model.weights=random", "model.checkpoint=null", f"data.path={pairs}",
+                     "data.max_length=64", "generate.max_new_tokens=2", "train.eval_batch_size=2",
+                     *over, config="dpo-tiny.yaml")
+
+
+def test_a_signal_in_dpos_reference_precomputation_stops_between_two_batches(tmp_path, capsys,
+                                                                             monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("GPTFT_SIGNAL_AT", "reference log-probabilities@3:SIGUSR1")
+    assert main(_dpo(out, _pairs(tmp_path))) == 75
+    line = _stop_line(capsys)
+    assert line.startswith("gptft finetune: stopped by SIGUSR1 during the reference log-probabilities "
+                           "(after batch 3), before the run folder changed: nothing to save; run the "
+                           "same command again"), line
+    assert not out.exists() or [p.name for p in out.iterdir()] == []
+    monkeypatch.delenv("GPTFT_SIGNAL_AT")
+    assert main(_dpo(out, _pairs(tmp_path))) == 0  # a plain rerun
+
+
+def _launch(out: Path, argv: list[str], log: Path, env: dict | None = None, processes: int = 2) -> int:
+    import subprocess
+
+    from conftest import ROOT, cpu_launch_env, free_port, launcher
+
+    head = launcher("--num_processes", str(processes), "--main_process_port", str(free_port()))
+    with open(log, "w") as f:
+        return subprocess.run(head + argv[1:], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f,
+                              env={**cpu_launch_env(), **(env or {})}, timeout=600).returncode
+
+
+def _one_stop_line(log: Path) -> str:
+    text = log.read_text()
+    lines = [x for x in text.splitlines() if x.startswith("gptft finetune:")]
+    assert len(lines) == 1, text  # one line, from the main process
+    assert not re.search(r'File ".*gptft/', text), text  # (the launcher's own traceback aside)
+    assert "(exitcode: 75)" in text, text
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_two_processes_stop_their_generation_at_the_same_batch(tmp_path):
+    """7 test records on 2 processes, 1 a batch: rank 0 has 4 batches, rank 1 has 3. SIGTERM to
+    rank 0 after its 4th batch: rank 1 makes its 4th check after its last batch, and both stop
+    there with a checkpoint; resumed on 2 processes, the run finishes."""
+    records = _records(tmp_path, 70)  # split 0.85 / 0.05 / 0.1: 7 test records
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    argv = _instruct(out, records)
+    env = {"GPTFT_SIGNAL_AT": "generation of the test responses@4:SIGTERM:0"}
+    assert _launch(out, argv, log, env) != 0
+    line = _one_stop_line(log)
+    assert "stopped by SIGTERM during the generation of the test responses (after batch 4), after " \
+           "training: checkpoint" in line, line
+    assert (out / "checkpoints" / "step-00000002" / "config.yaml").is_file()
+    assert not (out / "responses.json").exists() and not (out / ".gptft-lock").exists()
+    assert _launch(out, _instruct(out, records, "train.resume=true"), log) == 0, log.read_text()
+    assert len(json.loads((out / "responses.json").read_text())) == 7
+    assert json.loads((out / ".gptft-run").read_text())["state"] == "finished"
+
+
+@pytest.mark.slow
+def test_two_processes_stop_the_reference_precomputation_together(tmp_path):
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    env = {"GPTFT_SIGNAL_AT": "reference log-probabilities@2:SIGTERM:1"}
+    assert _launch(out, _dpo(out, _pairs(tmp_path)), log, env) != 0
+    assert "stopped by SIGTERM during the reference log-probabilities (after batch 2), before the run " \
+           "folder changed" in _one_stop_line(log)
+    assert not out.exists() or [p.name for p in out.iterdir()] == []
+
+
+# ---- a full disk at responses.json (the instruction task's last file) -----------------------------
+
+def _full_at_responses(monkeypatch) -> None:
+    """responses.json cannot be written, as on a full disk (the weights and metrics could)."""
+    import errno
+
+    import gptft.tasks.instruction.task as instruction
+    from gptft.io import write_error
+
+    real = instruction.write_json
+
+    def full(path, obj):
+        if Path(path).name == "responses.json":
+            raise write_error(path, OSError(errno.ENOSPC, "No space left on device"))
+        real(path, obj)
+
+    monkeypatch.setattr(instruction, "write_json", full)
+
+
+@pytest.mark.slow  # three runs
+def test_a_full_disk_at_responses_json_keeps_the_steps_and_resumes_bit_for_bit(tmp_path, capsys,
+                                                                              monkeypatch):
+    """No checkpoint existed (the default checkpoint_minutes): the failed write saves step 2's, and
+    train.resume=true gives the uninterrupted run's log.jsonl, weights, metrics and responses."""
+    records = _records(tmp_path)
+    ref, out = tmp_path / "reference", tmp_path / "run"
+    assert main(_instruct(ref, records)) == 0
+    capsys.readouterr()
+    _full_at_responses(monkeypatch)
+    assert main(_instruct(out, records)) == 2
+    line = _stop_line(capsys)
+    assert line.startswith(f"gptft finetune: error: {out / 'responses.json'}: cannot write: No space left "
+                           "on device") and "nothing was replaced; checkpoint " \
+           f"{out / 'checkpoints' / 'step-00000002'} of step 2 saved: once the file can be written, " \
+           "continue with the same command and train.resume=true" in line, line
+    assert not (out / "responses.json").exists() and not (out / ".gptft-lock").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
+    monkeypatch.undo()
+    assert main(_instruct(out, records, "train.resume=true")) == 0
+    assert (out / "log.jsonl").read_bytes() == (ref / "log.jsonl").read_bytes()
+    assert _instruct_results(out) == _instruct_results(ref)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs (the tiny instruction run needs about 15): a real ENOSPC (needs root and
+    mount; skipped elsewhere), as test_bad_input's tiny_disk."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if not shutil.which("mount") or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_at_responses_json_says_what_was_kept(small_disk, tmp_path, capsys, monkeypatch):
+    """The disk fills just before responses.json: the checkpoint cannot be saved either; one line
+    says both, and nothing temporary is left behind."""
+    from gptft.tasks.instruction.task import InstructionTask
+
+    out, filler = small_disk / "run", small_disk / "filler"
+    real = InstructionTask.write_responses
+
+    def fill_then_write(self, *args):
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 2**20)
+                    f.flush()
+            except OSError:
+                pass
+        return real(self, *args)
+
+    monkeypatch.setattr(InstructionTask, "write_responses", fill_then_write)
+    assert main(_instruct(out, _records(tmp_path))) == 2
+    line = _stop_line(capsys)
+    assert line.startswith(f"gptft finetune: error: {out / 'responses.json'}: cannot write: No space left "
+                           "on device") and "no checkpoint of step 2 could be saved either (No space" in line
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
+    assert not (out / ".gptft-lock").exists() and not any((out / "checkpoints").iterdir())
+
+
+# ---- the launcher signalled: Ctrl-C in its terminal, SIGTERM to accelerate launch itself ----------
+
+def _launch_and_signal(out: Path, log: Path, send, *over: str) -> tuple[int, str]:
+    """Start a long 2-process run, `send(launcher)` once it trains; its exit status and output."""
+    import subprocess
+    import time
+
+    from conftest import ROOT, cpu_launch_env, free_port, launcher
+
+    argv = launcher("--num_processes", "2", "--main_process_port", str(free_port())) + _finetune(
+        out, "train.max_steps=100000", "train.epochs=100000", "train.log_every=1000", *over)[1:]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=cpu_launch_env(),
+                                start_new_session=True)  # a process group of its own, as a terminal's job
+        try:
+            deadline = time.monotonic() + 300
+            while "first step after" not in log.read_text() and proc.poll() is None:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            time.sleep(1)
+            send(proc)
+            return proc.wait(timeout=120), log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_to_accelerate_launch_save_a_checkpoint(tmp_path):
+    """Ctrl-C (SIGINT to the launcher's process group; torch's agent forwards it to the workers, who
+    run in sessions of their own) and SIGTERM to the launcher alone: the workers stop with a
+    checkpoint within the agent's grace period (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s); the launcher
+    exits 128 + the signal (130, 143) whatever the workers' status (docs/distributed.md)."""
+    import os
+    import signal
+
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    status, text = _launch_and_signal(out, log, lambda p: os.killpg(p.pid, signal.SIGINT))
+    assert status == 130, text
+    lines = [x for x in text.splitlines() if x.startswith("gptft finetune:")]
+    assert len(lines) == 1 and "stopped by SIGINT at step " in lines[0], text
+    assert "Traceback" not in text and "forcefully exiting" not in text, text
+    first = sorted((out / "checkpoints").iterdir())
+    assert len(first) == 1 and (first[0] / "config.yaml").is_file()
+
+    status, text = _launch_and_signal(out, log, lambda p: p.send_signal(signal.SIGTERM), "train.resume=true")
+    assert status == 143, text
+    assert f"resumed from {first[0]}" in text
+    lines = [x for x in text.splitlines() if x.startswith("gptft finetune:")]
+    assert len(lines) == 1 and "stopped by SIGTERM at step " in lines[0], text
+    assert "Traceback" not in text and "forcefully exiting" not in text, text
+    last = sorted((out / "checkpoints").iterdir())[-1]  # (train.keep_last may have removed the first)
+    assert last.name > first[0].name and (last / "config.yaml").is_file()
+    assert not (out / ".gptft-lock").exists()

@@ -15,6 +15,7 @@ from gptft.console import format_metrics
 from gptft.data.collate import instruction_collate, packed_collate
 from gptft.data.inspect import check_or_raise, read, tokenize
 from gptft.errors import GPTFTError
+from gptft.generate import batch_count
 from gptft.io import write_json
 from gptft.model import IGNORE_INDEX
 from gptft.prompts import format_prompt
@@ -120,20 +121,23 @@ class InstructionTask(TaskBase):
         return record["instruction"], text
 
     def responses(self, model, records: list[dict], cfg, stats: dict | None = None,
-                  progress: bool = False) -> list[str]:
+                  progress: bool = False, between_batches=None) -> list[str]:
         """The model's response to each record, prompted as in training: a text style's prompt
-        (``format_prompt``), or with a chat template the conversation up to its last answer."""
+        (``format_prompt``), or with a chat template the conversation up to its last answer
+        (`stats`, `progress`, `between_batches`: ``gptft.generate.generate``'s)."""
         if not self.format.chat:
             from gptft.generate import generate_texts
 
             prompts = [format_prompt(r, self.format.style) for r in records]
-            return generate_texts(model, self.tokenizer, prompts, cfg, stats=stats, progress=progress)
+            return generate_texts(model, self.tokenizer, prompts, cfg, stats=stats, progress=progress,
+                                  between_batches=between_batches)
         from gptft.chat import respond_to
 
         # an instruction record ends with its answer; a preference record's messages are the prompt
         prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"]
                    for r in records]
-        return respond_to(model, self.format, prompts, cfg, stats=stats, progress=progress)
+        return respond_to(model, self.format, prompts, cfg, stats=stats, progress=progress,
+                          between_batches=between_batches)
 
     # ---- the run's files -----------------------------------------------------------------------
 
@@ -157,16 +161,17 @@ class InstructionTask(TaskBase):
         trainer.print(f"generating responses to the {len(self.splits.test)} test instructions "
                       f"({RESPONSES.file})")
         with trainer.phases("generation"):
-            tokens, seconds = self.write_responses()
+            tokens, seconds = self.write_responses(trainer)
         if seconds > 0:
             metrics["generation_tokens_per_second"] = round(tokens / seconds, 1)
             self.accelerator.print(f"{RESPONSES.file}: {len(self.splits.test)} responses, "
                                    f"{tokens:,} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)")
 
-    def write_responses(self) -> tuple[int, float]:
+    def write_responses(self, trainer=None) -> tuple[int, float]:
         """Generate a response to every test record (shared among processes) into
         ``responses.json``: each record plus ``model_response``. Returns the tokens generated
-        (all processes) and the seconds taken."""
+        (all processes) and the seconds taken. With the `trainer` that trained, a stop signal ends
+        the generation between two batches (``Trainer.batch_stops``)."""
         acc, out = self.accelerator, Path(self.job.output_dir)
         # The final weights, whole on every process (also after FSDP); the run is not marked
         # finished until its outputs are written.
@@ -177,15 +182,31 @@ class InstructionTask(TaskBase):
         begin = time.perf_counter()
         with acc.split_between_processes(indices) as mine:
             stats: dict = {}
+            cfg = self.job.generate
+            batches = batch_count(len(mine), cfg.max_new_tokens, cfg.batch_size)
+            stops = None if trainer is None else trainer.batch_stops("generation of the test responses",
+                                                                     batches)
             with acc.autocast():
-                texts = self.responses(model, [records[i] for i in mine], self.job.generate, stats=stats,
-                                       progress=acc.is_local_main_process)
+                texts = self.responses(model, [records[i] for i in mine], cfg, stats=stats,
+                                       progress=acc.is_local_main_process, between_batches=stops)
+            if stops is not None:
+                stops.finish()  # the checks of the processes with more batches
             pairs = gather_object(list(zip(mine, texts)))
             tokens = sum(gather_object([stats.get("new_tokens", 0)]))
         seconds = time.perf_counter() - begin
+        failed: list[GPTFTError | None] = [None]  # a failed write, raised on every process
         if acc.is_main_process:
             responses = dict(pairs)
-            write_json(out / RESPONSES.file,
-                       [{**r, "model_response": responses[i]} for i, r in enumerate(records)])
-        acc.wait_for_everyone()
+            try:
+                write_json(out / RESPONSES.file,
+                           [{**r, "model_response": responses[i]} for i, r in enumerate(records)])
+            except GPTFTError as e:
+                e.on_every_process = True  # (Trainer.checkpoint_on_write_failure)
+                failed = [e]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(failed)
+        if failed[0] is not None:
+            raise failed[0]
         return tokens, seconds

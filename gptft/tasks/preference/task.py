@@ -25,6 +25,7 @@ from gptft.data.collate import preference_collate
 from gptft.model import IGNORE_INDEX
 from gptft.modes import eval_mode
 from gptft.runfolder import LOSS, Figure
+from gptft.signals import BatchStops, stop_before_the_folder
 from gptft.task import EpochContext, EpochReport
 from gptft.tasks.base import eval_batch_size, make_loader
 from gptft.tasks.instruction.task import RESPONSES, InstructionTask
@@ -109,31 +110,36 @@ class PreferenceTask(InstructionTask):
         """Score every pair of every split with the starting model (in eval mode) once.
 
         The pairs are cut into batches by length in a fixed order and the batches shared out
-        among the processes; every process then holds every value. A resumed run computes the
-        same values again (the same model, batches and kernels).
+        among the processes, a round of one batch each at a time; every process then holds every
+        value. A resumed run computes the same values again (the same model, batches and
+        kernels). A stop signal ends it between two rounds (``gptft.signals.BatchStops``).
         """
         acc, model = self.accelerator, self.model
         begin, size = time.perf_counter(), eval_batch_size(self.job)
         total = sum(len(d) for d in self.datasets.values())
         bar = tqdm(total=total, desc="reference log-probabilities", leave=False, dynamic_ncols=True,
                    disable=progress_disabled(acc))  # the trainer's rule: no bar in a log file
-        with eval_mode(model):
+        stops = BatchStops(acc, "reference log-probabilities", stop_before_the_folder)
+        with eval_mode(model), bar:  # (the bar closed on a stop too)
             for split, dataset in self.datasets.items():
                 collate = self._collate(split)
                 order = sorted(range(len(dataset)), key=lambda i: -dataset.lengths[i])
                 batches = [order[i : i + size] for i in range(0, len(order), size)]
                 mine = []
-                for indices in batches[acc.process_index :: acc.num_processes]:
-                    batch = collate([dataset[i] for i in indices])
-                    with acc.autocast():
-                        logps = response_logps(model, {k: v.to(acc.device) for k, v in batch.items()})
-                    mine += zip(indices, logps.float().tolist(), strict=True)
-                    bar.update(len(indices) * acc.num_processes)
+                for first in range(0, len(batches), acc.num_processes):  # as many rounds everywhere
+                    round_ = batches[first : first + acc.num_processes]
+                    if acc.process_index < len(round_):
+                        indices = round_[acc.process_index]
+                        batch = collate([dataset[i] for i in indices])
+                        with acc.autocast():
+                            logps = response_logps(model, {k: v.to(acc.device) for k, v in batch.items()})
+                        mine += zip(indices, logps.float().tolist(), strict=True)
+                    bar.update(sum(map(len, round_)))
+                    stops()
                 table = torch.zeros(len(dataset), 2)
                 for i, values in gather_object(mine) if acc.num_processes > 1 else mine:
                     table[i] = torch.tensor(values)
                 dataset.reference = table
-        bar.close()
         acc.print(f"reference log-probabilities of {total:,} pairs in {time.perf_counter() - begin:.1f} s")
 
     # ---- what the trainer calls ----------------------------------------------------------------
