@@ -93,33 +93,12 @@ def test_fresh_clone_runs_the_tiny_configs_without_network(tmp_path):
     short = ["train.max_steps=2", "train.eval_every=0", "train.eval_batch_size=64"]
     smaller = ["model.n_layers=1", "model.emb_dim=32", "model.n_heads=2"]  # dpo-tiny: its run's shape
     gen = ["generate.max_new_tokens=2", "generate.batch_size=64"]
-
-    def start(config: str, extra: list[str]) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", NO_NETWORK, "launch/finetune.py", "--config",
+    for config, extra in (("spam-tiny", short + smaller), ("instruct-tiny", short + smaller + gen),
+                          ("dpo-tiny", short + gen)):
+        result = subprocess.run([sys.executable, "-c", NO_NETWORK, "launch/finetune.py", "--config",
                                  f"configs/{config}.yaml", *extra], cwd=clone, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def finish(config: str, proc: subprocess.Popen) -> None:
-        try:
-            _, stderr = proc.communicate(timeout=600)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        assert proc.returncode == 0, stderr[-3000:]
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
         assert (clone / "runs" / config / "metrics.json").is_file()
-
-    # The spam and instruction runs side by side; dpo-tiny starts from the instruction run.
-    runs = {"spam-tiny": start("spam-tiny", short + smaller),
-            "instruct-tiny": start("instruct-tiny", short + smaller + gen)}
-    try:
-        for config, proc in runs.items():
-            finish(config, proc)
-    finally:
-        for proc in runs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    finish("dpo-tiny", start("dpo-tiny", short + gen))
     assert not (home / ".cache" / "gptft").exists()  # nothing was downloaded
     assert not list(Path(tmp_path).glob("data-gym-cache*"))  # tiktoken cached nothing
