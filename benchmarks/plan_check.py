@@ -10,6 +10,7 @@ weights). Prints one line per configuration and, with ``--json``, a JSON list.
 
     python benchmarks/plan_check.py            # GPT-2 and Qwen3 x full / LoRA x checkpointing
     python benchmarks/plan_check.py --only cls-full-ckpt --json
+    python benchmarks/plan_check.py --jobs 2   # two runs at a time (the test's way: half the wait)
     python benchmarks/plan_check.py --device cuda --set train.mixed_precision=bf16   # on a GPU:
         # torch.cuda.max_memory_allocated (reset when fit starts) against the plan's whole peak
 """
@@ -131,16 +132,24 @@ def estimate(config: Path, overrides: list[str], device: str = "cpu") -> dict:
     return {"estimate_bytes": round(value), "plan": p.to_dict()}
 
 
-def check(names: list[str], folder: Path, device: str = "cpu", more: list[str] = ()) -> list[dict]:
+def check(names: list[str], folder: Path, device: str = "cpu", more: list[str] = (),
+          jobs: int = 1) -> list[dict]:
+    """Each configuration measured in its own process, ``jobs`` of them at once (each process's
+    peak is its own, so runs side by side measure what runs one after another do)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     data = make_data(folder / "data")
-    results = []
+    runs = {}
     for name in names:
         config, overrides = args_of(name, data, folder / name)
-        overrides = [*overrides, *more]
-        measured = measure(config, overrides, device)
+        runs[name] = (config, [*overrides, *more])
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        measured = dict(zip(runs, pool.map(lambda run: measure(*run, device), runs.values())))
+    results = []
+    for name, (config, overrides) in runs.items():
         est = estimate(config, overrides, device)
-        results.append({"name": name, "measured_bytes": measured, **est,
-                        "ratio": round(est["estimate_bytes"] / measured, 4)})
+        results.append({"name": name, "measured_bytes": measured[name], **est,
+                        "ratio": round(est["estimate_bytes"] / measured[name], 4)})
     return results
 
 
@@ -153,10 +162,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="more overrides for every run, e.g. train.mixed_precision=bf16")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once on the CPU (each measures its own process)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.jobs < 1 or (args.device != "cpu" and args.jobs != 1):
+        parser.error("--jobs must be 1 or more, and 1 on cuda (one device's peak memory)")
     with tempfile.TemporaryDirectory() as tmp:
-        results = check(args.only or DEFAULT, Path(tmp), args.device, args.set)
+        results = check(args.only or DEFAULT, Path(tmp), args.device, args.set, args.jobs)
     for r in results:
         print(f"{r['name']:<16} measured {r['measured_bytes'] / 2**20:8.1f} MiB, planned "
               f"{r['estimate_bytes'] / 2**20:8.1f} MiB ({r['ratio'] - 1:+.1%})", flush=True)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,7 +67,11 @@ def run_one_process(config: str, out: Path, overrides: list[str]) -> Path:
     return out
 
 
-def run_two_processes(config: str, out: Path, overrides: list[str]) -> Path:
+@contextmanager
+def two_processes(config: str, out: Path, overrides: list[str]) -> Iterator[Callable[[], Path]]:
+    """Start the 2-process launch; the block may do other work (a single-process run, on the core
+    the launch leaves free) and calls the given function to wait for the launch's end. Leaving the
+    block any other way kills the launch."""
     job = ["--config", str(CONFIGS / config), *COMMON, *overrides, f"train.batch_size={B}",
            f"output_dir={out}"]
     log = out.parent / f"{out.name}.log"
@@ -73,8 +79,22 @@ def run_two_processes(config: str, out: Path, overrides: list[str]) -> Path:
         proc = subprocess.Popen(launcher("--num_processes", "2", "--main_process_port",
                                           str(free_port())) + job,
                                 cwd=ROOT, env=cpu_launch_env(), stdout=f, stderr=subprocess.STDOUT)
-    _wait([proc], [log])
-    return out
+
+    def finished() -> Path:
+        _wait([proc], [log])
+        return out
+
+    try:
+        yield finished
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def run_two_processes(config: str, out: Path, overrides: list[str]) -> Path:
+    with two_processes(config, out, overrides) as finished:
+        return finished()
 
 
 def run_two_machines(config: str, out: Path, overrides: list[str]) -> Path:
@@ -128,18 +148,21 @@ def instruction_data(tmp_path_factory) -> list[str]:
 # ---- runs (shared by the tests) ------------------------------------------------------------------
 
 
+def one_and_two_processes(config: str, root: Path, overrides: list[str]) -> dict[str, Path]:
+    """The 1-process run in this process while the 2-process launch runs beside it."""
+    with two_processes(config, root / "two", overrides) as two:
+        return {"one": run_one_process(config, root / "one", overrides), "two": two()}
+
+
 @pytest.fixture(scope="module")
 def spam_runs(tmp_path_factory, spam_splits):
-    root = tmp_path_factory.mktemp("spam-runs")
-    return {"one": run_one_process("spam-tiny.yaml", root / "one", spam_splits),
-            "two": run_two_processes("spam-tiny.yaml", root / "two", spam_splits)}
+    return one_and_two_processes("spam-tiny.yaml", tmp_path_factory.mktemp("spam-runs"), spam_splits)
 
 
 @pytest.fixture(scope="module")
 def instruct_runs(tmp_path_factory, instruction_data):
-    root = tmp_path_factory.mktemp("instruct-runs")
-    return {"one": run_one_process("instruct-tiny.yaml", root / "one", instruction_data),
-            "two": run_two_processes("instruct-tiny.yaml", root / "two", instruction_data)}
+    return one_and_two_processes("instruct-tiny.yaml", tmp_path_factory.mktemp("instruct-runs"),
+                                 instruction_data)
 
 
 def _log(run: Path) -> list[dict]:

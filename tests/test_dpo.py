@@ -459,8 +459,8 @@ def test_precomputed_reference_saves_a_model_of_memory(data, tmp_path):
              "model.n_heads=12", "model.context_length=128"]
     model_bytes = 4 * GPT(GPTConfig(vocab_size=50257, context_length=128, emb_dim=768, n_layers=2,
                                     n_heads=12)).num_parameters()
-    peaks = {}
-    for precompute in ("true", "false"):
+    procs = {}
+    for precompute in ("true", "false"):  # both at once: each process's peak is its own
         # Small evaluation batches: scoring the reference must not be what sets the peak.
         args = ["finetune", "--config", str(CONFIGS / "dpo-tiny.yaml"), *shape, f"data.path={data}",
                 *RUN, "train.max_steps=2", "train.eval_every=0", "train.eval_batch_size=4",
@@ -468,9 +468,18 @@ def test_precomputed_reference_saves_a_model_of_memory(data, tmp_path):
         # Every block of 64 KiB or more its own mapping, returned when freed (and gptft.cpu's
         # tuning off): the peak then follows the live tensors, not what the allocator keeps.
         env = {**cpu_launch_env(), "GPTFT_CPU_ALLOCATOR": "default", "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run([sys.executable, "-c", PEAK, *args], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-        peaks[precompute] = 1024 * int(out.stdout.split("peak_kib")[-1].split()[0])
+        procs[precompute] = subprocess.Popen([sys.executable, "-c", PEAK, *args], cwd=ROOT, env=env,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks = {}
+    try:
+        for precompute, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr[-3000:]
+            peaks[precompute] = 1024 * int(stdout.split("peak_kib")[-1].split()[0])
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     saved = peaks["false"] - peaks["true"]
     assert 0.7 * model_bytes < saved < 1.3 * model_bytes, (peaks, model_bytes)

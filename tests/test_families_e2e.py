@@ -140,15 +140,14 @@ def test_two_processes_equal_one_and_kill_resume_is_exact(tmp_path):
     import signal
 
     from conftest import run_results, start_until_checkpoint
-    from test_distributed import assert_same_training, run_one_process, run_two_processes
+    from test_distributed import assert_same_training, one_and_two_processes
 
     family = [f"model.name={FAMILIES['qwen3']}", *SHAPE, "model.n_layers=1", "model.context_length=96",
               "data.max_length=96", "data.mask_prompt=true", "train.max_steps=6",
               "generate.max_new_tokens=2", "generate.batch_size=4", "train.final_eval_batches=1",
               "train.checkpoint_every=3"]
-    one = run_one_process("llama-instruct-tiny.yaml", tmp_path / "one", family)
-    two = run_two_processes("llama-instruct-tiny.yaml", tmp_path / "two", family)
-    assert_same_training(one, two)
+    runs = one_and_two_processes("llama-instruct-tiny.yaml", tmp_path, family)
+    assert_same_training(runs["one"], runs["two"])
 
     args = ["--config", str(CONFIGS / "llama-instruct-tiny.yaml"), *family, "train.batch_size=4",
             "train.checkpoint_every=2", "train.log_every=1", "train.eval_every=3", "train.device=cpu",
