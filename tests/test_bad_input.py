@@ -1138,6 +1138,7 @@ def test_long_text_instruction_trains(tmp_path):
 
 # ---- issue 12: what a user sees before training; a real full disk; empty texts -------------------
 
+@pytest.mark.slow  # a whole job
 def test_class_counts_are_printed_before_training(tmp_path, capsys):
     p = _good_csv(tmp_path / "data.csv")
     assert main(_finetune(tmp_path, tmp_path / "run", "spam-tiny.yaml", f"data.path={p}",
@@ -1290,6 +1291,7 @@ def test_a_read_only_folder_at_the_final_save_names_the_file_not_the_lock(tmp_pa
     assert "Read-only file system" in last and ".gptft-lock" not in last
 
 
+@pytest.mark.slow  # a whole job
 def test_a_failed_overwrite_never_leaves_the_old_run_marked_finished(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert main(_finetune(tmp_path, out, "spam-tiny.yaml", "train.max_steps=1")) == 0

@@ -116,6 +116,7 @@ def test_a_signal_after_training_keeps_the_trained_steps(tmp_path, capsys, monke
     assert _results(out) == uninterrupted
 
 
+@pytest.mark.slow  # a whole job
 def test_sigterm_in_the_final_evaluation_keeps_the_steps(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setenv("GPTFT_SIGNAL_AT", "final evaluation:SIGTERM")
@@ -263,6 +264,7 @@ def test_a_checkpoint_not_of_this_run_is_one_line(every3, tmp_path, capsys, dama
     assert (out / "log.jsonl").read_bytes() == (run / "log.jsonl").read_bytes()
 
 
+@pytest.mark.slow  # a whole job
 def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_finetune(out, "train.checkpoint_every=1")) == 0
@@ -324,6 +326,7 @@ def _instruct_results(run: Path) -> dict:
     return _results(run) | {"responses": (run / "responses.json").read_bytes()}
 
 
+@pytest.mark.slow  # a whole job
 def test_sigterm_in_the_final_evaluation_stops_between_two_batches(tmp_path, capsys, monkeypatch,
                                                                    uninterrupted):
     """The whole splits (no final_eval_batches): the stop comes after batch 2 of the first split,
@@ -343,6 +346,7 @@ def test_sigterm_in_the_final_evaluation_stops_between_two_batches(tmp_path, cap
     assert _results(out) == _results(ref)
 
 
+@pytest.mark.slow  # a whole job
 def test_sigint_in_the_generation_of_the_test_responses_stops_between_two_batches(tmp_path, capsys,
                                                                                   monkeypatch):
     records = _records(tmp_path)
@@ -373,6 +377,7 @@ def _dpo(out: Path, pairs: Path, *over: str) -> list[str]:
                      *over, config="dpo-tiny.yaml")
 
 
+@pytest.mark.slow  # a whole job
 def test_a_signal_in_dpos_reference_precomputation_stops_between_two_batches(tmp_path, capsys,
                                                                              monkeypatch):
     out = tmp_path / "run"

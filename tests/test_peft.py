@@ -14,7 +14,17 @@ from gptft.model import GPT
 from gptft.trainable import set_trainable
 
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.slow  # parity with a peer library (and importing peft costs seconds)
+
+
+class _Peft:
+    """``peft``, imported by the first test that uses it, not when the suite is collected."""
+
+    def __getattr__(self, name):
+        return getattr(pytest.importorskip("peft"), name)
+
+
+peft = _Peft()
 
 ALL = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 

@@ -84,7 +84,8 @@ def test_readme_names_the_test_commands_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = [line.split(" ||")[0].strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
           if line.startswith("python3 -m pytest")]
-    assert ci == ['python3 -m pytest -q -m "not slow"', "python3 -m pytest -q -m slow -n 2 --dist loadscope"]
+    assert ci == ['python3 -m pytest -q -m "not slow" -n 2',
+                  "python3 -m pytest -q -m slow -n 2 --dist loadscope"]
     assert all(command in readme for command in ci)
 
 

@@ -390,7 +390,8 @@ def test_full_queue_is_429_at_once_and_timeout_is_504(lm_run):
             assert time.monotonic() - started < 0.5
             assert second.status_code == 429 and second.json()["error"]["code"] == "queue_full"
             assert first.result().status_code == 504
-            assert first.result().json()["error"]["message"] == "the request took longer than 0.8 s (--timeout)"
+            message = first.result().json()["error"]["message"]
+            assert message == "the request took longer than 0.8 s (--timeout)"
 
 
 def _slow_down(engine, seconds: float):
