@@ -134,3 +134,17 @@ def run_results(run: Path, name: str) -> list | dict:
         return [json.loads(line) for line in (run / name).read_text().splitlines()]
     data = json.loads((run / name).read_text())
     return {k: v for k, v in data.items() if k not in TIMING_KEYS} if isinstance(data, dict) else data
+
+
+def tmpfs(folder: Path, size: str):
+    """A tmpfs of `size` (``"4m"``) mounted on `folder` for a real ENOSPC, unmounted after (needs
+    root and mount: the test is skipped elsewhere). A generator for fixtures to ``yield from``."""
+    import shutil
+    import subprocess
+
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    if not shutil.which("mount") or subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import tmpfs
 
 from gptft.cli import main
 from gptft.model import GPT, GPTConfig
@@ -1160,16 +1161,7 @@ def test_classify_skips_empty_texts_with_a_note(tmp_path, capsys):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 4 MiB tmpfs: a real ENOSPC (needs root and mount; skipped elsewhere)."""
-    import shutil
-    import subprocess
-
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    if not shutil.which("mount") or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root?)")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    yield from tmpfs(tmp_path / "disk", "4m")
 
 
 @pytest.mark.parametrize("over, culprit", [

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import small_spam_data
+from conftest import small_spam_data, tmpfs
 
 from gptft.cli import main
 
@@ -489,16 +489,7 @@ def test_a_full_disk_at_responses_json_keeps_the_steps_and_resumes_bit_for_bit(t
 def small_disk(tmp_path):
     """A 64 MiB tmpfs (the tiny instruction run needs about 15): a real ENOSPC (needs root and
     mount; skipped elsewhere), as test_bad_input's tiny_disk."""
-    import shutil
-    import subprocess
-
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    if not shutil.which("mount") or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root?)")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    yield from tmpfs(tmp_path / "disk", "64m")
 
 
 @pytest.mark.slow
