@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -268,7 +269,18 @@ class _Watchdog:
     def arm(self, sock: socket.socket) -> None:
         self._timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), self._fire, (sock,))
         self._timer.daemon = True
-        self._timer.start()
+        # The timer's thread blocks the stop signals (it inherits the mask set around its start):
+        # the kernel then delivers a Ctrl-C to the main thread, whose blocked read it interrupts;
+        # delivered to the timer's thread, it would wait for the read's timeout.
+        if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+            self._timer.start()
+            return
+        stops = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            self._timer.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _fire(self, sock: socket.socket) -> None:
         self.fired = True
