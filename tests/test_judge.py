@@ -415,8 +415,11 @@ def test_ctrl_c_exits_at_once_and_keeps_the_scores(server, tmp_path):
 
     hang = {**RECORDS[3], "model_response": "hang"}
     path = _write(tmp_path / "r.json", [RECORDS[0], RECORDS[1], hang, hang, hang])
+    # A terminal's Ctrl-C reaches a process that has SIGINT's default disposition; the test
+    # process's own may have been changed by an earlier test, and a child inherits an ignored one.
     proc = subprocess.Popen([sys.executable, "-m", "gptft", "judge", str(path), "--url", server.url,
-                             "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not any("hang" in json.dumps(r["body"]) for r in server.requests):
         assert proc.poll() is None and time.monotonic() < deadline
