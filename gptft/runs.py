@@ -236,14 +236,14 @@ def saved_generate_config(run_dir: str | os.PathLike):
     gptft's defaults where the run has no ``config.yaml`` or no such section."""
     import yaml
 
-    from gptft.config import GenerateConfig
+    from gptft.config import GenerateConfig, safe_yaml
     from gptft.runfolder import CONFIG
     from gptft.validation import check
 
     path = Path(run_dir) / CONFIG
-    try:
-        saved = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
+    try:  # safe_yaml: no alias bombs or recursive anchors from a hand-edited config.yaml
+        saved = (safe_yaml(path.read_text(encoding="utf-8"), str(path)) or {}) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         raise GPTFTError(f"{path}: unreadable ({reason})") from None
     if not isinstance(saved, dict):

@@ -832,6 +832,15 @@ def case_export_config_yaml_unparsable(tmp, out):
     return ["export", str(run), str(tmp / "x")], [str(run / "config.yaml"), "unreadable"]
 
 
+def case_generate_config_yaml_billion_laughs(tmp, out):
+    run = _instruction_run(tmp / "lm")
+    rows = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    rows += [f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")]
+    (run / "config.yaml").write_text("\n".join(rows) + "\n")
+    return (["generate", str(run), "--instruction", "Say hi."],
+            [str(run / "config.yaml"), "expands to more than 100,000 values"])
+
+
 def case_export_config_yaml_unknown_generate_key(tmp, out):
     run = _instruction_run(tmp / "lm")
     (run / "config.yaml").write_text("generate:\n  beams: 4\n")
